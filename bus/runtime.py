@@ -1,0 +1,331 @@
+"""The service runtime every livepipe process uses.
+
+    svc = Service("playback")
+    svc.on("audio.out", handle_audio)          # handler(msg) -> None | awaitable
+    svc.on("control", handle_control)
+    sys.exit(svc.main(run_device))             # mains are `async def f(svc)`; run after the bus is live
+
+What it guarantees:
+- one socket pair per lane (control, audio, video, events), so an `interrupt` never waits
+  behind queued audio, and each lane's handlers run in their own task;
+- mains start only once the bus path is proven live (the slow-joiner problem): every
+  subscription of ours has reached the broker and come back to our own publishers;
+- a heartbeat on `status` every second with the counters, CPU and RSS;
+- a clean exit within 1 s on SIGINT/SIGTERM, a non-zero exit code if a main fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections import Counter, OrderedDict, defaultdict
+from typing import Any, Awaitable, Callable, Union
+
+import zmq
+import zmq.asyncio
+
+from bus import sockets
+from bus.config import BusConfig, ConfigError
+from bus.message import Message, decode, encode, make_header, wire_topic
+from bus.topics import LANES, TOPICS, SchemaError, validate
+
+Handler = Callable[[Message], Union[None, Awaitable[None]]]
+Main = Callable[["Service"], Awaitable[Any]]
+
+HEARTBEAT_S = 1.0
+COUNTER_NAMES = ("sent", "received", "gaps", "rejected", "dropped", "stale_dropped", "handler_errors")
+
+
+class RateLimitedLog:
+    """Log one line per key per `interval` seconds, saying how many were suppressed."""
+
+    def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
+        self.log, self.interval = log, interval
+        self._last: dict[str, float] = {}
+        self._suppressed: Counter[str] = Counter()
+
+    def warning(self, key: str, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) >= self.interval:
+            extra = f" ({self._suppressed[key]} more suppressed)" if self._suppressed[key] else ""
+            self._suppressed[key] = 0
+            self._last[key] = now
+            self.log.warning("%s%s", text, extra)
+        else:
+            self._suppressed[key] += 1
+
+
+class Service:
+    def __init__(self, name: str, cfg: BusConfig | None = None, log: logging.Logger | None = None) -> None:
+        self.name = name
+        self.cfg = cfg or BusConfig.from_env()
+        self.inst = uuid.uuid4().hex[:8]
+        self.log = log or logging.getLogger(name)
+        self.ratelog = RateLimitedLog(self.log)
+        self.counters: Counter[str] = Counter({k: 0 for k in COUNTER_NAMES})
+        self.metrics: dict[str, float | int | str] = {}   # service-specific figures for the heartbeat
+        self.exit_code = 0
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self._seq: Counter[str] = Counter()
+        self._last_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._subscribed: set[bytes] = set()      # wire topics someone subscribes to, per the broker
+        self._sub_events: dict[bytes, asyncio.Event] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None
+        self._sync_pubs: dict[str, zmq.Socket] = {}
+        self.started_ns = time.time_ns()
+
+    # ------------------------------------------------------------------ API
+    def on(self, topic: str, handler: Handler) -> None:
+        """Call `handler(msg)` for every valid message on `topic` (register before run)."""
+        if topic not in TOPICS:
+            raise KeyError(f"unknown topic {topic!r}")
+        self._handlers[topic].append(handler)
+
+    def publish(self, topic: str, kind: str, payload: bytes | memoryview | None = None, **fields: Any) -> bool:
+        """Publish one message; returns False (and counts `dropped`) if the queue is full.
+
+        Call from the event loop thread; from other threads use publish_threadsafe."""
+        seq = self._seq[topic]
+        header = make_header(kind, self.name, self.inst, seq, fields)
+        validate(topic, header, None if payload is None else memoryview(payload))  # never send wrong
+        lane = TOPICS[topic].lane
+        sock = self._sync_pubs["control" if lane == "control" else "data"]
+        frames = encode(topic, header, payload, self.cfg.session)
+        try:
+            sock.send_multipart(frames, zmq.NOBLOCK, copy=payload is None or len(payload) < 65536)
+        except zmq.Again:
+            self.counters["dropped"] += 1
+            self.ratelog.warning(f"drop:{topic}", f"send queue full: dropped a {topic} message")
+            return False
+        self._seq[topic] = seq + 1
+        self.counters["sent"] += 1
+        return True
+
+    def publish_threadsafe(self, topic: str, kind: str, payload: bytes | None = None, **fields: Any) -> None:
+        """Publish from another thread (e.g. an audio device callback)."""
+        assert self._loop is not None, "service not running"
+        self._loop.call_soon_threadsafe(lambda: self.publish(topic, kind, payload, **fields))
+
+    def publish_interrupt(self, turn: int, reason: str = "") -> bool:
+        fields = {"reason": reason} if reason else {}
+        return self.publish("control", "interrupt", turn=turn, **fields)
+
+    def has_subscriber(self, topic: str) -> bool:
+        """True if some process subscribes to `topic` (as the broker reports subscriptions)."""
+        wt = wire_topic(topic, self.cfg.session)
+        return any(wt.startswith(s) for s in self._subscribed)
+
+    async def wait_subscriber(self, topic: str, timeout: float | None = None) -> bool:
+        """Wait until some process subscribes to `topic`; False on timeout."""
+        wt = wire_topic(topic, self.cfg.session)
+        if self.has_subscriber(topic):
+            return True
+        ev = self._sub_events.setdefault(wt, asyncio.Event())
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def stop(self, code: int = 0) -> None:
+        """Ask the service to exit with `code` (the first non-zero code wins)."""
+        if code and not self.exit_code:
+            self.exit_code = code
+        if self._stop is not None:
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
+    def main(self, *mains: Main) -> int:
+        """Run until stopped; returns the exit code (for sys.exit)."""
+        try:
+            return asyncio.run(self.run(*mains))
+        except KeyboardInterrupt:
+            return 130
+
+    # ------------------------------------------------------------- running
+    async def run(self, *mains: Main) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
+                pass
+        ctx = zmq.asyncio.Context()
+        socks: list[zmq.Socket] = []
+        tasks: list[asyncio.Task] = []
+        try:
+            pubs = {name: sockets.publisher(ctx, self.cfg) for name in ("control", "data")}
+            socks += pubs.values()
+            self._sync_pubs = {name: zmq.Socket.shadow(s.underlying) for name, s in pubs.items()}
+            lanes = sorted({TOPICS[t].lane for t in self._handlers} | {"control"}, key=LANES.index)
+            subs = {lane: sockets.subscriber(ctx, self.cfg, lane) for lane in lanes}
+            socks += subs.values()
+            probes = {wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session) for lane in lanes}
+            for lane, s in subs.items():
+                s.subscribe(wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session))
+            for topic in self._handlers:
+                subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
+            pending = {(name, p) for name in pubs for p in probes}
+            tasks += [asyncio.create_task(self._watch_subscriptions(name, s, pending)) for name, s in pubs.items()]
+            tasks += [asyncio.create_task(self._lane_loop(lane, s)) for lane, s in subs.items()]
+            await self._wait_ready(pending)
+            if self._stop.is_set():
+                return self.exit_code
+            for lane, s in subs.items():
+                s.unsubscribe(wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session))
+            tasks.append(asyncio.create_task(self._heartbeat()))
+            tasks += [asyncio.create_task(self._run_main(m)) for m in mains]
+            await self._stop.wait()
+        except ConfigError as exc:
+            self.log.error("%s", exc)
+            self.exit_code = self.exit_code or 2
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for s in self._sync_pubs.values():
+                s.close(linger=sockets.LINGER_MS)
+            for s in socks:
+                s.close(linger=sockets.LINGER_MS)
+            ctx.term()
+        return self.exit_code
+
+    async def _wait_ready(self, pending: set) -> None:
+        t0 = time.monotonic()
+        waits = 0
+        while pending and not self._stop.is_set():
+            try:
+                await asyncio.wait_for(self._ready.wait(), 5.0)
+            except asyncio.TimeoutError:
+                waits += 1
+                self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
+                                 "is `livepipe broker` running?", self.cfg.pub_endpoint,
+                                 self.cfg.sub_endpoint, time.monotonic() - t0)
+        if waits:
+            self.log.info("bus is live")
+
+    async def _run_main(self, main: Main) -> None:
+        try:
+            await main(self)
+            self.stop(0)
+        except asyncio.CancelledError:
+            raise
+        except ConfigError as exc:
+            self.log.error("%s", exc)
+            self.stop(2)
+        except Exception as exc:
+            self.log.error("%s failed: %s: %s", self.name, type(exc).__name__, exc,
+                           exc_info=self.log.isEnabledFor(logging.DEBUG))
+            self.stop(1)
+
+    async def _watch_subscriptions(self, name: str, sock: zmq.asyncio.Socket, pending: set) -> None:
+        """Read the subscription messages the broker forwards to our XPUB."""
+        while True:
+            msg = await sock.recv()
+            if not msg:
+                continue
+            on, topic = msg[0] == 1, bytes(msg[1:])
+            if on:
+                pending.discard((name, topic))
+                if not pending:
+                    self._ready.set()
+                if name == "data":
+                    self._subscribed.add(topic)
+                    for wt, ev in self._sub_events.items():
+                        if wt.startswith(topic):
+                            ev.set()
+            elif name == "data":
+                self._subscribed.discard(topic)
+
+    async def _lane_loop(self, lane: str, sock: zmq.asyncio.Socket) -> None:
+        sync = zmq.Socket.shadow(sock.underlying)
+        newest_only = lane == "video"
+        while True:
+            await sock.poll(flags=zmq.POLLIN)
+            batch: list[list[bytes]] = []
+            # Drain what is queued without yielding per message; bounded so one lane
+            # cannot starve the loop.
+            for _ in range(256):
+                try:
+                    batch.append(sync.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            if newest_only and len(batch) > 1:
+                self.counters["stale_dropped"] += len(batch) - 1
+                batch = batch[-1:]
+            for frames in batch:
+                await self._dispatch(frames)
+
+    async def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) == 1 or frames[0].startswith(wire_topic("_ready.", self.cfg.session)):
+            return  # a probe of ours (or a stray single frame): not for handlers
+        try:
+            msg = decode(frames, self.cfg.session)
+        except SchemaError as exc:
+            self.counters["rejected"] += 1
+            topic = bytes(frames[0][:40]) if frames else b""
+            self.ratelog.warning(f"reject:{topic!r}", f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
+            return
+        self.counters["received"] += 1
+        self._check_seq(msg)
+        for handler in self._handlers.get(msg.topic, ()):
+            try:
+                result = handler(msg)
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.counters["handler_errors"] += 1
+                self.ratelog.warning(f"handler:{msg.topic}",
+                                     f"handler for {msg.topic} failed: {type(exc).__name__}: {exc}")
+
+    def _check_seq(self, msg: Message) -> None:
+        key = (msg.header["inst"], msg.topic)
+        seq = msg.header["seq"]
+        last = self._last_seq.get(key)
+        if last is not None and seq > last + 1:
+            self.counters["gaps"] += seq - last - 1
+        self._last_seq[key] = seq
+        self._last_seq.move_to_end(key)
+        if len(self._last_seq) > 1024:   # bounded: forget the longest-silent sources
+            self._last_seq.popitem(last=False)
+
+    async def _heartbeat(self) -> None:
+        try:
+            import psutil
+            proc = psutil.Process()
+            proc.cpu_percent(None)
+        except Exception:  # psutil missing or unsupported: heartbeat still goes out
+            proc = None
+        host = socket.gethostname()
+        while True:
+            counters: dict[str, float | int] = dict(self.counters)
+            if proc is not None:
+                counters["cpu_percent"] = round(proc.cpu_percent(None), 1)
+                counters["rss_bytes"] = proc.memory_info().rss
+            counters["uptime_s"] = round((time.time_ns() - self.started_ns) / 1e9, 1)
+            self.publish("status", "heartbeat", counters=counters, metrics=dict(self.metrics),
+                         pid=os.getpid(), host=host)
+            await asyncio.sleep(HEARTBEAT_S)
+
+
+def setup_logging(name: str, level: str | None = None) -> logging.Logger:
+    """One line per event on stderr: `name: LEVEL message`. honcho adds time and process."""
+    level = (level or os.environ.get("LIVEPIPE_LOG", "INFO")).upper()
+    logging.basicConfig(stream=sys.stderr, level=getattr(logging, level, logging.INFO),
+                        format="%(name)s: %(levelname)s %(message)s")
+    return logging.getLogger(name)

@@ -1,0 +1,166 @@
+"""Every bus topic, its header schema and its delivery policy, declared once.
+
+A message is `[topic, msgpack header, payload?]`. The header always carries the
+common fields below; each topic adds fields per `kind`. `validate()` is the only
+gate between the wire and a service handler.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SCHEMA_VERSION = 1
+
+# Common header fields: name -> accepted python types after msgpack decoding.
+COMMON_FIELDS: dict[str, tuple[type, ...]] = {
+    "v": (int,),        # schema version
+    "kind": (str,),     # what the message is, within its topic
+    "src": (str,),      # process name, e.g. "capture-audio"
+    "inst": (str,),     # instance id of that process (unique per start)
+    "seq": (int,),      # per (source instance, topic) sequence number, from 0
+    "ts": (int,),       # wall-clock time of publishing, ns since the epoch
+}
+
+INT = (int,)
+NUM = (int, float)
+STR = (str,)
+BOOL = (bool,)
+MAP = (dict,)
+LIST = (list,)
+OPT_STR = (str, type(None))
+OPT_INT = (int, type(None))
+
+AUDIO_FIELDS = {"rate": INT, "channels": INT, "sample_width": INT, "frames": INT}
+
+
+@dataclass(frozen=True)
+class Kind:
+    """Fields a kind requires and may carry; `payload` says whether a binary frame follows."""
+
+    required: Mapping[str, tuple[type, ...]] = field(default_factory=dict)
+    optional: Mapping[str, tuple[type, ...]] = field(default_factory=dict)
+    payload: bool = False
+
+
+# Lanes: each lane is its own socket pair, so a backlog in one never delays another.
+#   control: never dropped, never behind data; its handlers run in their own task.
+#   audio:   in order, deep queues (minutes of audio), loss shows as a sequence gap.
+#   video:   only the newest frame matters; older queued frames are dropped and counted.
+#   events:  small, ordered messages (transcripts, tools, heartbeats...).
+LANES = ("control", "audio", "video", "events")
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    lane: str
+    kinds: Mapping[str, Kind]
+    doc: str = ""
+
+
+_audio_kind = Kind(required=AUDIO_FIELDS, optional={"capture_ts": INT}, payload=True)
+
+TOPICS: dict[str, Topic] = {}
+
+
+def _declare(topic: Topic) -> Topic:
+    assert topic.lane in LANES, topic.lane
+    TOPICS[topic.name] = topic
+    return topic
+
+
+AUDIO_IN = _declare(Topic("audio.in", "audio", {"audio": _audio_kind},
+                          "user audio: 16 kHz mono s16le PCM chunks"))
+AUDIO_OUT = _declare(Topic("audio.out", "audio", {
+    "audio": Kind(required={**AUDIO_FIELDS, "turn": INT}, optional={"capture_ts": INT}, payload=True)},
+    "model audio: 24 kHz mono s16le PCM, tagged with the model turn id"))
+VIDEO_IN = _declare(Topic("video.in", "video", {
+    "image": Kind(required={"image_width": INT, "image_height": INT, "mime": STR},
+                  optional={"capture_ts": INT}, payload=True)},
+    "JPEG frames fitted to 768x768; capture_ts is when the frame was grabbed"))
+TEXT_IN = _declare(Topic("text.in", "events", {"text": Kind(required={"text": STR})},
+                         "text the user types, sent to the model"))
+TRANSCRIPT = _declare(Topic("transcript", "events", {
+    "transcript": Kind(required={"role": STR, "text": STR, "turn": INT}, optional={"final": BOOL})},
+    "user (input) and model (output) transcription"))
+CONTROL = _declare(Topic("control", "control", {
+    "interrupt": Kind(required={"turn": INT}, optional={"reason": STR}),
+    "generation_complete": Kind(required={"turn": INT}),
+    "turn_complete": Kind(required={"turn": INT}, optional={"usage": MAP}),
+    "session": Kind(required={"state": STR}, optional={"detail": STR, "backend": STR}),
+    "go_away": Kind(required={"time_left_ms": INT}),
+    "mute": Kind(),
+    "unmute": Kind(),
+    "shutdown": Kind(optional={"reason": STR}),
+}, "system messages: jump ahead of data, never dropped"))
+PLAYBACK = _declare(Topic("playback", "events", {
+    "turn_started": Kind(required={"turn": INT, "first_sample_ts": INT}),
+    "turn_finished": Kind(required={"turn": INT, "played_ms": NUM, "interrupted": BOOL},
+                          optional={"silent_ts": INT}),
+    "underrun": Kind(required={"turn": INT}),
+}, "what the user actually heard"))
+TOOL_CALL = _declare(Topic("tool.call", "events", {
+    "call": Kind(required={"id": STR, "name": STR, "args": MAP}),
+    "cancel": Kind(required={"ids": LIST}),
+}, "function calls from the model"))
+TOOL_RESULT = _declare(Topic("tool.result", "events", {
+    "result": Kind(required={"id": STR, "name": STR, "response": MAP}),
+}, "function results, from any process"))
+STATUS = _declare(Topic("status", "events", {
+    "heartbeat": Kind(required={"counters": MAP}, optional={"metrics": MAP, "pid": INT, "host": STR}),
+}, "heartbeats: one a second per process"))
+
+
+class SchemaError(ValueError):
+    """A message that does not match its topic's schema."""
+
+
+def _check(header: Mapping[str, Any], spec: Mapping[str, tuple[type, ...]], required: bool) -> None:
+    for name, types in spec.items():
+        if name not in header:
+            if required:
+                raise SchemaError(f"missing field {name!r}")
+            continue
+        value = header[name]
+        # bool is an int subclass: keep them apart so `seq: True` is rejected
+        if isinstance(value, bool) and bool not in types:
+            raise SchemaError(f"field {name!r} has type bool")
+        if not isinstance(value, types):
+            raise SchemaError(f"field {name!r} has type {type(value).__name__}")
+
+
+def validate(topic_name: str, header: Any, payload: bytes | None) -> Topic:
+    """Raise SchemaError unless (header, payload) is a valid message of `topic_name`."""
+    topic = TOPICS.get(topic_name)
+    if topic is None:
+        raise SchemaError(f"unknown topic {topic_name!r}")
+    if not isinstance(header, dict):
+        raise SchemaError("header is not a map")
+    _check(header, COMMON_FIELDS, True)
+    if header["v"] != SCHEMA_VERSION:
+        raise SchemaError(f"schema version {header['v']} (expected {SCHEMA_VERSION})")
+    kind = topic.kinds.get(header["kind"])
+    if kind is None:
+        raise SchemaError(f"unknown kind {header['kind']!r} for {topic_name}")
+    _check(header, kind.required, True)
+    _check(header, kind.optional, False)
+    if kind.payload:
+        if payload is None:
+            raise SchemaError("payload missing")
+        if "frames" in kind.required:
+            _check_audio(header, payload)
+    elif payload is not None:
+        raise SchemaError("unexpected payload")
+    return topic
+
+
+def _check_audio(header: Mapping[str, Any], payload: bytes) -> None:
+    rate, ch, width, frames = header["rate"], header["channels"], header["sample_width"], header["frames"]
+    if not 1000 <= rate <= 384000:
+        raise SchemaError(f"sample rate {rate} out of range")
+    if not 1 <= ch <= 8:
+        raise SchemaError(f"channels {ch} out of range")
+    if width not in (1, 2, 3, 4):
+        raise SchemaError(f"sample width {width} out of range")
+    if frames * ch * width != len(payload):
+        raise SchemaError(f"payload is {len(payload)} bytes, header says {frames} frames x {ch} ch x {width} B")

@@ -1,0 +1,1 @@
+"""livepipe's processes: one module per process, each started by `livepipe VERB`."""

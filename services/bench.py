@@ -1,0 +1,25 @@
+"""`livepipe bench NAME [--json]`: dispatch to services/bench_NAME.py (each prints one JSON object)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {
+    "bus": "one-hop latency through the broker, against raw pyzmq in the same run",
+    "interrupt": "interrupt -> silence at a real (PulseAudio null sink) device",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: livepipe bench NAME [--json] [options]\n\nbenchmarks:")
+        for name, text in BENCHES.items():
+            print(f"  {name:<10} {text}")
+        return 0
+    name = argv[0]
+    try:
+        module = importlib.import_module(f"services.bench_{name.replace('-', '_')}")
+    except ModuleNotFoundError:
+        print(f"livepipe bench: unknown benchmark {name!r} (known: {', '.join(BENCHES)})", file=sys.stderr)
+        return 2
+    return int(module.main(argv[1:]) or 0)

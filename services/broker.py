@@ -1,0 +1,139 @@
+"""`livepipe broker`: the XSUB/XPUB rendezvous every process connects to.
+
+Publishers connect to the XSUB endpoint, subscribers to the XPUB endpoint. On loopback it
+runs open; bound to any other address it requires CURVE (a server key pair and an
+allow-list directory of client public keys) unless --insecure is given.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from bus.config import DEFAULT_PUB_PORT, DEFAULT_SUB_PORT
+from bus.runtime import setup_logging
+
+BROKER_HWM = 50_000   # per peer; at 20 ms chunks that is 16 minutes of audio for a stalled reader
+
+log = logging.getLogger("broker")
+
+
+def is_loopback(endpoint: str) -> bool:
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    m = re.match(r"^tcp://(\[[^\]]*\]|[^:]*):", endpoint)
+    host = m.group(1).strip("[]") if m else ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="livepipe broker", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pub-bind", default=os.environ.get("LIVEPIPE_PUB_BIND", f"tcp://127.0.0.1:{DEFAULT_PUB_PORT}"),
+                   help="endpoint publishers connect to (env LIVEPIPE_PUB_BIND, default %(default)s)")
+    p.add_argument("--sub-bind", default=os.environ.get("LIVEPIPE_SUB_BIND", f"tcp://127.0.0.1:{DEFAULT_SUB_PORT}"),
+                   help="endpoint subscribers connect to (env LIVEPIPE_SUB_BIND, default %(default)s)")
+    p.add_argument("--server-key", default=os.environ.get("LIVEPIPE_CURVE_SERVER_SECRET"),
+                   help="the broker's secret key file, NAME.key_secret from `livepipe keys` "
+                        "(env LIVEPIPE_CURVE_SERVER_SECRET); enables CURVE")
+    p.add_argument("--allow", default=os.environ.get("LIVEPIPE_CURVE_ALLOW"),
+                   help="directory of client public keys (*.key) allowed to connect (env LIVEPIPE_CURVE_ALLOW)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback bind without CURVE (anyone who can reach it can publish)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    setup_logging("broker")
+    public = [ep for ep in (args.pub_bind, args.sub_bind) if not is_loopback(ep)]
+    if bool(args.server_key) != bool(args.allow):
+        log.error("CURVE needs both --server-key and --allow")
+        return 2
+    if public and not args.server_key and not args.insecure:
+        log.error("refusing to bind %s without CURVE: give --server-key and --allow "
+                  "(see `livepipe keys`), or --insecure", ", ".join(public))
+        return 2
+    ctx = zmq.Context()
+    auth = None
+    try:
+        xsub, xpub = ctx.socket(zmq.XSUB), ctx.socket(zmq.XPUB)
+        for s in (xsub, xpub):
+            s.linger = 0
+            s.sndhwm = s.rcvhwm = BROKER_HWM
+        if args.server_key:
+            try:
+                server_public, server_secret = zmq.auth.load_certificate(args.server_key)
+            except Exception as exc:
+                log.error("cannot read the server key %s: %s", args.server_key, exc)
+                return 2
+            if server_secret is None:
+                log.error("%s holds no secret key: give the .key_secret file", args.server_key)
+                return 2
+            if not Path(args.allow).is_dir():
+                log.error("allow-list directory %s does not exist", args.allow)
+                return 2
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("broker.auth"))
+            auth.start()
+            auth.configure_curve(domain="*", location=str(args.allow))
+            for s in (xsub, xpub):
+                s.curve_server = True
+                s.curve_publickey, s.curve_secretkey = server_public, server_secret
+        try:
+            xsub.bind(args.pub_bind)
+            xpub.bind(args.sub_bind)
+        except zmq.ZMQError as exc:
+            log.error("cannot bind %s / %s: %s", args.pub_bind, args.sub_bind, exc)
+            return 1
+        log.info("publishers -> %s, subscribers -> %s%s", args.pub_bind, args.sub_bind,
+                 " (CURVE)" if args.server_key else "")
+        return run_proxy(ctx, xsub, xpub)
+    finally:
+        if auth is not None:
+            auth.stop()
+        ctx.destroy(linger=0)
+
+
+def run_proxy(ctx: zmq.Context, xsub: zmq.Socket, xpub: zmq.Socket) -> int:
+    """zmq.proxy in a thread; the main thread waits for a signal and terminates it."""
+    ctrl_addr = f"inproc://broker-ctrl-{id(ctx)}"
+    ctrl = ctx.socket(zmq.PAIR)
+    ctrl.bind(ctrl_addr)
+    done = threading.Event()
+
+    def proxy() -> None:
+        peer = ctx.socket(zmq.PAIR)
+        peer.connect(ctrl_addr)
+        try:
+            zmq.proxy_steerable(xsub, xpub, None, peer)
+        except zmq.ZMQError:
+            pass
+        finally:
+            peer.close(linger=0)
+            done.set()
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    thread = threading.Thread(target=proxy, name="proxy", daemon=True)
+    thread.start()
+    while not stop.wait(0.5) and not done.is_set():
+        pass
+    ctrl.send(b"TERMINATE")
+    done.wait(1.0)
+    ctrl.close(linger=0)
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
