@@ -1,0 +1,102 @@
+"""Shared fixtures: a real broker subprocess on free ports, and helpers to start livepipe verbs."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from bus.client import BusClient
+from bus.config import BusConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def livepipe_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services", *args]
+
+
+def spawn(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    """Start `livepipe ARGS...` as a real subprocess with stdout/stderr captured as text."""
+    return subprocess.Popen(livepipe_cmd(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def stop(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[str, str]:
+    """SIGTERM, wait, SIGKILL if needed; returns (stdout, stderr)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()
+
+
+class Broker:
+    def __init__(self, env: dict[str, str], pub_port: int, sub_port: int, extra: list[str] | None = None) -> None:
+        self.env, self.pub_port, self.sub_port, self.extra = env, pub_port, sub_port, extra or []
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Broker":
+        self.proc = spawn(["broker", "--pub-bind", f"tcp://127.0.0.1:{self.pub_port}",
+                           "--sub-bind", f"tcp://127.0.0.1:{self.sub_port}", *self.extra], self.env)
+        # Ready when both ports accept connections.
+        deadline = time.monotonic() + 10
+        for port in (self.pub_port, self.sub_port):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"broker exited: {self.proc.communicate()}")
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        return self
+
+    def stop(self) -> tuple[str, str]:
+        assert self.proc is not None
+        return stop(self.proc)
+
+
+@pytest.fixture
+def bus_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """Environment for livepipe processes pointing at a fresh broker on free ports."""
+    pub, sub = free_port(), free_port()
+    env = dict(os.environ)
+    for k in list(env):
+        if k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API")):
+            del env[k]
+    env.update(LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
+               LIVEPIPE_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")
+    broker = Broker(env, pub, sub).start()
+    env["_LIVEPIPE_TEST_BROKER_PID"] = str(broker.proc.pid)
+    yield env
+    broker.stop()
+
+
+@pytest.fixture
+def bus_cfg(bus_env: dict[str, str]) -> BusConfig:
+    return BusConfig.from_env(bus_env)
+
+
+@pytest.fixture
+def client(bus_cfg: BusConfig) -> Iterator[BusClient]:
+    """A test client on the bus, subscribed to nothing yet: call .subscribe() then .wait_ready()."""
+    c = BusClient("test", bus_cfg)
+    yield c
+    c.close()
