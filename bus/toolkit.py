@@ -10,6 +10,10 @@ import signal
 import time
 from typing import Any, Sequence
 
+from bus.client import BusClient, BusTimeout
+from bus.config import BusConfig, ConfigError
+from bus.topics import TOPICS
+
 
 class StopFlag:
     """Set by SIGINT/SIGTERM. Tools poll it between short blocking waits instead of raising from
@@ -78,3 +82,22 @@ def finite_or_none(x: float | None, digits: int = 2) -> float | None:
     if x is None or math.isinf(x) or math.isnan(x):
         return None
     return round(x, digits)
+
+
+def check_topics(names: Sequence[str]) -> None:
+    """ConfigError naming any topic that bus/topics.py does not declare."""
+    unknown = [t for t in names if t not in TOPICS]
+    if unknown:
+        raise ConfigError(f"unknown topic {', '.join(unknown)} (known: {', '.join(TOPICS)})")
+
+
+def connect(name: str, cfg: BusConfig, topics: Sequence[str], timeout: float) -> BusClient:
+    """A BusClient subscribed to `topics` (all when empty) whose subscriptions are live;
+    BusTimeout if the broker does not answer within `timeout` seconds."""
+    client = BusClient(name, cfg, topics, all_topics=not topics)
+    try:
+        client.wait_ready(timeout)
+    except BusTimeout:
+        client.close()
+        raise
+    return client

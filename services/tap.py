@@ -18,7 +18,7 @@ from typing import Any, TextIO
 from bus.client import BusClient, BusTimeout
 from bus.config import BusConfig, ConfigError, add_bus_arguments
 from bus.message import Message, decode
-from bus.toolkit import StopFlag, clock, dbfs, finite_or_none, human_bytes, percentile
+from bus.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes, percentile
 from bus.topics import AUDIO_FIELDS, COMMON_FIELDS, TOPICS, SchemaError
 
 _SHOWN_ELSEWHERE = set(COMMON_FIELDS) | set(AUDIO_FIELDS)
@@ -37,23 +37,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="give up if the broker does not answer within S seconds (default 10)")
     add_bus_arguments(p)
     return p.parse_args(argv)
-
-
-def check_topics(names: list[str]) -> None:
-    unknown = [t for t in names if t not in TOPICS]
-    if unknown:
-        raise ConfigError(f"unknown topic {', '.join(unknown)} (known: {', '.join(TOPICS)})")
-
-
-def connect(name: str, cfg: BusConfig, topics: list[str], timeout: float) -> BusClient:
-    """A BusClient subscribed to `topics` (all when empty) whose subscriptions are live."""
-    client = BusClient(name, cfg, topics, all_topics=not topics)
-    try:
-        client.wait_ready(timeout)
-    except BusTimeout:
-        client.close()
-        raise
-    return client
 
 
 def frames_size(frames: list[bytes]) -> int:

@@ -1,0 +1,82 @@
+"""`livepipe record FILE [TOPIC...]`: keep every bus message, as received, with its receipt time.
+
+The file format is described in bus/recording.py: a magic line and a msgpack stream of
+`[recv_ns, [frames...]]`, flushed per message, so killing the recorder loses at most the
+message being written. Invalid messages are kept too (they are what you may want to debug);
+replay skips them. SIGINT/SIGTERM, --count or --seconds close the file cleanly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from bus.client import BusTimeout
+from bus.config import BusConfig, ConfigError, add_bus_arguments
+from bus.recording import RecordingWriter
+from bus.toolkit import StopFlag, check_topics, connect, human_bytes
+from bus.topics import TOPICS
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="livepipe record", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", metavar="FILE", help="recording to write (overwritten)")
+    p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to record (default: all): {', '.join(TOPICS)}")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
+                   help="give up if the broker does not answer within S seconds (default 10)")
+    add_bus_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        check_topics(args.topics)
+        cfg = BusConfig.from_args(args)
+    except ConfigError as exc:
+        print(f"livepipe record: {exc}", file=sys.stderr)
+        return 2
+    stop = StopFlag()
+    try:
+        writer = RecordingWriter(args.file, cfg.session, args.topics)
+    except OSError as exc:
+        print(f"livepipe record: cannot write {args.file}: {exc.strerror}", file=sys.stderr)
+        return 1
+    try:
+        client = connect("record", cfg, args.topics, args.connect_timeout)
+    except (BusTimeout, ConfigError) as exc:
+        writer.close()
+        print(f"livepipe record: {exc}", file=sys.stderr)
+        return 1
+    wanted = set(args.topics)
+    prefix = f"{cfg.session}/".encode() if cfg.session else b""
+    started = time.monotonic()
+    deadline = None if args.seconds is None else started + args.seconds
+    try:
+        print(f"livepipe record: recording {', '.join(args.topics) or 'all topics'} to {args.file}",
+              file=sys.stderr, flush=True)
+        while not stop and (args.count is None or writer.count < args.count):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            # Short waits so a signal (which only sets a flag) ends the loop within 0.2 s.
+            frames = client.recv_raw(min(0.2, deadline - now) if deadline is not None else 0.2)
+            if frames is None:
+                continue
+            recv_ns = time.time_ns()
+            if wanted and bytes(frames[0]).removeprefix(prefix).decode("utf-8", "replace") not in wanted:
+                continue   # SUB matches prefixes: keep only the exact topics asked for
+            try:
+                writer.write(recv_ns, frames)
+            except OSError as exc:
+                print(f"livepipe record: writing {args.file} failed: {exc.strerror}", file=sys.stderr)
+                return 1
+    finally:
+        writer.close()
+        client.close()
+    print(f"livepipe record: {writer.count} messages ({human_bytes(writer.bytes)}) in "
+          f"{time.monotonic() - started:.1f} s to {args.file}", file=sys.stderr)
+    return 0
