@@ -473,6 +473,14 @@ class FatalBridgeError(Exception):
     """An error retrying cannot fix (bad key, unknown model, policy close): one line, exit 1."""
 
 
+def _fatal_close(code: Any, reason: str) -> bool:
+    """1007 (bad key, invalid argument) and 1008 (no credentials, unknown model, quota) are final,
+    except the 1008 the service sends when a connection outlives its goAway: that one is resumable."""
+    if code == 1008 and re.search(r"go ?away|session duration|deadline", reason, re.I):
+        return False
+    return code in FATAL_CLOSE_CODES
+
+
 def describe_error(exc: BaseException, scrub: Callable[[str], str]) -> tuple[bool, str]:
     """(fatal, one line) for an exception from connecting, sending or receiving."""
     from google.genai import errors as genai_errors
@@ -481,7 +489,7 @@ def describe_error(exc: BaseException, scrub: Callable[[str], str]) -> tuple[boo
         code = exc.code
         reason = exc.message or (exc.details if isinstance(exc.details, str) else "") or exc.status or ""
         line = f"connection closed {code}" + (f": {reason}" if reason else "")
-        return (code in FATAL_CLOSE_CODES or (isinstance(code, int) and code in FATAL_HTTP)), scrub(line)
+        return _fatal_close(code, str(reason)) or (isinstance(code, int) and code in FATAL_HTTP), scrub(line)
     if isinstance(exc, wsx.InvalidStatus):
         status = exc.response.status_code
         return status in FATAL_HTTP, scrub(f"the service refused the connection: HTTP {status}")
@@ -489,7 +497,7 @@ def describe_error(exc: BaseException, scrub: Callable[[str], str]) -> tuple[boo
         rcvd = exc.rcvd
         code = rcvd.code if rcvd else 1006
         reason = rcvd.reason if rcvd else "no close frame"
-        return code in FATAL_CLOSE_CODES, scrub(f"connection closed {code}: {reason}")
+        return _fatal_close(code, reason), scrub(f"connection closed {code}: {reason}")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return True, scrub(f"TLS certificate not trusted: {exc.verify_message}")
     if isinstance(exc, asyncio.TimeoutError):

@@ -1,0 +1,175 @@
+"""Helpers for the gemini-bridge end-to-end tests: real speech, the emulator and bridge processes,
+and bus publishers/subscribers."""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import tempfile
+import time
+import wave
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import soxr
+
+from bus.client import BusClient
+from bus.config import BusConfig
+from bus.message import Message
+from conftest import spawn, stop
+
+CHUNK = 320   # 20 ms at 16 kHz
+
+
+@functools.lru_cache(maxsize=None)
+def speech(text: str, rate: int = 16000) -> np.ndarray:
+    """Real synthesized speech (espeak-ng) as int16 mono at `rate`."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "s.wav"
+        subprocess.run(["espeak-ng", "-s", "190", "-w", str(path), text], check=True, capture_output=True)
+        with wave.open(str(path)) as w:
+            src_rate = w.getframerate()
+            x = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    y = soxr.resample(x.astype(np.float32) / 32768, src_rate, rate)
+    return np.clip(y * 32767, -32768, 32767).astype(np.int16)
+
+
+def silence(seconds: float, rate: int = 16000) -> np.ndarray:
+    return np.zeros(int(seconds * rate), np.int16)
+
+
+def best_correlation(reference: np.ndarray, signal: np.ndarray) -> tuple[float, int]:
+    """Peak normalized cross-correlation of `reference` inside `signal` (1.0 = identical), and its lag."""
+    a = reference.astype(np.float64)
+    b = signal.astype(np.float64)
+    if len(b) < len(a):
+        b = np.concatenate([b, np.zeros(len(a) - len(b))])
+    n = 1 << int(np.ceil(np.log2(len(a) + len(b))))
+    corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b) - len(a) + 1]
+    lag = int(np.argmax(corr))
+    window = b[lag: lag + len(a)]
+    denom = np.linalg.norm(a) * np.linalg.norm(window)
+    return (float(corr[lag] / denom) if denom else 0.0), lag
+
+
+def publish_audio(client: BusClient, pcm: np.ndarray, rate: int = 16000, channels: int = 1,
+                  chunk_ms: int = 20, pace: float = 0.0) -> None:
+    """Publish PCM on audio.in in chunk_ms chunks; pace 1.0 = real time, 0 = as fast as possible."""
+    frames = rate * chunk_ms // 1000
+    data = pcm.reshape(-1, channels) if channels > 1 else pcm
+    t0 = time.monotonic()
+    for i, start in enumerate(range(0, len(data), frames)):
+        chunk = np.ascontiguousarray(data[start:start + frames])
+        client.publish("audio.in", "audio", chunk.tobytes(), rate=rate, channels=channels, sample_width=2,
+                       frames=len(chunk))
+        if pace:
+            ahead = t0 + (i + 1) * chunk_ms / 1000 / pace - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Recorder:
+    """A BusClient subscribed to topics, keeping every message (and raw frames) it receives."""
+
+    def __init__(self, cfg: BusConfig, topics: Iterable[str] = (), all_topics: bool = False) -> None:
+        self.client = BusClient("test-recorder", cfg, topics, all_topics=all_topics)
+        self.client.wait_ready()
+        self.messages: list[Message] = []
+        self.raw: list[list[bytes]] = []
+
+    def pump(self, timeout: float = 0.05) -> None:
+        from bus.message import decode
+        frames = self.client.recv_raw(timeout)
+        while frames is not None:
+            self.raw.append(frames)
+            try:
+                self.messages.append(decode(frames, self.client.cfg.session))
+            except Exception:
+                pass
+            frames = self.client.recv_raw(0)
+
+    def until(self, predicate: Callable[[list[Message]], object], timeout: float, what: str) -> object:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.pump()
+            value = predicate(self.messages)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                kinds = [(m.topic, m.kind, m.get("state", m.get("turn"))) for m in self.messages[-30:]
+                         if m.topic != "status"]
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {kinds}")
+
+    def select(self, topic: str, kind: str | None = None, **fields: object) -> list[Message]:
+        return [m for m in self.messages if m.topic == topic and (kind is None or m.kind == kind)
+                and all(m.get(k) == v for k, v in fields.items())]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def sessions_states(rec: Recorder) -> list[str]:
+    return [m["state"] for m in rec.select("control", "session")]
+
+
+def reply_audio(rec: Recorder, turn: int) -> np.ndarray:
+    chunks = [m.payload for m in rec.select("audio.out", "audio", turn=turn)]
+    return np.frombuffer(b"".join(chunks), "<i2") if chunks else np.zeros(0, np.int16)
+
+
+def turn_completed(turn: int) -> Callable[[list[Message]], bool]:
+    return lambda msgs: any(m.topic == "control" and m.kind == "turn_complete" and m["turn"] == turn for m in msgs)
+
+
+class Emulator:
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.env = env
+        self.state = Path(env["LIVEPIPE_STATE_DIR"])
+        self.timeline_path = self.state / "timeline.jsonl"
+        self.proc = spawn(["emulator", "--port", "0", "--timeline", str(self.timeline_path), *args], env)
+        info_path = self.state / "emulator" / "emulator.json"
+
+        def ready() -> dict | None:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"emulator exited {self.proc.returncode}: {self.proc.communicate()}")
+            try:
+                info = json.loads(info_path.read_text())
+            except (OSError, ValueError):
+                return None
+            return info if info.get("pid") == self.proc.pid else None
+        self.info = wait_for(ready, 15, "emulator.json")
+        self.out = ("", "")
+
+    def timeline(self) -> list[dict]:
+        try:
+            lines = self.timeline_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.timeline() if e.get("event") == name]
+
+    def stop(self) -> tuple[str, str]:
+        self.out = stop(self.proc)
+        return self.out
+
+
+def start_bridge(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    return spawn(["gemini-bridge", *args], {**env, **(extra_env or {})})
+
+
+def stopped_output(proc: subprocess.Popen) -> tuple[str, str]:
+    return stop(proc)
