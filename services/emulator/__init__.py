@@ -1,0 +1,151 @@
+"""`livepipe emulator`: a local Live API emulator, the default backend with no key and no internet.
+
+It speaks the Gemini Live API WebSocket protocol as the google-genai SDK speaks it (wss only, v1
+and v1beta paths, snake_case or camelCase, URL-safe base64), so the real SDK connects to it
+unchanged. It is a deterministic stand-in, not a model: it answers each utterance with the same
+audio resampled to 24 kHz ("parrot"), so tests and benchmarks can check what came back.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+HELP_EPILOG = """\
+behaviour
+  Turns: webrtcvad on the 16 kHz input, honouring setup.realtimeInputConfig.automaticActivityDetection
+  (sensitivities, prefixPaddingMs, silenceDurationMs; disabled -> the client sends activityStart/End).
+  An utterance ends after silenceDurationMs of silence (default 500 ms) or at audioStreamEnd; after
+  --latency the reply streams: modelTurn inlineData audio/pcm;rate=24000 chunks of --chunk-ms, then
+  generationComplete, then turnComplete with usageMetadata (32 tokens per second of audio).
+  The reply audio IS the utterance (from 40 ms before its first voiced frame to the end of its last),
+  resampled 16 kHz -> 24 kHz with soxr. Speech (or text) during a reply stops it: interrupted: true,
+  then turnComplete (activityHandling NO_INTERRUPTION turns this off). Text (clientContent with
+  turnComplete, or realtimeInput text) gets a 330 Hz tone of 0.4 s + 30 ms a character (max 3 s).
+
+transcriptions (only when setup asks for input/output audio transcription), n = turn number:
+  input   "utterance N: D.DD s"                       D = utterance seconds
+          "utterance N: D.DD s, frames K, last WxH"   K video frames since the previous utterance
+          "utterance N: D.DD s, frames K, last WxH, F.FF fps"   (K >= 2: arrival rate)
+  output  "reply N: D.DD s"                           (a reply to utterance N)
+          "reply N: D.DD s, after tool NAME"          (after a tool call round trip)
+          'reply N: text "TEXT"'                      (a reply to text; TEXT cut at 200 chars)
+  With responseModalities ["TEXT"] the same output text comes as a modelTurn text part, no audio.
+
+tools: when setup declares functions, an utterance of at least --tool-trigger seconds makes the
+  model send toolCall {id "fc-SESSION-N", name = the first declared function, args {"utterance": N,
+  "seconds": D}} and wait for the toolResponse with that id before replying. Speech meanwhile sends
+  toolCallCancellation {ids}, interrupted, turnComplete.
+
+sessions: with setup.sessionResumption a sessionResumptionUpdate {newHandle, resumable: true} follows
+  setupComplete and every turnComplete. Handles are opaque ("emu-..."), valid 2 h; resuming restores
+  the conversation as of that handle (turn numbers continue).
+
+close codes and reasons (what the SDK raises as google.genai.errors.APIError(code)):
+  1007 "API key not valid. Please pass a valid API key."    wrong key (with --api-key)
+  1008 "Method doesn't allow unregistered callers ..."     no key at all (with --api-key)
+  1007 "Invalid JSON payload received. ..." / "Invalid argument: ..." / "Unsupported audio mime type
+       ..." / "Unable to process input image: ..."           bad input (first message not setup,
+       malformed frame, audio not audio/pcm;rate=N 16-bit, image that does not decode, bad handle)
+  1011 "Deadline expired before operation could complete."  when a --goaway-after goAway runs out
+  1008 "Connection aborted because the client failed to close the connection after receiving a
+       GoAway signal once the session duration expired"     at --session-limit
+  1011 "Internal error encountered."                         --drop-after, or an emulator bug
+  1001                                                       the emulator is shutting down
+
+timeline (--timeline): one JSON line per event {"session", "conn", "turn", "event", "t_ns", ...};
+  events: session_start, speech_start, speech_end (seconds, speech_stop_ns = arrival of the last
+  voiced audio, silence_ms), text_in, tool_call, tool_response, tool_cancelled, first_byte,
+  interrupted (phase, sent_seconds), turn_complete, goaway, drop, closed (code, reason).
+
+discovery: once listening it writes <state>/emulator/emulator.json {"url", "ca_file", "pid",
+  "api_key_required"} (removed on exit) and prints one line on stderr:
+  emulator: listening on https://127.0.0.1:PORT (CA <state>/emulator/ca.pem)
+"""
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("LIVEPIPE_STATE_DIR") or Path.home() / ".local" / "state" / "livepipe")
+
+
+def _nonneg(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not positive")
+    return value
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="livepipe emulator", description=__doc__, epilog=HELP_EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("LIVEPIPE_EMULATOR_PORT") or 7720),
+                   help="port (env LIVEPIPE_EMULATOR_PORT, default 7720; 0 picks a free port)")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="state directory; certificates, emulator.json and the timeline go in its emulator/ "
+                        "(env LIVEPIPE_STATE_DIR, default ~/.local/state/livepipe)")
+    p.add_argument("--api-key", default=os.environ.get("LIVEPIPE_EMULATOR_API_KEY") or None,
+                   help="require this key (x-goog-api-key header or ?key=); a wrong one is refused like the real "
+                        "service: close 1007 'API key not valid...' (env LIVEPIPE_EMULATOR_API_KEY; default: any key)")
+    p.add_argument("--latency", type=_nonneg, default=0.3, metavar="S",
+                   help="think time between end of speech (or a tool response) and the reply (default 0.3)")
+    p.add_argument("--pace", type=_nonneg, default=2.0, metavar="X",
+                   help="reply streaming speed as a multiple of real time; the real service sends faster than "
+                        "real time (default 2.0; 0 = as fast as possible)")
+    p.add_argument("--chunk-ms", type=int, default=40, metavar="MS",
+                   help="reply audio per serverContent message, in ms (default 40)")
+    p.add_argument("--goaway-after", type=_nonneg, default=None, metavar="S",
+                   help="per connection: send goAway S seconds after setup, close 1011 when its timeLeft runs out")
+    p.add_argument("--goaway-grace", type=_nonneg, default=5.0, metavar="S",
+                   help="timeLeft announced in goAway (default 5; the real service gives about 60)")
+    p.add_argument("--session-limit", type=_positive, default=None, metavar="S",
+                   help="session duration limit over all its resumed connections (lifted by "
+                        "contextWindowCompression, as on the real service): goAway, then close 1008")
+    p.add_argument("--drop-after", type=_positive, default=None, metavar="S",
+                   help="per connection: close abruptly with 1011 'Internal error encountered.' after S seconds")
+    p.add_argument("--tool-trigger", type=_nonneg, default=2.0, metavar="S",
+                   help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
+                        "for the first one (default 2.0)")
+    p.add_argument("--timeline", default=None, metavar="FILE",
+                   help="per-turn timeline, JSON lines (default <state>/emulator/timeline.jsonl; 'off' for none)")
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port} is not a port number")
+    if not 5 <= args.chunk_ms <= 1000:
+        p.error("--chunk-ms must be between 5 and 1000")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from bus.runtime import setup_logging
+    setup_logging("emulator")
+    logging.getLogger("websockets").setLevel(logging.CRITICAL)   # handshake noise: we count and log our own
+
+    from services.emulator.certs import ensure_certificates
+    from services.emulator.server import ServerConfig, run_server
+    from services.emulator.session import Options
+
+    state_dir = (args.state_dir or default_state_dir()).expanduser() / "emulator"
+    try:
+        certs = ensure_certificates(state_dir, args.host)
+    except OSError as e:
+        logging.getLogger("emulator").error("cannot create certificates in %s: %s", state_dir, e.strerror or e)
+        return 1
+    timeline = None if args.timeline == "off" else Path(args.timeline) if args.timeline else state_dir / "timeline.jsonl"
+    opts = Options(api_key=args.api_key, latency=args.latency, pace=args.pace, chunk_ms=args.chunk_ms,
+                   goaway_after=args.goaway_after, goaway_grace=args.goaway_grace,
+                   session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger)
+    return run_server(ServerConfig(args.host, args.port, state_dir, certs, timeline, opts))
+
+
+__all__ = ["main", "parse_args", "default_state_dir"]

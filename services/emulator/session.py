@@ -1,0 +1,590 @@
+"""One Live API session: the deterministic "parrot" model behind a WebSocket connection.
+
+It answers each user utterance with the same audio resampled to 24 kHz, answers text with a short
+tone, calls the first declared function for long utterances, and behaves like the real service
+around interruption, transcription, resumption and session limits. See services/emulator/__init__.py
+for the transcription formats and close codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import soxr
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from services.emulator import wire
+from services.emulator.timeline import Timeline
+from services.emulator.turns import RATE, SpeechEnd, SpeechStart, TurnDetector, VadSettings
+from services.emulator.wire import ProtocolError
+
+log = logging.getLogger("emulator")
+
+OUT_RATE = 24000
+AUDIO_TOKENS_PER_S = 32                       # the Gemini API counts audio at 32 tokens a second
+FRAME_TOKENS = {"MEDIA_RESOLUTION_LOW": 64, "MEDIA_RESOLUTION_MEDIUM": 256, "MEDIA_RESOLUTION_HIGH": 256}
+HANDLE_TTL_S = 2 * 3600                       # the real service keeps a handle valid 2 h
+SETUP_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class Options:
+    api_key: str | None = None
+    latency: float = 0.3
+    pace: float = 2.0                         # reply speed as a multiple of real time; 0 = unpaced
+    chunk_ms: int = 40
+    goaway_after: float | None = None
+    goaway_grace: float = 5.0
+    session_limit: float | None = None
+    drop_after: float | None = None
+    tool_trigger: float = 2.0
+
+
+@dataclass
+class Conversation:
+    """What survives a resumption: the conversation's identity, turn count and time used."""
+    id: str
+    turns: int = 0
+    used_s: float = 0.0                       # connected time of earlier connections (session limit)
+    expired: bool = False
+
+
+class Registry:
+    """Resumption handles -> (conversation, turn count when issued). Shared by all sessions."""
+
+    def __init__(self) -> None:
+        self._handles: dict[str, tuple[Conversation, int, float]] = {}
+        self._next = 0
+
+    def new_conversation(self) -> Conversation:
+        self._next += 1
+        return Conversation(f"s{self._next}")
+
+    def issue(self, conv: Conversation) -> str:
+        now = time.monotonic()
+        for h in [h for h, (_, _, exp) in self._handles.items() if exp < now]:
+            del self._handles[h]
+        handle = f"emu-{conv.id}-{conv.turns}-{secrets.token_urlsafe(12)}"
+        self._handles[handle] = (conv, conv.turns, now + HANDLE_TTL_S)
+        return handle
+
+    def resume(self, handle: str) -> Conversation | None:
+        """The conversation as it was when the handle was issued, or None if unknown/expired."""
+        entry = self._handles.get(handle)
+        if entry is None or entry[2] < time.monotonic():
+            return None
+        conv, turns, _ = entry
+        conv.turns = turns
+        return conv
+
+
+@dataclass
+class Turn:
+    number: int
+    kind: str                                 # "audio" | "text"
+    audio: np.ndarray | None = None           # the utterance, 16 kHz int16
+    text: str = ""
+    seconds: float = 0.0
+    tool: str | None = None                   # function to call before replying
+    prompt_tokens: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task | None = None
+    phase: str = "queued"                     # queued | thinking | tool | speaking | done
+    call_id: str | None = None                # tool call awaiting its response
+    sent_samples: int = 0                     # reply samples (24 kHz) sent so far
+    completed: bool = False                   # turnComplete sent
+
+
+class LiveSession:
+    def __init__(self, ws: ServerConnection, conn_id: int, opts: Options, registry: Registry,
+                 timeline: Timeline, counters: Counter) -> None:
+        self.ws, self.conn_id, self.opts, self.registry = ws, conn_id, opts, registry
+        self.timeline, self.counters = timeline, counters
+        self.conv: Conversation | None = None
+        self.started = time.monotonic()
+        self.client_index = -1                # index of the last client message consumed
+        self.closing = False
+        self.tasks: list[asyncio.Task] = []
+        self.turns: asyncio.Queue[Turn] = asyncio.Queue()
+        self.current: Turn | None = None
+        self.tool_waiters: dict[str, asyncio.Future] = {}
+        self._resamplers: dict[int, soxr.ResampleStream] = {}
+        self._arrivals: deque[tuple[int, int]] = deque(maxlen=512)   # (input position after chunk, t_ns)
+        # set from setup
+        self.vad = VadSettings()
+        self.detector = TurnDetector(self.vad)
+        self.text_mode = False
+        self.want_input_text = self.want_output_text = False
+        self.resumption = self.resumed = False
+        self.functions: list[str] = []
+        self.frame_tokens = 258
+        self.compression = False
+        # video frames since the last utterance
+        self.frames = 0
+        self.frame_first_ns = self.frame_last_ns = 0
+        self.frame_size = (0, 0)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def sid(self) -> str:
+        return self.conv.id if self.conv else f"c{self.conn_id}"
+
+    def mark(self, event: str, turn: int = 0, t_ns: int | None = None, **fields: Any) -> None:
+        self.timeline.write(self.sid, turn, event, t_ns, conn=self.conn_id, **fields)
+
+    async def run(self) -> None:
+        """Serve the connection until it closes; never raises."""
+        try:
+            await self._serve()
+        except ProtocolError as e:
+            self.counters["rejected"] += 1
+            log.warning("session %s: closing %d: %s", self.sid, e.code, e.reason)
+            await self.close(e.code, e.reason)
+        except ConnectionClosed:
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:   # a bug of ours must end this session only, with the real service's 1011
+            self.counters["internal_errors"] += 1
+            log.error("session %s: internal error %s: %s", self.sid, type(e).__name__, e)
+            await self.close(wire.INTERNAL_ERROR, wire.REASON_INTERNAL)
+        finally:
+            await self._teardown()
+
+    async def _teardown(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        if self.current and self.current.task:
+            self.current.task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.conv:
+            self.conv.used_s += time.monotonic() - self.started
+        rcvd = self.ws.close_code
+        self.mark("closed", self.conv.turns if self.conv else 0, code=rcvd, reason=self.ws.close_reason or "")
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.counters[f"close_{code}"] += 1
+        try:
+            await self.ws.close(code, wire.close_reason(reason))
+        except Exception:           # already gone: nothing left to tell the client
+            pass
+
+    async def send(self, msg: dict[str, Any]) -> None:
+        # The real service sends binary frames; the SDK json.loads either kind.
+        await self.ws.send(json.dumps(msg, separators=(",", ":")).encode())
+
+    def _spawn(self, coro: Any) -> None:
+        self.tasks.append(asyncio.create_task(self._guard(coro)))
+
+    async def _guard(self, coro: Any) -> None:
+        """Background work of this session: its failure closes this session, nothing else."""
+        try:
+            await coro
+        except (asyncio.CancelledError, ConnectionClosed):
+            pass
+        except Exception as e:
+            self.counters["internal_errors"] += 1
+            log.error("session %s: internal error %s: %s", self.sid, type(e).__name__, e)
+            await self.close(wire.INTERNAL_ERROR, wire.REASON_INTERNAL)
+
+    # --- setup -----------------------------------------------------------------------------
+
+    def _check_key(self) -> None:
+        if self.opts.api_key is None:
+            return
+        req = self.ws.request
+        key = req.headers.get("x-goog-api-key") if req else None
+        if key is None and req is not None:
+            from urllib.parse import parse_qs, urlsplit
+            key = (parse_qs(urlsplit(req.path).query).get("key") or [None])[0]
+        auth = req.headers.get("authorization", "") if req else ""
+        if key is None and auth.lower().startswith("token "):
+            key = auth[6:].strip()          # ephemeral-token path (BidiGenerateContentConstrained)
+        if not key:
+            self.counters["bad_key"] += 1
+            raise ProtocolError(wire.REASON_NO_KEY, wire.POLICY_VIOLATION)
+        if not secrets.compare_digest(key.encode(), self.opts.api_key.encode()):
+            self.counters["bad_key"] += 1
+            raise ProtocolError(wire.REASON_BAD_KEY, wire.INVALID_ARGUMENT)
+
+    async def _serve(self) -> None:
+        try:
+            raw = await asyncio.wait_for(self.ws.recv(), SETUP_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ProtocolError(wire.REASON_DEADLINE, wire.INTERNAL_ERROR) from None
+        self.client_index += 1
+        kind, body = wire.parse_frame(raw)
+        # The real service accepts the upgrade and refuses the key on the first message, so the
+        # SDK's connect() raises APIError(1007) rather than a handshake error.
+        self._check_key()
+        if kind != "setup":
+            raise ProtocolError(f"Invalid request: the first message must be setup, not {kind}.")
+        self._configure(body)
+        await self.send(wire.setup_complete(f"{self.sid}-{self.conn_id}"))
+        self.counters["sessions"] += 1
+        self.mark("session_start", self.conv.turns, resumed=self.resumed)
+        self._spawn(self._turn_worker())
+        self._start_timers()
+        if self.resumption:
+            await self._resumption_update()
+        async for raw in self.ws:
+            self.client_index += 1
+            kind, body = wire.parse_frame(raw)
+            if kind == "setup":
+                raise ProtocolError("Invalid request: setup may only be sent once, as the first message.")
+            elif kind == "realtime_input":
+                await self._realtime_input(body)
+            elif kind == "client_content":
+                await self._client_content(body)
+            else:
+                self._tool_response(body)
+
+    def _configure(self, setup: dict[str, Any]) -> None:
+        model = setup.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise ProtocolError("Invalid argument: setup.model is required, e.g. models/NAME.")
+        gen = _obj(setup.get("generation_config"), "setup.generation_config")
+        modalities = [str(m).upper() for m in (gen.get("response_modalities") or ["AUDIO"])]
+        self.text_mode = "TEXT" in modalities and "AUDIO" not in modalities
+        self.frame_tokens = FRAME_TOKENS.get(str(gen.get("media_resolution") or ""), 258)
+        ric = _obj(setup.get("realtime_input_config"), "setup.realtime_input_config")
+        _obj(ric.get("automatic_activity_detection"), "setup.realtime_input_config.automatic_activity_detection")
+        try:
+            self.vad = VadSettings.from_setup(ric)
+        except (TypeError, ValueError):
+            raise ProtocolError("Invalid argument: setup.realtime_input_config.automatic_activity_detection "
+                                "has a value of the wrong type.") from None
+        self.detector = TurnDetector(self.vad)
+        self.want_input_text = setup.get("input_audio_transcription") is not None
+        self.want_output_text = setup.get("output_audio_transcription") is not None
+        self.compression = setup.get("context_window_compression") is not None
+        for tool in _list(setup.get("tools"), "setup.tools"):
+            for decl in _list(_obj(tool, "setup.tools[]").get("function_declarations"), "setup.tools[].function_declarations"):
+                name = decl.get("name") if isinstance(decl, dict) else None
+                if not isinstance(name, str) or not name:
+                    raise ProtocolError("Invalid argument: every function declaration needs a name.")
+                self.functions.append(name)
+        resumption = setup.get("session_resumption")
+        self.resumption = resumption is not None
+        handle = _obj(resumption, "setup.session_resumption").get("handle") if self.resumption else None
+        self.resumed = bool(handle)
+        if handle:
+            conv = self.registry.resume(str(handle))
+            if conv is None:
+                raise ProtocolError("Invalid argument: session resumption handle is unknown or expired.")
+            if conv.expired:
+                raise ProtocolError(wire.REASON_SESSION_EXPIRED, wire.POLICY_VIOLATION)
+            self.conv = conv
+        else:
+            self.conv = self.registry.new_conversation()
+
+    def _start_timers(self) -> None:
+        o = self.opts
+        if o.goaway_after is not None:
+            self._spawn(self._goaway_timer(o.goaway_after, o.goaway_grace, wire.INTERNAL_ERROR, wire.REASON_DEADLINE))
+        if o.session_limit is not None and not self.compression:
+            assert self.conv is not None
+            left = o.session_limit - self.conv.used_s
+            grace = min(o.goaway_grace, max(0.0, left))
+            self._spawn(self._goaway_timer(left - grace, grace, wire.POLICY_VIOLATION,
+                                           wire.REASON_SESSION_EXPIRED, expire=True))
+        if o.drop_after is not None:
+            self._spawn(self._drop_timer(o.drop_after))
+
+    async def _goaway_timer(self, after: float, grace: float, code: int, reason: str, expire: bool = False) -> None:
+        await asyncio.sleep(max(0.0, after))
+        await self.send(wire.go_away(grace))
+        self.mark("goaway", self.conv.turns, time_left_s=grace)
+        await asyncio.sleep(grace)
+        if expire:
+            self.conv.expired = True
+        await self.close(code, reason)
+
+    async def _drop_timer(self, after: float) -> None:
+        await asyncio.sleep(after)
+        self.mark("drop", self.conv.turns)
+        await self.close(wire.INTERNAL_ERROR, wire.REASON_INTERNAL)
+
+    # --- input -----------------------------------------------------------------------------
+
+    async def _realtime_input(self, body: dict[str, Any]) -> None:
+        if "audio" in body:
+            await self._audio(_obj(body.get("audio"), "realtime_input.audio"), "realtime_input.audio")
+        if "video" in body:
+            self._frame(_obj(body.get("video"), "realtime_input.video"), "realtime_input.video")
+        for i, blob in enumerate(_list(body.get("media_chunks"), "realtime_input.media_chunks")):
+            where = f"realtime_input.media_chunks[{i}]"
+            blob = _obj(blob, where)
+            mime = str(blob.get("mime_type") or "")
+            if mime.lower().startswith("image/"):
+                self._frame(blob, where)
+            else:
+                await self._audio(blob, where)
+        if body.get("activity_start") is not None:
+            await self._activity(start=True)
+        if body.get("activity_end") is not None:
+            await self._activity(start=False)
+        if body.get("audio_stream_end"):
+            end = self.detector.flush()
+            if end:
+                await self._speech_end(end, time.time_ns())
+        text = body.get("text")
+        if isinstance(text, str) and text:
+            await self._text_turn(text)
+
+    async def _audio(self, blob: dict[str, Any], where: str) -> None:
+        mime = blob.get("mime_type")
+        if not isinstance(mime, str):
+            raise ProtocolError(f"Invalid argument: {where}.mime_type is required, e.g. audio/pcm;rate=16000.")
+        rate = wire.pcm_rate(mime)
+        data = wire.b64decode(blob.get("data"), f"{where}.data")
+        if len(data) % 2:
+            raise ProtocolError(f"Invalid argument: {where} is not 16-bit PCM ({len(data)} bytes, an odd count).")
+        samples = np.frombuffer(data, "<i2")
+        if rate != RATE:
+            rs = self._resamplers.get(rate)
+            if rs is None:
+                rs = self._resamplers[rate] = soxr.ResampleStream(rate, RATE, 1, dtype="int16")
+            samples = rs.resample_chunk(samples)
+        now = time.time_ns()
+        self.counters["audio_chunks"] += 1
+        events = self.detector.feed(samples)
+        self._arrivals.append((self.detector.position + len(samples), now))
+        for ev in events:
+            if isinstance(ev, SpeechStart):
+                await self._speech_start(now)
+            else:
+                await self._speech_end(ev, now)
+
+    async def _activity(self, start: bool) -> None:
+        if not self.vad.disabled:
+            raise ProtocolError("Invalid argument: explicit activity control (activityStart/activityEnd) "
+                                "needs automatic activity detection disabled.")
+        now = time.time_ns()
+        if start:
+            self.detector.activity_start()
+            await self._speech_start(now)
+        else:
+            end = self.detector.activity_end()
+            if end is not None:
+                await self._speech_end(end, now)
+
+    def _frame(self, blob: dict[str, Any], where: str) -> None:
+        mime = blob.get("mime_type")
+        if not isinstance(mime, str) or not mime.lower().startswith("image/"):
+            raise ProtocolError(wire.close_reason(f"Unsupported mime type '{mime}' for {where}: send image/jpeg "
+                                                  "frames."))
+        data = wire.b64decode(blob.get("data"), f"{where}.data")
+        import cv2        # only sessions that send video pay for OpenCV
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        if img is None:
+            self.counters["bad_images"] += 1
+            raise ProtocolError(f"Unable to process input image: {where} ({mime}, {len(data)} bytes) does not decode.")
+        now = time.time_ns()
+        if self.frames == 0:
+            self.frame_first_ns = now
+        self.frames += 1
+        self.frame_last_ns = now
+        self.frame_size = (img.shape[1], img.shape[0])
+        self.counters["frames"] += 1
+
+    def _arrival_of(self, position: int) -> int:
+        """Wall-clock arrival of the input chunk that contained `position`."""
+        for end, t_ns in self._arrivals:
+            if end >= position:
+                return t_ns
+        return time.time_ns()
+
+    async def _speech_start(self, now: int) -> None:
+        turn = self.current
+        self.mark("speech_start", self.conv.turns + 1, now)
+        if turn is not None and not turn.completed and self.vad.interrupts:
+            await self._interrupt(turn, now)
+
+    async def _speech_end(self, end: SpeechEnd, now: int) -> None:
+        assert self.conv is not None
+        self.conv.turns += 1
+        n = self.conv.turns
+        seconds = end.seconds
+        text = f"utterance {n}: {seconds:.2f} s"
+        prompt = {"AUDIO": round(seconds * AUDIO_TOKENS_PER_S)}
+        if self.frames:
+            w, h = self.frame_size
+            text += f", frames {self.frames}, last {w}x{h}"
+            if self.frames >= 2:
+                fps = (self.frames - 1) / max(1e-9, (self.frame_last_ns - self.frame_first_ns) / 1e9)
+                text += f", {fps:.2f} fps"
+            prompt["IMAGE"] = self.frames * self.frame_tokens
+        self.mark("speech_end", n, now, seconds=round(seconds, 3), manual=end.manual, frames=self.frames,
+                  speech_stop_ns=self._arrival_of(end.last_voiced_sample), silence_ms=0 if end.manual else self.vad.silence_ms)
+        self.frames = 0
+        if self.want_input_text:
+            await self.send(wire.input_transcription(text))
+        tool = self.functions[0] if self.functions and seconds >= self.opts.tool_trigger else None
+        self.turns.put_nowait(Turn(n, "audio", audio=end.audio, seconds=seconds, tool=tool, prompt_tokens=prompt))
+
+    async def _client_content(self, body: dict[str, Any]) -> None:
+        texts: list[str] = []
+        for content in _list(body.get("turns"), "client_content.turns"):
+            content = _obj(content, "client_content.turns[]")
+            if content.get("role", "user") != "user":
+                continue
+            for part in _list(content.get("parts"), "client_content.turns[].parts"):
+                if isinstance(part, dict) and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+        if body.get("turn_complete"):
+            await self._text_turn(" ".join(texts))
+
+    async def _text_turn(self, text: str) -> None:
+        # Text interrupts a generation in progress, as the real service documents for client content.
+        now = time.time_ns()
+        if self.current is not None and not self.current.completed and self.vad.interrupts:
+            await self._interrupt(self.current, now)
+        assert self.conv is not None
+        self.conv.turns += 1
+        n = self.conv.turns
+        self.mark("text_in", n, now, chars=len(text))
+        self.turns.put_nowait(Turn(n, "text", text=text, prompt_tokens={"TEXT": max(1, math.ceil(len(text) / 4))}))
+
+    def _tool_response(self, body: dict[str, Any]) -> None:
+        for resp in _list(body.get("function_responses"), "tool_response.function_responses"):
+            call_id = resp.get("id") if isinstance(resp, dict) else None
+            waiter = self.tool_waiters.pop(str(call_id), None)
+            if waiter is None or waiter.done():
+                self.counters["tool_responses_unmatched"] += 1
+                log.warning("session %s: tool response for unknown call id %r ignored", self.sid, call_id)
+                continue
+            waiter.set_result(resp)
+
+    # --- output ----------------------------------------------------------------------------
+
+    async def _turn_worker(self) -> None:
+        while True:
+            turn = await self.turns.get()
+            self.current = turn
+            turn.task = asyncio.create_task(self._play(turn))
+            await asyncio.wait({turn.task})      # wait() does not raise when the turn was interrupted
+            if not turn.task.cancelled() and turn.task.exception() is not None:
+                raise turn.task.exception()
+            self.current = None
+
+    async def _play(self, turn: Turn) -> None:
+        o = self.opts
+        turn.phase = "thinking"
+        await asyncio.sleep(o.latency)
+        label = f"reply {turn.number}: {turn.seconds:.2f} s"
+        if turn.tool:
+            turn.phase = "tool"
+            turn.call_id = f"fc-{self.sid}-{turn.number}"
+            waiter = asyncio.get_running_loop().create_future()
+            self.tool_waiters[turn.call_id] = waiter
+            await self.send(wire.tool_call(turn.call_id, turn.tool,
+                                           {"utterance": turn.number, "seconds": round(turn.seconds, 2)}))
+            self.counters["tool_calls"] += 1
+            self.mark("tool_call", turn.number, name=turn.tool, id=turn.call_id)
+            await waiter
+            self.mark("tool_response", turn.number, id=turn.call_id)
+            turn.call_id = None
+            label += f", after tool {turn.tool}"
+            await asyncio.sleep(o.latency)
+        if turn.kind == "text":
+            label = f'reply {turn.number}: text "{turn.text[:200]}"'
+            pcm = synthetic_reply(turn.text)
+        else:
+            pcm = soxr.resample(turn.audio, RATE, OUT_RATE).astype(np.int16) if len(turn.audio) else np.zeros(0, np.int16)
+        turn.phase = "speaking"
+        if self.text_mode:
+            await self.send(wire.text_part(label))
+            self.mark("first_byte", turn.number)
+        else:
+            await self._stream(turn, pcm, label)
+        await self.send(wire.generation_complete())
+        await self._complete(turn, "turn_complete")
+
+    async def _stream(self, turn: Turn, pcm: np.ndarray, label: str) -> None:
+        o = self.opts
+        step = max(1, OUT_RATE * o.chunk_ms // 1000)
+        t0 = time.monotonic()
+        for k, off in enumerate(range(0, max(1, len(pcm)), step)):
+            if o.pace > 0:
+                delay = t0 + k * (step / OUT_RATE) / o.pace - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            chunk = pcm[off:off + step]
+            await self.send(wire.audio_chunk(chunk.tobytes()))
+            turn.sent_samples += len(chunk)
+            if k == 0:
+                self.mark("first_byte", turn.number, reply_seconds=round(len(pcm) / OUT_RATE, 3))
+                if self.want_output_text:
+                    await self.send(wire.output_transcription(label))
+
+    async def _complete(self, turn: Turn, event: str) -> None:
+        response = {"TEXT" if self.text_mode else "AUDIO":
+                    max(1, round(turn.sent_samples / OUT_RATE * AUDIO_TOKENS_PER_S)) if not self.text_mode else 8}
+        turn.completed = True
+        turn.phase = "done"
+        await self.send(wire.turn_complete(turn.prompt_tokens, response))
+        self.counters["turns"] += 1
+        self.mark(event, turn.number, sent_seconds=round(turn.sent_samples / OUT_RATE, 3))
+        if self.resumption:
+            await self._resumption_update()
+
+    async def _interrupt(self, turn: Turn, now: int) -> None:
+        """User barge-in: stop the reply, cancel a pending tool call, then interrupted + turnComplete."""
+        phase = turn.phase
+        if turn.task is not None and not turn.task.done():
+            turn.task.cancel()
+            await asyncio.wait({turn.task})
+        if turn.completed:
+            return
+        if turn.call_id is not None:
+            self.tool_waiters.pop(turn.call_id, None)
+            await self.send(wire.tool_call_cancellation([turn.call_id]))
+            self.mark("tool_cancelled", turn.number, id=turn.call_id)
+            turn.call_id = None
+        self.counters["interrupted"] += 1
+        self.mark("interrupted", turn.number, now, phase=phase, sent_seconds=round(turn.sent_samples / OUT_RATE, 3))
+        await self.send(wire.interrupted())
+        await self._complete(turn, "turn_complete")
+
+    async def _resumption_update(self) -> None:
+        assert self.conv is not None
+        await self.send(wire.resumption_update(self.registry.issue(self.conv), self.client_index))
+
+
+def synthetic_reply(text: str) -> np.ndarray:
+    """A short deterministic reply to text: a 330 Hz tone, 0.4 s + 30 ms a character, at most 3 s."""
+    seconds = min(3.0, 0.4 + 0.03 * len(text))
+    t = np.arange(int(seconds * OUT_RATE)) / OUT_RATE
+    env = np.minimum(1.0, np.minimum(t, seconds - t) / 0.01)      # 10 ms fades: no clicks
+    return (0.3 * 32767 * env * np.sin(2 * np.pi * 330 * t)).astype(np.int16)
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    """A JSON object field: {} when absent; anything else than an object is refused."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError(f"Invalid JSON payload received. {where} must be an object.")
+    return value
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    """A JSON list field: [] when absent; anything else than a list is refused."""
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ProtocolError(f"Invalid JSON payload received. {where} must be a list.")
+    return value

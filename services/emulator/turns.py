@@ -1,0 +1,158 @@
+"""Turn detection on the 16 kHz input: webrtcvad frames -> speech start / speech end.
+
+Decisions are made on audio time (20 ms frames), never on wall-clock time, so a client sending
+faster than real time gets the same turns as one streaming a microphone. The setup's
+realtimeInputConfig.automaticActivityDetection maps onto the detector like this:
+
+  startOfSpeechSensitivity  HIGH -> webrtcvad mode 1, LOW -> mode 3, unset -> mode 2
+  prefixPaddingMs           voiced time needed to commit a start (default HIGH 40, LOW 120, unset 60 ms)
+  endOfSpeechSensitivity    default silence to end a turn: HIGH 300, LOW 1000, unset 500 ms
+  silenceDurationMs         overrides that silence
+  disabled: true            no detection: the client marks turns with activityStart/activityEnd
+
+An utterance runs from 40 ms before its first voiced frame (the pre-roll webrtcvad's onset
+misses) to the end of its last voiced frame; the trailing silence is not part of it.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import webrtcvad
+
+RATE = 16000
+FRAME = 320                  # 20 ms at 16 kHz, a frame size webrtcvad accepts
+PREROLL_FRAMES = 2
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    disabled: bool = False
+    mode: int = 2
+    start_frames: int = 3
+    end_frames: int = 25
+    interrupts: bool = True           # activityHandling != NO_INTERRUPTION
+
+    @classmethod
+    def from_setup(cls, realtime_input_config: dict[str, Any] | None) -> "VadSettings":
+        """Settings from setup.realtime_input_config (keys already snake_case)."""
+        cfg = realtime_input_config or {}
+        aad = cfg.get("automatic_activity_detection") or {}
+        start = str(aad.get("start_of_speech_sensitivity") or "")
+        end = str(aad.get("end_of_speech_sensitivity") or "")
+        mode, prefix_ms = (1, 40) if start.endswith("HIGH") else (3, 120) if start.endswith("LOW") else (2, 60)
+        silence_ms = 300 if end.endswith("HIGH") else 1000 if end.endswith("LOW") else 500
+        if aad.get("prefix_padding_ms") is not None:
+            prefix_ms = int(aad["prefix_padding_ms"])
+        if aad.get("silence_duration_ms") is not None:
+            silence_ms = int(aad["silence_duration_ms"])
+        return cls(disabled=bool(aad.get("disabled", False)), mode=mode,
+                   start_frames=max(1, math.ceil(prefix_ms / 20)), end_frames=max(1, math.ceil(silence_ms / 20)),
+                   interrupts=str(cfg.get("activity_handling") or "") != "NO_INTERRUPTION")
+
+    @property
+    def silence_ms(self) -> int:
+        return self.end_frames * 20
+
+
+@dataclass
+class SpeechStart:
+    at_sample: int                    # input position (16 kHz samples) where the start was committed
+
+
+@dataclass
+class SpeechEnd:
+    audio: np.ndarray                 # the utterance, int16 at 16 kHz
+    at_sample: int                    # input position where the end was detected
+    last_voiced_sample: int           # input position where the last voiced frame ended
+    manual: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / RATE
+
+
+@dataclass
+class TurnDetector:
+    settings: VadSettings
+    position: int = 0                                   # samples consumed so far
+    speaking: bool = False
+    _vad: webrtcvad.Vad = field(init=False)
+    _pending: np.ndarray = field(init=False)
+    _recent: deque = field(init=False)                  # idle: last frames (pre-roll + voiced run)
+    _run: int = 0                                       # idle: consecutive voiced frames
+    _frames: list = field(default_factory=list)         # speaking: frames of the utterance so far
+    _voiced_len: int = 0                                # speaking: frames up to the last voiced one
+    _silence: int = 0
+    _last_voiced_end: int = 0
+
+    def __post_init__(self) -> None:
+        self._vad = webrtcvad.Vad(self.settings.mode)
+        self._pending = np.zeros(0, np.int16)
+        self._recent = deque(maxlen=self.settings.start_frames + PREROLL_FRAMES)
+
+    def feed(self, samples: np.ndarray) -> list[SpeechStart | SpeechEnd]:
+        """Consume 16 kHz int16 samples; return the turn events they complete, in order."""
+        events: list[SpeechStart | SpeechEnd] = []
+        buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
+        n = len(buf) // FRAME
+        for i in range(n):
+            frame = buf[i * FRAME:(i + 1) * FRAME]
+            self.position += FRAME
+            if self.settings.disabled:
+                if self.speaking:            # manual mode: everything between start and end counts
+                    self._frames.append(frame)
+                continue
+            voiced = self._vad.is_speech(frame.tobytes(), RATE)
+            if not self.speaking:
+                self._recent.append(frame)
+                self._run = self._run + 1 if voiced else 0
+                if self._run >= self.settings.start_frames:
+                    self.speaking = True
+                    keep = min(len(self._recent), self._run + PREROLL_FRAMES)
+                    self._frames = list(self._recent)[-keep:]
+                    self._voiced_len, self._silence = len(self._frames), 0
+                    self._last_voiced_end = self.position
+                    self._recent.clear()
+                    self._run = 0
+                    events.append(SpeechStart(self.position))
+            else:
+                self._frames.append(frame)
+                if voiced:
+                    self._voiced_len, self._silence = len(self._frames), 0
+                    self._last_voiced_end = self.position
+                else:
+                    self._silence += 1
+                    if self._silence >= self.settings.end_frames:
+                        events.append(self._finish())
+        self._pending = buf[n * FRAME:].copy()
+        return events
+
+    def _finish(self, manual: bool = False) -> SpeechEnd:
+        frames = self._frames if manual else self._frames[:self._voiced_len]
+        if manual and len(self._pending):
+            frames = frames + [self._pending]
+            self._pending = np.zeros(0, np.int16)
+        audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
+        end = SpeechEnd(audio, self.position, self.position if manual else self._last_voiced_end, manual)
+        self.speaking, self._frames, self._voiced_len, self._silence = False, [], 0, 0
+        return end
+
+    def flush(self) -> SpeechEnd | None:
+        """audioStreamEnd: the client stopped its stream, so an open utterance ends now."""
+        if self.settings.disabled or not self.speaking:
+            return None
+        return self._finish()
+
+    # manual activity (automatic detection disabled)
+    def activity_start(self) -> SpeechStart:
+        self.speaking, self._frames = True, []
+        return SpeechStart(self.position)
+
+    def activity_end(self) -> SpeechEnd | None:
+        if not self.speaking:
+            return None
+        return self._finish(manual=True)
