@@ -204,18 +204,21 @@ class Service:
         return self.exit_code
 
     async def _wait_ready(self, pending: set) -> None:
+        """Wait for the readiness handshake, or a stop; log every 5 s while the broker is missing."""
         t0 = time.monotonic()
-        waits = 0
-        while pending and not self._stop.is_set():
-            try:
-                await asyncio.wait_for(self._ready.wait(), 5.0)
-            except asyncio.TimeoutError:
-                waits += 1
-                self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
-                                 "is `livepipe broker` running?", self.cfg.pub_endpoint,
-                                 self.cfg.sub_endpoint, time.monotonic() - t0)
-        if waits:
-            self.log.info("bus is live")
+        waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self._stop.wait())]
+        try:
+            while pending and not self._stop.is_set():
+                done, _ = await asyncio.wait(waiters, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
+                                     "is `livepipe broker` running?", self.cfg.pub_endpoint,
+                                     self.cfg.sub_endpoint, time.monotonic() - t0)
+                elif time.monotonic() - t0 > 5.0 and not self._stop.is_set():
+                    self.log.info("bus is live")
+        finally:
+            for w in waiters:
+                w.cancel()
 
     async def _run_main(self, main: Main) -> None:
         try:

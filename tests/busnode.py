@@ -1,0 +1,64 @@
+"""A configurable bus process for the bus tests: a real `Service` in a real subprocess.
+
+It prints one JSON line per event on stdout: {"event": "ready"} once its mains start, and
+{"event": "msg", ...} for every message its handlers get.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+
+from bus import BusConfig, Service, setup_logging
+from bus.topics import TOPICS
+
+
+def emit(**fields) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--name", default="busnode")
+    p.add_argument("--sub", nargs="*", default=[], help="topics to print")
+    p.add_argument("--slow-ms", type=float, default=0.0, help="audio handlers take this long per message")
+    p.add_argument("--publish-text", default=None, help="publish one text.in at start, then exit")
+    p.add_argument("--heartbeats", action="store_true", help="print the counters of our own heartbeats")
+    args = p.parse_args()
+    setup_logging(args.name)
+    svc = Service(args.name, BusConfig.from_env())
+
+    async def on_msg(msg) -> None:
+        emit(event="msg", topic=msg.topic, kind=msg.kind, seq=msg["seq"], src=msg["src"],
+             recv_ns=msg.recv_ns, header={k: v for k, v in msg.header.items()},
+             payload_len=None if msg.payload is None else len(msg.payload),
+             payload_sum=None if msg.payload is None else sum(msg.payload[:4096]))
+        if args.slow_ms and TOPICS[msg.topic].lane == "audio":
+            await asyncio.sleep(args.slow_ms / 1000)
+
+    for t in args.sub:
+        svc.on(t, on_msg)
+
+    async def run(s: Service) -> None:
+        emit(event="ready", inst=s.inst, t_ns=time.time_ns())
+        if args.publish_text is not None:
+            s.publish("text.in", "text", text=args.publish_text)
+            return
+        while True:
+            await asyncio.sleep(0.25)
+            if args.heartbeats:
+                emit(event="counters", counters=dict(s.counters))
+
+    async def wrapper() -> int:
+        # Runs once svc.run() has installed its signal handlers and reached its first await.
+        asyncio.get_running_loop().call_soon(lambda: emit(event="starting"))
+        return await svc.run(run)
+
+    return asyncio.run(wrapper())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
