@@ -63,6 +63,7 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 STREAM_TIMEOUT_MS = 5000           # open/read timeout for network streams (FFmpeg's default is 30 s)
 AGE_WINDOW = 30                    # frames in the heartbeat's frame-age statistics
 COUNTER_BITS = 16                  # cells of the test pattern's machine-readable frame counter
+COUNTERS = ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "source_errors", "loops", "no_frame")
 STREAM_SCHEMES = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
@@ -215,7 +216,9 @@ class VideoSource:
                 raise SourceError(f"{path}: is a directory, not a video file")
             if not os.access(path, os.R_OK):
                 raise SourceError(f"{path}: permission denied")
-            cap = cv2.VideoCapture(str(path))
+            # FFmpeg when this OpenCV has it: it reads nearly everything and stays quiet on broken
+            # input, where OpenCV's own AVI reader prints stray lines to stderr.
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY)
             if not cap.isOpened():
                 raise SourceError(f"{path}: not a video OpenCV can read (corrupt or unsupported format)")
             if not cap.grab():     # a header that parses but no frame that decodes
@@ -240,7 +243,7 @@ class VideoSource:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.camera_size[0])
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.camera_size[1])
         else:
-            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG,
+            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY,
                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
                                     cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
             if not cap.isOpened():
@@ -593,6 +596,10 @@ class Encoded:
 SKIPPED = object()
 
 
+def _has_ffmpeg() -> bool:
+    return bool(cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG))
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
@@ -646,9 +653,6 @@ class CaptureVideo:
         return Encoded(jpeg, fitted.shape[1], fitted.shape[0], frame.capture_ns, cost, thumb)
 
     async def run(self, svc: Service) -> None:
-        for key in ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "source_errors",
-                    "loops", "no_frame"):
-            svc.counters[key] += 0     # create keys before the grabber thread touches them
         src = self.source
         grabber: Grabber | PullGrabber = (PullGrabber(src, svc) if isinstance(src, (ScreenSource, PatternSource))
                                           else Grabber(src, svc, self.args.loop))
@@ -798,6 +802,8 @@ def main(argv: list[str]) -> int:
         log.error("%s", exc)
         return 1
     svc = Service(NAME, cfg, log)
+    for key in COUNTERS:
+        svc.counters[key] = 0     # every heartbeat has them; created before the grabber thread runs
     svc.metrics.update(source=spec.describe() if spec.kind != "stream" else _redact_url(str(spec.target)))
 
     async def run(svc: Service) -> None:
