@@ -90,6 +90,8 @@ class SourceSpec:
             return f"screen region {','.join(map(str, self.region))}" if self.region else f"screen {self.monitor}"
         if self.kind == "pattern":
             return "test pattern"
+        if self.kind == "stream":
+            return _redact_url(str(self.target))
         return str(self.target)
 
 
@@ -247,7 +249,7 @@ class VideoSource:
                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
                                     cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
             if not cap.isOpened():
-                raise SourceError(f"{_redact_url(str(spec.target))}: cannot open stream "
+                raise SourceError(f"{self.name}: cannot open stream "
                                   f"(unreachable, refused, or not a video stream)")
         self.cap = cap
         self.width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
@@ -804,7 +806,7 @@ def main(argv: list[str]) -> int:
     svc = Service(NAME, cfg, log)
     for key in COUNTERS:
         svc.counters[key] = 0     # every heartbeat has them; created before the grabber thread runs
-    svc.metrics.update(source=spec.describe() if spec.kind != "stream" else _redact_url(str(spec.target)))
+    svc.metrics.update(source=spec.describe())
 
     async def run(svc: Service) -> None:
         try:

@@ -261,6 +261,29 @@ def test_default_rate_is_one_frame_per_second(bus_env):
     assert all(0.85 <= s <= 1.15 for s in captured), captured
 
 
+def test_nothing_is_grabbed_or_encoded_until_someone_subscribes(bus_env):
+    env = dict(bus_env, LIVEPIPE_SESSION="idle")
+    with BusClient("watcher", BusConfig.from_env(env), ["status"]) as watcher:
+        watcher.wait_ready()
+        proc = spawn(["capture-video", "test", "--fps", "4"], env)
+        try:
+            idle = []
+            while len(idle) < 2:      # two heartbeats (about 1 s of ticks) with nobody on video.in
+                hb = watcher.recv(10)
+                assert hb is not None, stop(proc)
+                if hb["metrics"].get("source_state") == "no subscriber":
+                    idle.append(hb)
+            assert idle[-1]["counters"]["frames_grabbed"] == 0 and "frame_age_ms" not in idle[-1]["metrics"]
+            watcher.subscribe("video.in")
+            frame = watcher.recv(10)
+            while frame is not None and frame.topic != "video.in":
+                frame = watcher.recv(10)
+            assert frame is not None and read_counter(decode(frame)) == 0    # the first frame it made
+        finally:
+            stop(proc)
+        assert proc.returncode == 0
+
+
 # ----------------------------------------------------------------------------- screen (Xvfb)
 class XDisplay:
     """A private Xvfb server and an Xlib connection to paint its root window a solid colour."""
