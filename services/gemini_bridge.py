@@ -519,8 +519,41 @@ class Link:
         self.closed = asyncio.Event()
         self.error: BaseException | None = None
         self.go_away_ms: int | None = None
-        self.retired = False
+        self.retired = False                    # replaced: whatever it still says is ignored
         self.opened = time.monotonic()
+        # Client messages are numbered as the service counts them (setup = 0). Audio sent since the
+        # state the latest resumption handle covers is kept, to be sent again on the next connection.
+        self.sent_index = 0
+        self.replay: deque[tuple[int, bytes | str, float]] = deque()
+        self.replay_bytes = 0
+        self.last_audio_sent = 0.0
+        self.first_audio_sent = 0.0
+
+    def next_index(self) -> int:
+        self.sent_index += 1
+        return self.sent_index
+
+    def sent_audio(self, index: int, item: bytes | str, limit_bytes: int) -> None:
+        now = time.monotonic()
+        self.replay.append((index, item, now))
+        if isinstance(item, bytes):
+            self.replay_bytes += len(item)
+            self.last_audio_sent = now
+            self.first_audio_sent = self.first_audio_sent or now
+        while self.replay_bytes > limit_bytes and len(self.replay) > 1:
+            self._pop()
+
+    def covered(self, last_index: int | None) -> None:
+        """A resumption handle now covers messages up to last_index (None: up to about now)."""
+        horizon = time.monotonic() - 0.2   # without an index, keep what may still be in flight
+        while self.replay and (self.replay[0][0] <= last_index if last_index is not None
+                               else self.replay[0][2] < horizon):
+            self._pop()
+
+    def _pop(self) -> None:
+        _, item, _ = self.replay.popleft()
+        if isinstance(item, bytes):
+            self.replay_bytes -= len(item)
 
     async def close(self, timeout: float = 1.0) -> None:
         if self.task is not None and not self.task.done():
@@ -537,6 +570,8 @@ class Bridge:
         self.wake = asyncio.Event()             # supervisor: a link closed or got a goAway
         self.links_opened = 0
         self.handle: str | None = None
+        self.handle_event = asyncio.Event()     # set on every new resumption handle
+        self._gap_from = 0.0                    # last audio write on a replaced connection
         self._clients: dict[tuple[str, str], Any] = {}
         # input side
         self.normalizer = AudioNormalizer()
@@ -671,6 +706,7 @@ class Bridge:
             link = await self._usable_link()
             while self.audio_q and self.link is link and self.link_ready.is_set():
                 chunk = self.audio_q[0]
+                index = link.next_index()   # no await before the SDK writes the frame: order is exact
                 try:
                     if chunk == ACTIVITY_START:
                         await link.session.send_realtime_input(activity_start=types.ActivityStart())
@@ -687,6 +723,10 @@ class Bridge:
                     self.audio_q.popleft()
                     if isinstance(chunk, bytes):
                         self.audio_q_bytes -= len(chunk)
+                link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
+                if self._gap_from and isinstance(chunk, bytes):
+                    self.svc.metrics["switch_audio_gap_ms"] = round((time.monotonic() - self._gap_from) * 1000, 1)
+                    self._gap_from = 0.0
                 if isinstance(chunk, bytes):
                     self.svc.metrics["audio_in_chunks"] += 1
                     self.svc.metrics["audio_in_sent_ms"] += len(chunk) * 1000 // BYTES_PER_SECOND_IN
@@ -716,6 +756,7 @@ class Bridge:
                 self.svc.ratelog.warning("video-reject", f"rejected a video.in frame: {exc}")
                 continue
             try:
+                link.next_index()
                 await link.session.send_realtime_input(video=types.Blob(data=data, mime_type="image/jpeg"))
             except asyncio.CancelledError:
                 raise
@@ -736,6 +777,7 @@ class Bridge:
             while self.events_q and self.link is link and self.link_ready.is_set():
                 what, send = self.events_q[0]
                 try:
+                    link.next_index()
                     await send(link.session)
                 except asyncio.CancelledError:
                     raise
@@ -763,6 +805,8 @@ class Bridge:
         self.turn_done.set()
 
     def on_server_message(self, link: Link, msg: Any) -> None:
+        if link.retired:
+            return   # replaced: its state is resumed elsewhere, its output would duplicate
         svc = self.svc
         sc = msg.server_content
         # Interrupt first: nothing of that turn may be published after it.
@@ -778,9 +822,11 @@ class Bridge:
                     # that follows belongs to this turn, not to a new one.
                     self.complete_owed = turn
         upd = msg.session_resumption_update
-        if upd is not None and upd.resumable and upd.new_handle and not link.retired:
+        if upd is not None and upd.resumable and upd.new_handle:
             self.handle = upd.new_handle
+            link.covered(upd.last_consumed_client_message_index)
             svc.metrics["resumption_handles"] += 1
+            self.handle_event.set()
         if msg.go_away is not None and link is self.link and link.go_away_ms is None:
             link.go_away_ms = parse_duration_ms(msg.go_away.time_left)
             self.go_away_at = time.monotonic()
@@ -988,7 +1034,8 @@ class Bridge:
                 raise
             except Exception as exc:
                 fatal, line = describe_error(exc, self.scrub)
-                if fatal and resuming and not fresh_retry_used:
+                refused = getattr(exc, "code", None) in FATAL_CLOSE_CODES   # closed during setup
+                if (fatal or refused) and resuming and not fresh_retry_used:
                     # An expired or foreign handle is refused like a bad argument: try once without it.
                     log.warning("resuming was refused (%s): starting a fresh session, the context is lost", line)
                     self.handle, fresh_retry_used = None, True
@@ -1012,14 +1059,57 @@ class Bridge:
         self.audio_event.set()     # flush what was held
         self.events_event.set()
 
-    async def _retire(self, old: Link) -> None:
-        """Let the old connection finish the model turn it is speaking, then close it."""
+    def _end_cut_turn(self) -> None:
+        """A model turn the old connection will not finish: close it for the bus."""
+        if self.turn_open:
+            self.svc.publish("control", "turn_complete", turn=self.turn)
+            self._close_turn()
+
+    async def _finish_turn_on(self, old: Link, budget: float) -> None:
+        """goAway while the model speaks: let that turn end (and its handle arrive) on the old
+        connection, so the next one resumes after it instead of answering the same words again."""
+        if not self.turn_open or old.closed.is_set():
+            return
+        t0 = time.monotonic()
+        self.handle_event.clear()
+        closed = asyncio.create_task(old.closed.wait())
+        done = asyncio.create_task(self.turn_done.wait())
+        try:
+            await asyncio.wait({closed, done}, timeout=budget, return_when=asyncio.FIRST_COMPLETED)
+            if done.done() and not old.closed.is_set():
+                # The handle covering the finished turn follows its turnComplete.
+                left = max(0.1, min(0.5, budget - (time.monotonic() - t0)))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.handle_event.wait(), left)
+        finally:
+            closed.cancel()
+            done.cancel()
+
+    def _replay_from(self, old: Link) -> None:
+        """Queue again, ahead of what was held, the audio the resumed state does not cover."""
+        items = [item for _, item, _ in old.replay]
+        old.replay.clear()
+        if not items:
+            return
+        replayed = sum(len(i) for i in items if isinstance(i, bytes))
+        self.audio_q.extendleft(reversed(items))
+        self.audio_q_bytes += replayed
+        self.svc.metrics["audio_in_replayed_ms"] = (self.svc.metrics.get("audio_in_replayed_ms", 0)
+                                                    + replayed * 1000 // BYTES_PER_SECOND_IN)
+        log.info("sending again %d ms of audio the resumed session has not heard",
+                 replayed * 1000 // BYTES_PER_SECOND_IN)
+
+    async def _replace(self, old: Link, why: str) -> None:
         old.retired = True
-        if self.turn_open and not old.closed.is_set():
-            budget = max(1.0, (old.go_away_ms or 0) / 1000)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.turn_done.wait(), budget)
-        await old.close()
+        self._end_cut_turn()
+        new = await self._connect(why)
+        self._replay_from(old)
+        self._install(new)
+        asyncio.create_task(old.close())
+        if old.last_audio_sent:
+            # Wall time between the last audio written to the old connection and the first to the
+            # new one (the new one's first write happens once the sender runs: measured there).
+            self._gap_from = old.last_audio_sent
 
     async def supervise(self) -> None:
         self._install(await self._connect("starting"))
@@ -1035,21 +1125,18 @@ class Bridge:
                 self.svc.metrics["reconnects"] += 1
                 log.warning("connection %d lost (%s): reconnecting%s", link.number, line,
                             " with the resumption handle" if self.handle else "")
-                if self.turn_open:    # that turn will not continue on another connection
-                    self.svc.publish("control", "turn_complete", turn=self.turn)
-                    self._close_turn()
                 self.publish_state("reconnecting", line)
-                await link.close(0.2)
-                self._install(await self._connect(f"after: {line}"))
+                await self._replace(link, f"after: {line}")
             elif link.go_away_ms is not None and not link.retired:
                 t0 = self.go_away_at
+                budget = max(0.5, min(5.0, link.go_away_ms / 1000 - 1.0))
+                await self._finish_turn_on(link, budget)
                 if not self.handle:
                     log.warning("goAway without a resumption handle: the next connection starts a fresh session")
-                new = await self._connect(f"goAway, {link.go_away_ms} ms left")
-                self._install(new)
+                await self._replace(link, f"goAway, {link.go_away_ms} ms left")
                 self.svc.metrics["switchover_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                log.info("switched to connection %d in %.0f ms", new.number, self.svc.metrics["switchover_ms"])
-                asyncio.create_task(self._retire(link))
+                log.info("switched to connection %d %.0f ms after the goAway", self.link.number,
+                         self.svc.metrics["switchover_ms"])
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender)]

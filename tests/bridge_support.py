@@ -17,7 +17,7 @@ import soxr
 from bus.client import BusClient
 from bus.config import BusConfig
 from bus.message import Message
-from conftest import spawn, stop
+from tests.conftest import spawn, stop
 
 CHUNK = 320   # 20 ms at 16 kHz
 
@@ -40,17 +40,17 @@ def silence(seconds: float, rate: int = 16000) -> np.ndarray:
 
 
 def best_correlation(reference: np.ndarray, signal: np.ndarray) -> tuple[float, int]:
-    """Peak normalized cross-correlation of `reference` inside `signal` (1.0 = identical), and its lag."""
+    """Peak normalized cross-correlation of `reference` inside `signal` (1.0 = identical), and its lag
+    (where reference[0] falls in signal; negative when it starts before)."""
     a = reference.astype(np.float64)
-    b = signal.astype(np.float64)
-    if len(b) < len(a):
-        b = np.concatenate([b, np.zeros(len(a) - len(b))])
+    # Silence around the signal: the reference may start before it (a pre-roll) or run past its end.
+    b = np.concatenate([np.zeros(len(a)), signal.astype(np.float64), np.zeros(len(a))])
     n = 1 << int(np.ceil(np.log2(len(a) + len(b))))
     corr = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[: len(b) - len(a) + 1]
     lag = int(np.argmax(corr))
     window = b[lag: lag + len(a)]
     denom = np.linalg.norm(a) * np.linalg.norm(window)
-    return (float(corr[lag] / denom) if denom else 0.0), lag
+    return (float(corr[lag] / denom) if denom else 0.0), lag - len(a)
 
 
 def publish_audio(client: BusClient, pcm: np.ndarray, rate: int = 16000, channels: int = 1,
