@@ -50,8 +50,8 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
        ..." / "Unable to process input image: ..."           bad input (first message not setup,
        malformed frame, audio not audio/pcm;rate=N 16-bit, image that does not decode, bad handle)
   1011 "Deadline expired before operation could complete."  when a --goaway-after goAway runs out
-  1008 "Connection aborted because the client failed to close the connection after receiving a
-       GoAway signal once the session duration expired"     at --session-limit
+  1008 "Connection aborted because the client failed to close the connection after a GoAway:
+       session duration expired."                            at --session-limit
   1011 "Internal error encountered."                         --drop-after, or an emulator bug
   1001                                                       the emulator is shutting down
 

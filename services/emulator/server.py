@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
@@ -77,7 +76,7 @@ class EmulatorServer:
         self.sessions: set[asyncio.Task] = set()
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        if not PATH_RE.match(urlsplit(request.path).path):
+        if not PATH_RE.match(request.path.split("?", 1)[0]):   # not urlsplit: '//ws/...' would parse as a host
             self.counters["not_found"] += 1
             return connection.respond(HTTPStatus.NOT_FOUND, "Not Found: the Live API path is "
                                       "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent\n")

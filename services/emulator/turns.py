@@ -10,8 +10,9 @@ realtimeInputConfig.automaticActivityDetection maps onto the detector like this:
   silenceDurationMs         overrides that silence
   disabled: true            no detection: the client marks turns with activityStart/activityEnd
 
-An utterance runs from 40 ms before its first voiced frame (the pre-roll webrtcvad's onset
-misses) to the end of its last voiced frame; the trailing silence is not part of it.
+A frame is voiced when webrtcvad says so and its level is at least -55 dBFS (RMS 60). An utterance
+runs from 40 ms before its first voiced frame (the pre-roll webrtcvad's onset misses) to the end
+of its last voiced frame; the trailing silence is not part of it.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import webrtcvad
 RATE = 16000
 FRAME = 320                  # 20 ms at 16 kHz, a frame size webrtcvad accepts
 PREROLL_FRAMES = 2
+LEVEL_FLOOR = 60.0           # RMS of a 20 ms frame, about -55 dBFS: quieter is never speech
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,10 @@ class TurnDetector:
                 if self.speaking:            # manual mode: everything between start and end counts
                     self._frames.append(frame)
                 continue
-            voiced = self._vad.is_speech(frame.tobytes(), RATE)
+            # webrtcvad keeps calling frames voiced for up to 140 ms after speech (its hangover); a
+            # level floor stops that on near-silence, so silenceDurationMs means silence after speech.
+            voiced = (float(np.sqrt(np.mean(np.square(frame, dtype=np.float64)))) >= LEVEL_FLOOR
+                      and self._vad.is_speech(frame.tobytes(), RATE))
             if not self.speaking:
                 self._recent.append(frame)
                 self._run = self._run + 1 if voiced else 0

@@ -24,8 +24,9 @@ REASON_BAD_KEY = "API key not valid. Please pass a valid API key."
 REASON_NO_KEY = ("Method doesn't allow unregistered callers (callers without established identity). "
                  "Please use API Key or other form of API consumer identity to call this API.")
 REASON_DEADLINE = "Deadline expired before operation could complete."
-REASON_SESSION_EXPIRED = ("Connection aborted because the client failed to close the connection after "
-                          "receiving a GoAway signal once the session duration expired")
+# The service's own wording is longer than a close reason may be (123 bytes): same words, shortened.
+REASON_SESSION_EXPIRED = ("Connection aborted because the client failed to close the connection after a GoAway: "
+                          "session duration expired.")
 REASON_INTERNAL = "Internal error encountered."
 
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])([A-Z])")
