@@ -23,14 +23,14 @@ HERE = Path(__file__).resolve().parent
 RATE = 16000
 VOICE, SPEED = "en-us", 170           # espeak-ng voice and words per minute
 
-# (text, silence before it in seconds). The 1.3 s pause before the second line is the barge-in:
+# (text, silence before it in seconds). The 1.8 s pause before the second line is the barge-in:
 # a model that ends a turn after ~0.5 s of silence and answers within ~0.8 s is still speaking
-# its (4 s) reply when the user starts again.
+# its (4 s) reply when the user starts again: about 1 s of it is heard, then it is cut.
 SCRIPT = [
-    ("Hello livepipe. Please tell me what you can see on my camera right now.", 0.8),
-    ("Sorry, stop. Just say hello.", 1.3),
+    ("Hello livepipe. Please tell me what you can see on my camera right now.", 0.5),
+    ("Sorry, stop. Just say hello.", 1.8),
 ]
-TAIL_S = 3.5                           # quiet while the second reply plays out
+TAIL_S = 2.0                           # quiet while the second reply starts (the demo waits for its end)
 
 
 def speak(text: str) -> np.ndarray:
