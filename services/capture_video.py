@@ -732,12 +732,23 @@ class CaptureVideo:
 # ----------------------------------------------------------------------------- CLI
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:   # one line, not usage + error
-        print(f"{NAME}: error: {message} (see --help)", file=sys.stderr)
+        print(f"{NAME}: ERROR {message} (see --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def _env_default(name: str, default: str) -> str:
     return os.environ.get(name) or default
+
+
+def _number(kind: type, flag: str, value: str | None, env: str, default: float) -> Any:
+    """The flag's value, else the environment's, else the default, as `kind`."""
+    text, origin = (value, flag) if value is not None else (os.environ.get(env), env)
+    if not text:
+        return kind(default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise UsageError(f"{origin} {text!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -765,12 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SourceSpec]:
     args = build_parser().parse_args(argv)
-    try:
-        fps = float(args.fps or _env_default("LIVEPIPE_VIDEO_FPS", str(DEFAULT_FPS)))
-        size = int(args.size or _env_default("LIVEPIPE_VIDEO_SIZE", str(DEFAULT_SIZE)))
-        quality = int(args.quality or _env_default("LIVEPIPE_VIDEO_QUALITY", str(DEFAULT_QUALITY)))
-    except ValueError as exc:
-        raise UsageError(f"bad number: {exc}") from None
+    fps = _number(float, "--fps", args.fps, "LIVEPIPE_VIDEO_FPS", DEFAULT_FPS)
+    size = _number(int, "--size", args.size, "LIVEPIPE_VIDEO_SIZE", DEFAULT_SIZE)
+    quality = _number(int, "--quality", args.quality, "LIVEPIPE_VIDEO_QUALITY", DEFAULT_QUALITY)
     if not 0 < fps <= 60:
         raise UsageError(f"--fps {fps:g}: use a rate above 0 and at most 60")
     if not 16 <= size <= 4096:

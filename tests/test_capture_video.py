@@ -288,10 +288,10 @@ def test_nothing_is_grabbed_or_encoded_until_someone_subscribes(bus_env):
 class XDisplay:
     """A private Xvfb server and an Xlib connection to paint its root window a solid colour."""
 
-    def __init__(self) -> None:
+    def __init__(self, number: int | None = None) -> None:
         taken = set(os.listdir("/tmp/.X11-unix")) if os.path.isdir("/tmp/.X11-unix") else set()
-        self.number = next(n for n in range(140, 400)
-                           if f"X{n}" not in taken and not os.path.exists(f"/tmp/.X{n}-lock"))
+        self.number = number or next(n for n in range(140, 400)
+                                     if f"X{n}" not in taken and not os.path.exists(f"/tmp/.X{n}-lock"))
         self.name = f":{self.number}"
         # -displayfd: Xvfb writes the display number to this pipe once it accepts clients,
         # so readiness is an event, not a guess.
@@ -322,9 +322,12 @@ class XDisplay:
         self.xlib.XSync(self.dpy, 0)
 
     def close(self) -> None:
-        self.xlib.XCloseDisplay(self.dpy)
-        self.proc.terminate()
-        self.proc.wait(5)
+        if self.dpy:                       # idempotent: a test may close it before the fixture does
+            self.xlib.XCloseDisplay(self.dpy)
+            self.dpy = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
 
 
 @pytest.fixture
@@ -361,6 +364,23 @@ def test_screen_monitor_region_and_skip(bus_env, xvfb):
         mon.frames_until(lambda: np.allclose(colour_of(mon.frames[-1]), orange, atol=12), 5)
         skip.drain()
         assert len(skip.frames) == 2
+
+
+def test_screen_that_disappears_is_reopened(bus_env, xvfb):
+    red, green = (20, 20, 220), (40, 200, 40)
+    xvfb.paint(red)
+    with captures(bus_env, ("", ["screen", "--fps", "4"]), extra_env={"DISPLAY": xvfb.name}) as (cap,):
+        assert np.allclose(colour_of(cap.next_frame(8)), red, atol=12)
+        xvfb.close()                                    # the X server goes away
+        cap.frames_until(lambda: any(hb["metrics"].get("source_state") == "reopening"
+                                     for hb in cap.heartbeats), 10)
+        assert cap.proc.poll() is None
+        xvfb.__init__(xvfb.number)                      # and comes back on the same display
+        xvfb.paint(green)
+        cap.frames_until(lambda: np.allclose(colour_of(cap.frames[-1]), green, atol=12), 15)
+        code, stderr = cap.finish()
+    assert code == 0
+    assert "grab failed" in stderr and "reopened" in stderr and "Traceback" not in stderr
 
 
 def test_screen_errors_are_one_line(bus_env, xvfb):
