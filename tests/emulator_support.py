@@ -270,9 +270,13 @@ async def _scenario(url: str, ca_file: str, wav: str) -> dict[str, Any]:
     async with client.aio.live.connect(model="models/gemini-2.5-flash-native-audio-latest", config=config) as s:
         await send_audio(s, np.concatenate([samples, silence(0.8)]), speed=0)
         turn = await collect_turn(s)
+        await s.send_client_content(turns=types.Content(role="user", parts=[types.Part(text="hi")]),
+                                    turn_complete=True)
+        text_turn = await collect_turn(s)
     lag, corr = match(samples, turn.samples)
     return {"sdk": genai.__version__, "input": turn.input_text, "output": turn.output_text,
-            "reply_seconds": turn.seconds, "corr": corr, "turn_complete": turn.turn_complete}
+            "reply_seconds": turn.seconds, "corr": corr, "turn_complete": turn.turn_complete,
+            "text_output": text_turn.output_text, "text_reply_seconds": text_turn.seconds}
 
 
 if __name__ == "__main__":
