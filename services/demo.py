@@ -529,8 +529,12 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                              and time.monotonic() - watcher.user_done_at >= args.quiet_s)
             if user_over and watcher.idle_for() >= args.quiet_s:
                 break
-        # One more heartbeat round so the bridge's counters are the final ones.
-        pump(1.1)
+        # The bridge's next heartbeat carries its final counters (frames sent).
+        stage = "the bridge's last heartbeat"
+        asked = time.time_ns()
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until and (watcher.heartbeats.get("gemini-bridge") or {}).get("ts", 0) < asked:
+            pump(0.05)
 
 
 def render(summary: dict[str, Any]) -> str:
@@ -610,7 +614,8 @@ def main(argv: list[str]) -> int:
                    reply_wav=str(run.reply_wav) if run.reply_wav else None,
                    reply_wav_s=round(wav_seconds(run.reply_wav), 2) if run.reply_wav else None,
                    user_wav=None if args.devices else str(Path(args.user_wav).resolve()),
-                   processes=watcher.pids, orphans_killed=killed, ok=error is None, error=error)
+                   processes=watcher.pids, exit_codes=dict(honcho.stopped), orphans_killed=killed,
+                   ok=error is None, error=error)
     if args.json:
         print(json.dumps(summary), flush=True)
     elif summary["turns"]:
