@@ -209,6 +209,42 @@ def test_interruption_mid_reply(emus, voice):
     assert match(voice["stop"], second.samples)[1] > 0.98
 
 
+def test_no_interruption_activity_handling_lets_the_reply_finish(emus, voice):
+    async def scenario():
+        cfg = config(realtime_input_config=types.RealtimeInputConfig(activity_handling="NO_INTERRUPTION"),
+                     **TRANSCRIBE)
+        async with client(emus["slow"]).aio.live.connect(model=MODEL, config=cfg) as s:
+            await send_audio(s, np.concatenate([voice["hello"], silence(0.6)]), speed=0)
+            first = TurnResult()
+            await receive_until(s, lambda r: r.first_audio_at is not None, first)
+            await send_audio(s, np.concatenate([voice["stop"], silence(0.7)]), speed=4)
+            await collect_turn(s, first)
+            return first, await collect_turn(s)
+
+    first, second = run(scenario())
+    assert not first.interrupted and first.generation_complete
+    assert match(voice["hello"], first.samples)[1] > 0.98 and abs(first.seconds - len(voice["hello"]) / RATE_IN) < 0.1
+    assert second.output_text[0].startswith("reply 2: ")
+
+
+def test_other_input_rates_are_resampled(emus, voice):
+    """48 kHz input (stated in the mime type) is heard as the same utterance."""
+    import soxr
+    utter48 = soxr.resample(np.concatenate([voice["stop"], silence(0.7)]), RATE_IN, 48000).astype(np.int16)
+
+    async def scenario():
+        async with client(emus["fast"]).aio.live.connect(model=MODEL, config=config(**TRANSCRIBE)) as s:
+            step = 48000 // 50
+            for off in range(0, len(utter48), step):
+                await s.send_realtime_input(audio=types.Blob(data=utter48[off:off + step].tobytes(),
+                                                             mime_type="audio/pcm;rate=48000"))
+            return await collect_turn(s)
+
+    turn = run(scenario())
+    assert match(voice["stop"], turn.samples)[1] > 0.95
+    assert abs(turn.seconds - len(voice["stop"]) / RATE_IN) < 0.1
+
+
 def test_text_input_gets_a_short_audio_reply_and_its_text(emus):
     async def scenario():
         async with client(emus["fast"]).aio.live.connect(model=MODEL, config=config(**TRANSCRIBE)) as s:

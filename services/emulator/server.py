@@ -128,9 +128,10 @@ class EmulatorServer:
             c = self.counters
             closes = ", ".join(f"{k[6:]}: {v}" for k, v in sorted(c.items()) if k.startswith("close_")) or "none"
             log.info("stopped: %d sessions, %d turns, %d interrupted, %d tool calls, %d frames; "
-                     "closes by code {%s}; rejected %d, bad key %d, internal errors %d",
+                     "closes by code {%s}; rejected %d, bad key %d, internal errors %d, "
+                     "audio outside manual activity %.1f s",
                      c["sessions"], c["turns"], c["interrupted"], c["tool_calls"], c["frames"], closes,
-                     c["rejected"], c["bad_key"], c["internal_errors"])
+                     c["rejected"], c["bad_key"], c["internal_errors"], c["audio_outside_activity_s"])
 
 
 def run_server(cfg: ServerConfig) -> int:

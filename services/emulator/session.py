@@ -169,7 +169,10 @@ class LiveSession:
         if self.conv:
             self.conv.used_s += time.monotonic() - self.started
         rcvd = self.ws.close_code
-        self.mark("closed", self.conv.turns if self.conv else 0, code=rcvd, reason=self.ws.close_reason or "")
+        ignored = round(self.detector.ignored_samples / RATE, 2)
+        self.counters["audio_outside_activity_s"] += ignored
+        self.mark("closed", self.conv.turns if self.conv else 0, code=rcvd, reason=self.ws.close_reason or "",
+                  **({"ignored_audio_s": ignored} if ignored else {}))
 
     async def close(self, code: int, reason: str) -> None:
         if self.closing:
@@ -284,7 +287,8 @@ class LiveSession:
             conv = self.registry.resume(str(handle))
             if conv is None:
                 raise ProtocolError("Invalid argument: session resumption handle is unknown or expired.")
-            if conv.expired:
+            limit = self.opts.session_limit
+            if conv.expired or (limit is not None and not self.compression and conv.used_s >= limit):
                 raise ProtocolError(wire.REASON_SESSION_EXPIRED, wire.POLICY_VIOLATION)
             self.conv = conv
         else:
@@ -360,8 +364,11 @@ class LiveSession:
             samples = rs.resample_chunk(samples)
         now = time.time_ns()
         self.counters["audio_chunks"] += 1
+        ignored = self.detector.ignored_samples
         events = self.detector.feed(samples)
-        self._arrivals.append((self.detector.position + len(samples), now))
+        if self.detector.ignored_samples > ignored and ignored == 0:
+            log.info("session %s: audio outside activityStart/activityEnd is not part of any turn", self.sid)
+        self._arrivals.append((self.detector.position, now))
         for ev in events:
             if isinstance(ev, SpeechStart):
                 await self._speech_start(now)
@@ -522,6 +529,8 @@ class LiveSession:
                 delay = t0 + k * (step / OUT_RATE) / o.pace - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            elif k:
+                await asyncio.sleep(0)      # unpaced: still let a barge-in be read between chunks
             chunk = pcm[off:off + step]
             await self.send(wire.audio_chunk(chunk.tobytes()))
             turn.sent_samples += len(chunk)

@@ -90,6 +90,7 @@ class TurnDetector:
     _voiced_len: int = 0                                # speaking: frames up to the last voiced one
     _silence: int = 0
     _last_voiced_end: int = 0
+    ignored_samples: int = 0                            # manual mode: audio outside any activity
 
     def __post_init__(self) -> None:
         self._vad = webrtcvad.Vad(self.settings.mode)
@@ -107,6 +108,8 @@ class TurnDetector:
             if self.settings.disabled:
                 if self.speaking:            # manual mode: everything between start and end counts
                     self._frames.append(frame)
+                else:
+                    self.ignored_samples += FRAME    # outside activityStart/End: not a turn (counted)
                 continue
             # webrtcvad keeps calling frames voiced for up to 140 ms after speech (its hangover); a
             # level floor stops that on near-silence, so silenceDurationMs means silence after speech.
