@@ -495,3 +495,36 @@ def test_stream_that_disappears_is_reopened(bus_env):
     assert code == 0
     assert "lost (no frame); reopening with backoff" in stderr and "reopened after" in stderr
     assert "Traceback" not in stderr
+
+
+# ----------------------------------------------------------------------------- pure functions
+def test_fit_keeps_aspect_and_never_upscales():
+    from services.capture_video import FrameEncoder
+
+    enc = FrameEncoder(768)
+    assert enc.fitted_size(1280, 720) == (768, 432)
+    assert enc.fitted_size(1920, 1080) == (768, 432)
+    assert enc.fitted_size(720, 1280) == (432, 768)        # portrait phone video
+    assert enc.fitted_size(4000, 3000) == (768, 576)
+    assert enc.fitted_size(640, 480) == (640, 480)
+    assert enc.fitted_size(5000, 10) == (768, 2)
+    padded = FrameEncoder(768, pad=True).fit(np.full((1280, 720, 3), 255, np.uint8))
+    assert padded.shape == (768, 768, 3) and padded[:, :160].max() == 0 and padded[:, 170:590].min() == 255
+
+
+def test_source_forms():
+    from services.capture_video import SourceSpec, UsageError, parse_source
+
+    assert parse_source("0") == SourceSpec("camera", 0)
+    assert parse_source("/dev/video2") == SourceSpec("camera", "/dev/video2")
+    assert parse_source("clip.mp4") == SourceSpec("file", "clip.mp4")
+    assert parse_source("file:///tmp/a b.avi") == SourceSpec("file", "/tmp/a b.avi")
+    assert parse_source("rtsp://cam.local/live") == SourceSpec("stream", "rtsp://cam.local/live")
+    assert parse_source("screen") == SourceSpec("screen", monitor=1)
+    assert parse_source("screen:0") == SourceSpec("screen", monitor=0)
+    assert parse_source("screen:10,20,640,480") == SourceSpec("screen", region=(10, 20, 640, 480))
+    assert parse_source("test") == SourceSpec("pattern")
+    assert parse_source("rtsp://user:secret@cam/live").describe() == "rtsp://***@cam/live"
+    for bad in ("", "screen:0,0,0,10", "screen:a"):
+        with pytest.raises(UsageError):
+            parse_source(bad)
