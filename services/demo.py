@@ -352,7 +352,7 @@ class Watcher:
             if level > VAD_FLOOR_DBFS and self.vad.is_speech(frame.tobytes(), IN_RATE):
                 self.voiced_ends.append(end_ns)
                 seg = self.speech_segments[-1] if self.speech_segments else None
-                if seg is not None and start_ns - seg[1] < 300_000_000:   # pauses inside a sentence
+                if seg is not None and start_ns - seg[1] < 500_000_000:   # pauses inside a sentence
                     seg[1] = end_ns
                 else:
                     self.speech_segments.append([start_ns, end_ns])
@@ -583,8 +583,8 @@ def main(argv: list[str]) -> int:
         log("failed: no /bin/sh: honcho needs a POSIX shell")
         return 2
     try:
-        run = prepare_run(args)
         user_frames = None if args.devices else wav_frames_16k(args.user_wav)
+        run = prepare_run(args)
     except (OSError, DemoError, ConfigError) as exc:
         log(f"failed: {exc}")
         return 2
