@@ -725,8 +725,12 @@ class Bridge:
                         self.audio_q_bytes -= len(chunk)
                 link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
                 if self._gap_from and isinstance(chunk, bytes):
-                    self.svc.metrics["switch_audio_gap_ms"] = round((time.monotonic() - self._gap_from) * 1000, 1)
+                    gap = round((time.monotonic() - self._gap_from) * 1000, 1)
                     self._gap_from = 0.0
+                    self.svc.metrics["switch_audio_gap_ms"] = gap
+                    self.svc.metrics["switch_audio_gap_ms_max"] = max(gap, self.svc.metrics.get("switch_audio_gap_ms_max", 0))
+                    log.info("audio to the model resumed on connection %d: %.1f ms after the last write "
+                             "to the previous one", link.number, gap)
                 if isinstance(chunk, bytes):
                     self.svc.metrics["audio_in_chunks"] += 1
                     self.svc.metrics["audio_in_sent_ms"] += len(chunk) * 1000 // BYTES_PER_SECOND_IN

@@ -9,9 +9,10 @@ import tempfile
 import time
 import wave
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
+import pytest
 import soxr
 
 from bus.client import BusClient
@@ -54,19 +55,23 @@ def best_correlation(reference: np.ndarray, signal: np.ndarray) -> tuple[float, 
 
 
 def publish_audio(client: BusClient, pcm: np.ndarray, rate: int = 16000, channels: int = 1,
-                  chunk_ms: int = 20, pace: float = 0.0) -> None:
-    """Publish PCM on audio.in in chunk_ms chunks; pace 1.0 = real time, 0 = as fast as possible."""
+                  chunk_ms: int = 20, pace: float = 0.0) -> list[tuple[int, int]]:
+    """Publish PCM on audio.in in chunk_ms chunks; pace 1.0 = real time, 0 = as fast as possible.
+    Returns (frame offset after the chunk, time.time_ns() when published) per chunk."""
     frames = rate * chunk_ms // 1000
     data = pcm.reshape(-1, channels) if channels > 1 else pcm
     t0 = time.monotonic()
+    sent: list[tuple[int, int]] = []
     for i, start in enumerate(range(0, len(data), frames)):
         chunk = np.ascontiguousarray(data[start:start + frames])
         client.publish("audio.in", "audio", chunk.tobytes(), rate=rate, channels=channels, sample_width=2,
                        frames=len(chunk))
+        sent.append((start + len(chunk), time.time_ns()))
         if pace:
             ahead = t0 + (i + 1) * chunk_ms / 1000 / pace - time.monotonic()
             if ahead > 0:
                 time.sleep(ahead)
+    return sent
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
@@ -173,3 +178,80 @@ def start_bridge(env: dict[str, str], *args: str, extra_env: dict[str, str] | No
 
 def stopped_output(proc: subprocess.Popen) -> tuple[str, str]:
     return stop(proc)
+
+
+def upsample(x: np.ndarray, rate_in: int = 16000, rate_out: int = 24000) -> np.ndarray:
+    return np.clip(soxr.resample(x.astype(np.float32) / 32768, rate_in, rate_out) * 32767,
+                   -32768, 32767).astype(np.int16)
+
+
+def assert_reply_is(reply: np.ndarray, said: np.ndarray, min_corr: float = 0.95) -> float:
+    """The parrot's reply is the utterance (trimmed to its voiced part) at 24 kHz: find it in what was said."""
+    assert len(reply) > 0.5 * 24000 * 0.5, f"reply of only {len(reply)} samples"
+    corr, _ = best_correlation(reply, upsample(said))
+    assert corr >= min_corr, f"reply correlates {corr:.3f} with the utterance"
+    assert len(reply) <= len(said) * 1.5 + 2400
+    return corr
+
+
+class Live:
+    """One conversation rig: emulator, bridge, a recorder of every topic and a publisher."""
+
+    def __init__(self, bus_env: dict, bus_cfg: BusConfig, emulator_args: Iterable[str] = (),
+                 bridge_args: Iterable[str] = (), bridge_env: dict[str, str] | None = None,
+                 bridge_first: bool = False) -> None:
+        self.env = bus_env
+        self.bridge: subprocess.Popen | None = None
+        self.emu: Emulator | None = None
+        self.out: tuple[str, str] | None = None
+        self.rec = Recorder(bus_cfg, all_topics=True)
+        self.pub = BusClient("test-pub", bus_cfg)
+        try:
+            self.pub.wait_ready()
+            if bridge_first:   # as honcho starts everything at once: the bridge must wait for the emulator
+                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env)
+                self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
+                                              m.get("detail") == "waiting for the emulator" for m in ms),
+                               20, "the bridge to wait for the emulator")
+            self.emu = Emulator(bus_env, "--latency", "0.05", *emulator_args)
+            if not bridge_first:
+                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env)
+            self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
+                                          m["state"] == "connected" for m in ms), 20, "the bridge to connect")
+            self.pub.wait_subscriber("audio.in")
+        except BaseException:
+            self.close()
+            raise
+
+    def say(self, pcm: np.ndarray, pace: float = 0.0, **kw) -> list[tuple[int, int]]:
+        return publish_audio(self.pub, pcm, pace=pace, **kw)
+
+    def reply(self, turn: int, timeout: float = 15) -> np.ndarray:
+        self.rec.until(turn_completed(turn), timeout, f"turn_complete {turn}")
+        return reply_audio(self.rec, turn)
+
+    def metrics(self) -> dict:
+        self.rec.pump()
+        beats = [m for m in self.rec.select("status", "heartbeat") if m["src"] == "gemini-bridge"]
+        return beats[-1]["metrics"] if beats else {}
+
+    def close(self) -> tuple[str, str]:
+        if self.out is None:
+            self.out = stop(self.bridge) if self.bridge is not None else ("", "")
+            if self.emu is not None:
+                self.emu.stop()
+            self.rec.close()
+            self.pub.close()
+        return self.out
+
+
+@pytest.fixture
+def live_factory(bus_env: dict, bus_cfg: BusConfig) -> Iterator[Callable[..., "Live"]]:
+    rigs: list[Live] = []
+
+    def make(**kw) -> Live:
+        rigs.append(Live(bus_env, bus_cfg, **kw))
+        return rigs[-1]
+    yield make
+    for r in rigs:
+        r.close()

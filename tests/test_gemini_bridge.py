@@ -14,72 +14,10 @@ import numpy as np
 import pytest
 import soxr
 
-from tests.bridge_support import (Emulator, Recorder, best_correlation, publish_audio, reply_audio, silence,
-                            speech, start_bridge, turn_completed, wait_for)
+from tests.bridge_support import (Emulator, assert_reply_is, live_factory, reply_audio, silence,  # noqa: F401
+                                  speech, start_bridge, upsample, wait_for)
 from bus.client import BusClient
 from tests.conftest import ROOT, stop
-
-
-def upsample(x: np.ndarray, rate_in: int = 16000, rate_out: int = 24000) -> np.ndarray:
-    return np.clip(soxr.resample(x.astype(np.float32) / 32768, rate_in, rate_out) * 32767,
-                   -32768, 32767).astype(np.int16)
-
-
-def assert_reply_is(reply: np.ndarray, said: np.ndarray, min_corr: float = 0.95) -> float:
-    """The parrot's reply is the utterance (trimmed to its voiced part) at 24 kHz: find it in what was said."""
-    assert len(reply) > 0.5 * 24000 * 0.5, f"reply of only {len(reply)} samples"
-    corr, _ = best_correlation(reply, upsample(said))
-    assert corr >= min_corr, f"reply correlates {corr:.3f} with the utterance"
-    assert len(reply) <= len(said) * 1.5 + 2400
-    return corr
-
-
-class Live:
-    """One conversation rig: emulator, bridge, a recorder of every topic and a publisher."""
-
-    def __init__(self, bus_env: dict, bus_cfg, emulator_args=(), bridge_args=(), bridge_env=None) -> None:
-        self.env = bus_env
-        self.rec = Recorder(bus_cfg, all_topics=True)
-        self.pub = BusClient("test-pub", bus_cfg)
-        self.pub.wait_ready()
-        self.emu = Emulator(bus_env, "--latency", "0.05", *emulator_args)
-        self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env)
-        self.out: tuple[str, str] | None = None
-        self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
-                                      for m in ms), 20, "the bridge to connect")
-        self.pub.wait_subscriber("audio.in")
-
-    def say(self, pcm: np.ndarray, pace: float = 0.0, **kw) -> None:
-        publish_audio(self.pub, pcm, pace=pace, **kw)
-
-    def reply(self, turn: int, timeout: float = 15) -> np.ndarray:
-        self.rec.until(turn_completed(turn), timeout, f"turn_complete {turn}")
-        return reply_audio(self.rec, turn)
-
-    def metrics(self) -> dict:
-        self.rec.pump()
-        beats = [m for m in self.rec.select("status", "heartbeat") if m["src"] == "gemini-bridge"]
-        return beats[-1]["metrics"] if beats else {}
-
-    def close(self) -> tuple[str, str]:
-        if self.out is None:
-            self.out = stop(self.bridge)
-            self.emu.stop()
-            self.rec.close()
-            self.pub.close()
-        return self.out
-
-
-@pytest.fixture
-def live_factory(bus_env, bus_cfg):
-    rigs: list[Live] = []
-
-    def make(**kw) -> Live:
-        rigs.append(Live(bus_env, bus_cfg, **kw))
-        return rigs[-1]
-    yield make
-    for r in rigs:
-        r.close()
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:

@@ -1,0 +1,97 @@
+"""End-to-end: long sessions. goAway switchovers and dropped connections lose no user audio."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import numpy as np
+
+from tests.bridge_support import (best_correlation, live_factory, reply_audio, silence, speech,  # noqa: F401
+                                  upsample, wait_for)
+
+UTTERANCES = ["Hello there, how are you", "What time is it", "Tell me a story about a cat"]
+
+
+def conversation(gap_s: float = 1.2) -> tuple[np.ndarray, list[tuple[int, int, np.ndarray]]]:
+    """The utterances with silence between them: (pcm, [(start, voiced end, words)]). The gap leaves
+    room for the reply (0.5 s end-of-speech silence + latency + reply at --pace 4), so nobody barges in."""
+    parts, spans, pos = [], [], 0
+    for text in UTTERANCES:
+        words = speech(text)
+        parts += [words, silence(gap_s)]
+        spans.append((pos, pos + len(words), words))
+        pos += len(words) + int(gap_s * 16000)
+    return np.concatenate(parts), spans
+
+
+def full_replies(rig, spans) -> dict[int, int]:
+    """For each utterance, the turn whose reply is all of it (correlation >= 0.95, full length)."""
+    turns = sorted({m["turn"] for m in rig.rec.select("audio.out")})
+    found: dict[int, int] = {}
+    for i, (_, _, words) in enumerate(spans):
+        ref = upsample(words)
+        for t in turns:
+            reply = reply_audio(rig.rec, t)
+            if len(reply) < 0.7 * len(ref):   # the parrot trims the words' trailing silence
+                continue
+            corr, _ = best_correlation(reply, ref)
+            if corr >= 0.95:
+                found[i] = t
+                break
+    return found
+
+
+def test_goaway_switchover_loses_no_audio(live_factory):
+    # Every connection gets a goAway 1 s after setup (3 s left): several switchovers while the user
+    # speaks in real time, some of them mid-utterance and some while the model replies.
+    rig = live_factory(emulator_args=("--goaway-after", "1.0", "--goaway-grace", "3", "--pace", "4"))
+    pcm, spans = conversation()
+    rig.say(pcm, pace=1.0)
+    rig.rec.until(lambda ms: len(full_replies(rig, spans)) == len(spans), 15, "a full reply to every utterance")
+
+    found = full_replies(rig, spans)
+    assert sorted(found) == [0, 1, 2] and len(set(found.values())) == 3
+    timeline = rig.emu.timeline()
+    starts = [e for e in timeline if e["event"] == "session_start"]
+    assert len(starts) >= 3 and all(e["resumed"] for e in starts[1:])
+    assert len({e["session"] for e in starts}) == 1                    # one conversation throughout
+    assert len(rig.rec.select("control", "go_away")) >= 2
+    # A lost chunk inside an utterance would shift the rest of its reply: the whole-reply correlation
+    # above (>= 0.95) proves each reached the model complete, whichever connection carried it.
+    metrics = wait_for(lambda: (m := rig.metrics()) and m.get("switch_audio_gap_ms") is not None and m, 5,
+                       "switchover metrics")
+    assert metrics["audio_in_dropped_ms"] == 0
+    out, err = rig.close()
+    gaps = [float(g) for g in re.findall(r"resumed on connection \d+: ([\d.]+) ms after", err)]
+    assert len(gaps) >= 2
+    report = {"switchovers": len(starts) - 1, "audio_gap_ms": sorted(gaps),
+              "audio_gap_ms_median": float(np.median(gaps)), "audio_gap_ms_max": max(gaps),
+              "replayed_ms": metrics.get("audio_in_replayed_ms", 0)}
+    print("GOAWAY", json.dumps(report))
+    if os.environ.get("LIVEPIPE_BRIDGE_REPORT"):
+        with open(os.environ["LIVEPIPE_BRIDGE_REPORT"], "a") as f:
+            f.write(json.dumps(report) + "\n")
+    assert rig.bridge.returncode == 0 and "Traceback" not in err
+
+
+def test_dropped_connection_reconnects_and_resumes(live_factory):
+    # The bridge starts first and waits for the emulator; then every connection drops (1011) after
+    # 1.2 s: it reconnects with the resumption handle and the conversation goes on, nothing lost.
+    rig = live_factory(emulator_args=("--drop-after", "1.2", "--pace", "4"), bridge_first=True)
+    pcm, spans = conversation()
+    rig.say(pcm, pace=1.0)
+    rig.rec.until(lambda ms: len(full_replies(rig, spans)) == len(spans), 15, "a full reply to every utterance")
+    states = [m["state"] for m in rig.rec.select("control", "session")]
+    assert states[0] == "connecting" and "reconnecting" in states
+    after = states[states.index("reconnecting"):]
+    assert "resuming" in after and "connected" in after
+    timeline = rig.emu.timeline()
+    assert len([e for e in timeline if e["event"] == "drop"]) >= 2
+    starts = [e for e in timeline if e["event"] == "session_start"]
+    assert all(e["resumed"] for e in starts[1:]) and len({e["session"] for e in starts}) == 1
+    metrics = wait_for(lambda: (m := rig.metrics()) and m.get("reconnects", 0) >= 2 and m, 5, "reconnect metrics")
+    assert metrics["audio_in_dropped_ms"] == 0
+    out, err = rig.close()
+    assert rig.bridge.returncode == 0 and "Traceback" not in err
+    assert "waiting for the emulator" in err and "connection 1 lost (connection closed 1011" in err
