@@ -155,18 +155,26 @@ class FrameEncoder:
         return max(1, round(width * scale)), max(1, round(height * scale))
 
     def fit(self, image: np.ndarray) -> np.ndarray:
+        """What is sent: scaled, then padded to a square if asked."""
+        return self.pad_square(self.scale(image))
+
+    def scale(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         nw, nh = self.fitted_size(w, h)
         if (nw, nh) != (w, h):
             image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
         if image.ndim == 3 and image.shape[2] == 4:      # mss gives BGRA: convert the small image
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        if self.pad and nw != nh:
-            side = max(nw, nh)
-            top, left = (side - nh) // 2, (side - nw) // 2
-            image = cv2.copyMakeBorder(image, top, side - nh - top, left, side - nw - left,
-                                       cv2.BORDER_CONSTANT, value=(0, 0, 0))
         return image
+
+    def pad_square(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        if not self.pad or w == h:
+            return image
+        side = max(w, h)
+        top, left = (side - h) // 2, (side - w) // 2
+        return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
+                                  cv2.BORDER_CONSTANT, value=(0, 0, 0))
 
     def encode(self, image: np.ndarray) -> bytes:
         ok, buf = cv2.imencode(".jpg", image, self._params)
@@ -644,12 +652,13 @@ class CaptureVideo:
         if frame is None or frame is END:
             return frame
         t0 = time.perf_counter()
-        fitted = self.encoder.fit(frame.image)
+        scaled = self.encoder.scale(frame.image)
         thumb = None
         if self.encoder.skip_threshold is not None:
-            thumb = self.encoder.thumbnail(fitted)
+            thumb = self.encoder.thumbnail(scaled)     # before padding: bands would dilute a change
             if self.encoder.changed_percent(thumb) < self.encoder.skip_threshold:
                 return SKIPPED
+        fitted = self.encoder.pad_square(scaled)
         jpeg = self.encoder.encode(fitted)
         cost = (time.perf_counter() - t0) * 1000
         return Encoded(jpeg, fitted.shape[1], fitted.shape[0], frame.capture_ns, cost, thumb)
