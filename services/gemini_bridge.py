@@ -918,6 +918,7 @@ class Bridge:
     def _on_tool_call(self, fc: Any) -> None:
         call_id = fc.id or f"call-{time.monotonic_ns()}"
         name = fc.name or ""
+        self._open_turn()   # a tool call is part of the model turn it answers
         args = fc.args if isinstance(fc.args, dict) else {}
         self.svc.metrics["tool_calls"] += 1
         if not self.svc.has_subscriber("tool.call"):
