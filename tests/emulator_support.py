@@ -183,6 +183,7 @@ class TurnResult:
     interrupted: bool = False
     generation_complete: bool = False
     turn_complete: bool = False
+    turns_completed: int = 0
     usage: Any = None
     tool_calls: list[Any] = field(default_factory=list)
     cancelled_ids: list[str] = field(default_factory=list)
@@ -217,6 +218,7 @@ def absorb(result: TurnResult, msg: Any) -> None:
         result.interrupted |= bool(sc.interrupted)
         result.generation_complete |= bool(sc.generation_complete)
         result.turn_complete |= bool(sc.turn_complete)
+        result.turns_completed += bool(sc.turn_complete)
     if msg.usage_metadata is not None:
         result.usage = msg.usage_metadata
     if msg.tool_call is not None:
