@@ -1,0 +1,374 @@
+"""`livepipe capture-audio`: microphone, WAV file, tone or silence -> audio.in (16 kHz mono s16le).
+
+- The microphone is a sounddevice InputStream in callback mode, opened before the bus is up
+  so the first words are not missed. If the device cannot open 16 kHz it captures at its
+  own rate and a streaming soxr resampler converts (no clicks at block edges).
+- Chunks are `--chunk-ms` long (default 20 ms: see README) and carry `capture_ts`, the
+  wall-clock time their first sample was captured.
+- Nothing the user says is thrown away while no process subscribes to audio.in: chunks are
+  held in a bounded backlog (`--backlog-s`, default 30 s) and sent in order once a
+  subscriber appears; only beyond that bound are the oldest dropped, and counted.
+  File, tone and silence sources simply wait for a subscriber before they start.
+- `control: mute` / `unmute` stop and resume publishing (audio while muted is discarded on
+  purpose and counted as muted_chunks).
+- No sound card: one line naming --file, exit 1. sounddevice is imported only for a device.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import Any, AsyncIterator
+
+import numpy as np
+
+from bus import Service, setup_logging
+from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, StreamResampler, WavReader, float_to_int16,
+                       import_sounddevice, list_devices_text, parse_device, pick_channels, pick_rate,
+                       resolve_device, stream_delay_s, to_mono, tone)
+from bus.config import BusConfig, ConfigError, add_bus_arguments
+from bus.message import Message
+
+log = logging.getLogger("capture-audio")
+
+DEFAULT_CHUNK_MS = 20
+
+
+class Publisher:
+    """Chunks -> audio.in, holding them in a bounded backlog while nobody subscribes."""
+
+    def __init__(self, svc: Service, backlog_s: float) -> None:
+        self.svc = svc
+        self.max_backlog_frames = int(backlog_s * IN_RATE)
+        self.backlog: deque[tuple[bytes, int, int]] = deque()   # (payload, capture_ts, frames)
+        self.backlog_frames = 0
+        self.muted = False
+        self.published = 0
+        self.dropped_chunks = 0
+        self.muted_chunks = 0
+        self._levels: deque[float] = deque(maxlen=50)   # mean square per chunk, last second at 20 ms
+        self._holding = False
+
+    def offer(self, chunk: np.ndarray, capture_ts: int) -> None:
+        if self.muted:
+            self.muted_chunks += 1
+            return
+        f = chunk.astype(np.float64) / 32768.0
+        self._levels.append(float(np.mean(f * f)) if len(f) else 0.0)
+        self.backlog.append((chunk.tobytes(), capture_ts, len(chunk)))
+        self.backlog_frames += len(chunk)
+        while self.backlog_frames > self.max_backlog_frames and self.backlog:
+            _, _, frames = self.backlog.popleft()
+            self.backlog_frames -= frames
+            self.dropped_chunks += 1
+            self.svc.ratelog.warning("backlog", "nobody has subscribed to audio.in for "
+                                     f"{self.max_backlog_frames / IN_RATE:.0f} s: dropping the oldest audio")
+        self.drain()
+
+    def drain(self) -> None:
+        if not self.backlog:
+            return
+        if not self.svc.has_subscriber("audio.in"):
+            if not self._holding:
+                self._holding = True
+                log.info("no process subscribes to audio.in yet: holding up to %.0f s of audio until one does",
+                         self.max_backlog_frames / IN_RATE)
+            return
+        if self._holding and len(self.backlog) > 1:
+            log.info("audio.in has a subscriber: sending the %.0f ms of audio held meanwhile",
+                     self.backlog_frames * 1000 / IN_RATE)
+        self._holding = False
+        while self.backlog:
+            payload, ts, frames = self.backlog[0]
+            if not self.svc.publish("audio.in", "audio", payload, rate=IN_RATE, channels=1, sample_width=2,
+                                    frames=frames, capture_ts=ts):
+                break   # send queue full (counted by the runtime): keep it and retry with the next chunk
+            self.backlog.popleft()
+            self.backlog_frames -= frames
+            self.published += 1
+
+    @property
+    def level_dbfs(self) -> float:
+        if not self._levels:
+            return -120.0
+        ms = sum(self._levels) / len(self._levels)
+        return round(max(-120.0, 10 * np.log10(ms)) if ms > 0 else -120.0, 1)
+
+
+class DeviceSource:
+    """The microphone: a callback InputStream whose blocks go through a thread-safe queue."""
+
+    kind = "device"
+
+    def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int) -> None:
+        self.sd = import_sounddevice()
+        info = resolve_device(self.sd, parse_device(device), "input")
+        self.device_index, self.device_name = int(info["index"]), str(info["name"])
+        self.rate = pick_rate(self.sd, self.device_index, "input", IN_RATE, device_rate)
+        self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
+        self.resampler = StreamResampler(self.rate, IN_RATE)
+        self.chunker = Chunker(chunk_frames, IN_RATE)
+        self.block_frames = max(16, self.rate // 100)           # 10 ms device blocks
+        # Blocks wait here for the event loop; a minute of them at most (counted beyond that).
+        self.queue: deque[tuple[bytes, int]] = deque()
+        self.max_queue = 6000
+        self.overflows = 0
+        self.queue_dropped = 0
+        self.blocks = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        try:
+            self.stream = self.sd.RawInputStream(device=self.device_index, samplerate=self.rate,
+                                                 channels=self.channels, dtype="int16",
+                                                 blocksize=self.block_frames, latency="low", callback=self._callback)
+            self.latency_s = float(self.stream.latency)
+            self.stream.start()
+        except Exception as exc:   # PortAudioError: busy, unplugged, unsupported
+            raise DeviceError(f"cannot open input device {self.device_name!r} at {self.rate} Hz: {exc}; "
+                              "use --file PATH.wav to read audio from a file instead") from None
+
+    def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
+        if status.input_overflow:
+            self.overflows += 1
+        delay = stream_delay_s(time_info.currentTime - time_info.inputBufferAdcTime, self.latency_s)
+        adc_ns = time.time_ns() - int(delay * 1e9)
+        if len(self.queue) >= self.max_queue:
+            self.queue_dropped += 1     # the event loop is wedged; never block the audio thread
+            return
+        self.queue.append((bytes(indata), adc_ns))
+        self.blocks += 1
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:   # loop closed while shutting down
+                pass
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            except asyncio.TimeoutError:
+                if not self.stream.active:
+                    raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
+            self._wake.clear()
+            while self.queue:
+                data, adc_ns = self.queue.popleft()
+                block = np.frombuffer(data, dtype="<i2")
+                n_in = len(block) // self.channels
+                if self.channels > 1:
+                    block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
+                out = self.resampler.process(block)
+                if not len(out):
+                    continue
+                # soxr keeps its output aligned with its input, holding back `delay`: date the
+                # piece from the end of the input block.
+                end_ns = adc_ns + n_in * 1_000_000_000 // self.rate
+                first_ns = end_ns - int((self.resampler.delay_s() + len(out) / IN_RATE) * 1e9)
+                for chunk in self.chunker.push(out, first_ns):
+                    yield chunk
+
+    def close(self) -> None:
+        try:
+            self.stream.abort()
+            self.stream.close()
+        except Exception:
+            pass
+
+    def metrics(self) -> dict[str, Any]:
+        return {"device": self.device_name, "device_rate": self.rate, "overflows": self.overflows,
+                "queue_dropped_blocks": self.queue_dropped, "device_latency_ms": round(self.latency_s * 1000, 1)}
+
+
+class PacedSource:
+    """File, tone or silence, published in real time on an absolute clock."""
+
+    def __init__(self, kind: str, chunk_frames: int, path: str | None = None, loop: bool = False,
+                 hold: bool = False, tone_hz: float = 0.0, tone_dbfs: float = -12.0) -> None:
+        self.kind, self.chunk_frames, self.loop, self.hold = kind, chunk_frames, loop, hold
+        self.tone_hz, self.tone_dbfs = tone_hz, tone_dbfs
+        self.reader = WavReader(path) if path else None
+        self.late_chunks = 0
+        self.loops = 0
+        if self.reader is not None and self.reader.frames == 0:
+            raise AudioFileError(f"{path} holds no audio")
+
+    def _generate(self) -> Any:
+        """Yields int16 chunks (the last file chunk may be shorter)."""
+        n = self.chunk_frames
+        if self.kind == "silence":
+            while True:
+                yield np.zeros(n, dtype=np.int16)
+        if self.kind == "tone":
+            k = 0
+            while True:
+                yield tone(self.tone_hz, n / IN_RATE, IN_RATE, self.tone_dbfs, phase_frames=k)
+                k += n
+        r = self.reader
+        rs = StreamResampler(r.rate, IN_RATE)
+        chunker = Chunker(n, IN_RATE)
+        read_frames = max(1, n * r.rate // IN_RATE)
+        while True:
+            x = r.read(read_frames)
+            if len(x) == 0:
+                if self.loop:
+                    self.loops += 1
+                    r.rewind()   # the resampler keeps streaming across the seam
+                    continue
+                tail = rs.process(np.empty(0, np.int16), last=True)
+                for chunk, _ in chunker.push(tail, 0):
+                    yield chunk
+                last = chunker.flush()
+                if last is not None:
+                    yield last[0]
+                break
+            for chunk, _ in chunker.push(rs.process(float_to_int16(to_mono(x))), 0):
+                yield chunk
+        while self.hold:   # the file is over; stay like an open microphone in a quiet room
+            yield np.zeros(n, dtype=np.int16)
+
+    async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        t0_mono, t0_wall = time.monotonic(), time.time_ns()
+        sent = 0   # frames published so far: the absolute clock position
+        for chunk in self._generate():
+            due = t0_mono + sent / IN_RATE
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            elif wait < -0.1:
+                self.late_chunks += 1   # the loop was busy; catch up without drifting
+            yield chunk, t0_wall + sent * 1_000_000_000 // IN_RATE
+            sent += len(chunk)
+
+    def close(self) -> None:
+        if self.reader:
+            self.reader.close()
+
+    def metrics(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"late_chunks": self.late_chunks}
+        if self.reader:
+            m.update(file_rate=self.reader.rate, file_channels=self.reader.channels, loops=self.loops)
+        return m
+
+
+class Capture:
+    def __init__(self, svc: Service, source: DeviceSource | PacedSource, publisher: Publisher, chunk_ms: int) -> None:
+        self.svc, self.source, self.pub, self.chunk_ms = svc, source, publisher, chunk_ms
+
+    def on_control(self, msg: Message) -> None:
+        if msg.kind == "mute" and not self.pub.muted:
+            self.pub.muted = True
+            log.info("muted: audio.in paused")
+        elif msg.kind == "unmute" and self.pub.muted:
+            self.pub.muted = False
+            log.info("unmuted: audio.in resumed")
+
+    async def run(self, svc: Service) -> None:
+        if isinstance(self.source, PacedSource):
+            # A file or test signal has no speaker to lose: start it once someone listens.
+            while not await svc.wait_subscriber("audio.in", 5.0):
+                log.info("waiting for a subscriber to audio.in before starting the %s", self.source.kind)
+        desc = (f"device {self.source.device_name!r} at {self.source.rate} Hz"
+                + ("" if self.source.rate == IN_RATE else f", resampled to {IN_RATE} Hz")
+                if isinstance(self.source, DeviceSource) else self.source.kind)
+        log.info("capturing from %s in %d ms chunks", desc, self.chunk_ms)
+        metrics_task = asyncio.create_task(self._metrics_loop())
+        try:
+            async for chunk, ts in self.source.chunks():
+                self.pub.offer(chunk, ts)
+            self._update_metrics()
+            log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
+            if self.pub.backlog:
+                while self.pub.backlog and not await svc.wait_subscriber("audio.in", 5.0):
+                    log.info("holding %.0f ms of audio for a subscriber to audio.in",
+                             self.pub.backlog_frames * 1000 / IN_RATE)
+                self.pub.drain()
+        finally:
+            metrics_task.cancel()
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            self.pub.drain()   # also sends the backlog when a subscriber appears during silence/mute
+            self._update_metrics()
+            await asyncio.sleep(0.25)
+
+    def _update_metrics(self) -> None:
+        m = self.svc.metrics
+        m.update(self.source.metrics())
+        m.update(source=self.source.kind, chunk_ms=self.chunk_ms, chunks_published=self.pub.published,
+                 dropped_chunks=self.pub.dropped_chunks, backlog_ms=round(self.pub.backlog_frames * 1000 / IN_RATE),
+                 muted=int(self.pub.muted), muted_chunks=self.pub.muted_chunks, level_dbfs=self.pub.level_dbfs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livepipe capture-audio", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--device", metavar="NAME|INDEX", help="input device (default: the system default)")
+    src.add_argument("--file", metavar="PATH.wav", help="read a WAV file (any rate and channel count) "
+                     "instead of a microphone, paced in real time")
+    src.add_argument("--tone", type=float, metavar="HZ", help="publish a sine tone (tests)")
+    src.add_argument("--silence", action="store_true", help="publish silence (tests)")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--loop", action="store_true", help="with --file: start over at the end")
+    p.add_argument("--hold", action="store_true", help="with --file: after the end keep publishing "
+                   "silence (an open microphone) instead of exiting")
+    p.add_argument("--tone-dbfs", type=float, default=-12.0, help="RMS level of --tone (default -12 dBFS)")
+    p.add_argument("--chunk-ms", type=int, default=DEFAULT_CHUNK_MS,
+                   help=f"length of each audio.in chunk (default {DEFAULT_CHUNK_MS} ms)")
+    p.add_argument("--device-rate", type=int, metavar="HZ",
+                   help="open the device at this rate and resample (default: 16000 if the device takes it)")
+    p.add_argument("--backlog-s", type=float, default=30.0,
+                   help="audio held while nobody subscribes to audio.in (default 30 s)")
+    add_bus_arguments(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("capture-audio")
+    if args.list_devices:
+        try:
+            print(list_devices_text())
+            return 0
+        except DeviceError as exc:
+            log.error("%s", exc)
+            return 1
+    if not 5 <= args.chunk_ms <= 1000:
+        log.error("--chunk-ms must be within 5..1000")
+        return 2
+    if (args.loop or args.hold) and not args.file:
+        log.error("--loop and --hold apply to --file")
+        return 2
+    if args.tone is not None and not 0 < args.tone < IN_RATE / 2:
+        log.error("--tone must be between 0 and %d Hz", IN_RATE // 2)
+        return 2
+    try:
+        cfg = BusConfig.from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    chunk_frames = IN_RATE * args.chunk_ms // 1000
+    try:
+        if args.file:
+            source: DeviceSource | PacedSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
+                                                             hold=args.hold)
+        elif args.tone is not None:
+            source = PacedSource("tone", chunk_frames, tone_hz=args.tone, tone_dbfs=args.tone_dbfs)
+        elif args.silence:
+            source = PacedSource("silence", chunk_frames)
+        else:
+            # Opened before the bus is up: the first words are captured while we connect.
+            source = DeviceSource(args.device, args.device_rate, chunk_frames)
+    except (DeviceError, AudioFileError) as exc:
+        log.error("%s", exc)
+        return 1
+    svc = Service("capture-audio", cfg)
+    capture = Capture(svc, source, Publisher(svc, args.backlog_s), args.chunk_ms)
+    svc.on("control", capture.on_control)
+    try:
+        return svc.main(capture.run)
+    finally:
+        source.close()

@@ -1,0 +1,604 @@
+"""`livepipe playback`: model audio (audio.out) -> speaker, WAV file or nowhere, with an instant interrupt.
+
+Design:
+- A `JitterBuffer` holds the model's audio per turn. A turn starts playing once a small
+  prebuffer is queued (or the prebuffer time has passed since its first chunk, or the turn is
+  complete); bursts faster than real time are simply queued (minutes fit), and a turn that
+  runs dry and then gets more audio counts an underrun.
+- The device is a sounddevice OutputStream in callback mode: the PortAudio thread pulls from
+  the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
+  docs on headless audio.) On `control: interrupt` for turn T we drop turns <= T from the
+  buffer, ignore their late chunks, and abort + restart the stream so what the device
+  already holds is dropped too: silence within one device period.
+- `--file` and `--null` sinks pull from the same buffer on a real-time clock, so a WAV file
+  holds exactly what a listener would have heard, silences between turns included.
+- `playback` events say what was really heard: turn_started (wall-clock time of the first
+  sample at the device), turn_finished (ms played, interrupted or not, when it went silent),
+  underrun.
+
+sounddevice is imported only when a device is used.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from bus import Service, setup_logging
+from bus.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
+                       list_devices_text, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
+from bus.config import BusConfig, ConfigError, add_bus_arguments
+from bus.message import Message
+
+log = logging.getLogger("playback")
+
+EventSink = Callable[[str, dict], None]
+
+PREBUFFER, PLAYING, STARVED = "prebuffer", "playing", "starved"
+
+
+@dataclass
+class TurnFinished:
+    """A turn cut by an interrupt: how much of it was heard, and whether it was still sounding."""
+
+    turn: int
+    played_frames: int
+    started: bool
+    end_ns: int | None          # estimated wall time just after its last sample handed to the sink
+
+
+class _Turn:
+    __slots__ = ("turn", "chunks", "head", "queued", "pulled", "ended", "started", "state",
+                 "wait_since", "dry_since", "end_ns", "blocks")
+
+    def __init__(self, turn: int, now: float) -> None:
+        self.turn = turn
+        self.chunks: deque[np.ndarray] = deque()
+        self.head = 0                  # read offset into chunks[0]
+        self.queued = 0                # frames waiting to be played
+        self.pulled = 0                # frames handed to the sink so far
+        self.ended = False             # no more audio expected (turn_complete / generation_complete)
+        self.started = False           # turn_started published
+        self.state = PREBUFFER
+        self.wait_since = now          # when it began waiting for its prebuffer
+        self.dry_since = 0.0           # when it ran dry (STARVED)
+        self.end_ns: int | None = None
+        # (time its first sample sounds, frames) of recent pulls: what is still in the device
+        self.blocks: deque[tuple[int, int]] = deque(maxlen=128)
+
+    def heard_at(self, cut_ns: int, rate: int) -> int:
+        """Frames that had sounded by wall time `cut_ns` (the rest was still in the device)."""
+        heard = self.pulled
+        for first_ns, count in self.blocks:
+            if first_ns >= cut_ns:
+                heard -= count
+            else:
+                sounded = (cut_ns - first_ns) * rate // 1_000_000_000
+                if sounded < count:
+                    heard -= count - sounded
+        return max(0, heard)
+
+    def take(self, out: np.ndarray, pos: int, n: int) -> None:
+        """Copy n queued frames into out[pos:pos+n]."""
+        while n:
+            chunk = self.chunks[0]
+            k = min(n, len(chunk) - self.head)
+            out[pos:pos + k] = chunk[self.head:self.head + k]
+            self.head += k
+            pos += k
+            n -= k
+            self.queued -= k
+            if self.head == len(chunk):
+                self.chunks.popleft()
+                self.head = 0
+
+
+class JitterBuffer:
+    """Per-turn playout buffer shared by the asyncio thread (push) and the sink thread (pull).
+
+    Everything happens under one lock; events (turn_started, turn_finished, underrun) are
+    handed to `on_event(kind, fields)` after the lock is released.
+    """
+
+    def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = 60.0, turn_gap_ms: float = 1000.0,
+                 max_buffer_s: float = 600.0, on_event: EventSink | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.prebuffer_frames = int(rate * prebuffer_ms / 1000)
+        self.prebuffer_s = prebuffer_ms / 1000
+        self.turn_gap_s = turn_gap_ms / 1000
+        self.max_frames = int(rate * max_buffer_s)
+        self.on_event = on_event or (lambda kind, fields: None)
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._turns: OrderedDict[int, _Turn] = OrderedDict()   # in turn order; the first one plays
+        self._finished: OrderedDict[int, tuple[int, int | None]] = OrderedDict()  # turn -> (pulled, end_ns)
+        self.cut_turn = 0              # turns <= this were interrupted: their audio is ignored
+        self.highest_turn = 0
+        self.segment = 0               # bumped by every interrupt
+        self.queued_frames = 0
+        self.last_audio_end_ns = 0     # when the last non-silent sample handed to the sink sounds
+        self.stats: dict[str, int] = dict(underruns=0, late_chunks=0, overflow_chunks=0, turns_started=0,
+                                          turns_finished=0, interrupted_turns=0, dropped_on_interrupt_frames=0,
+                                          pushed_frames=0, played_frames=0)
+
+    # ----------------------------------------------------------- producer side
+    def push(self, turn: int, pcm: np.ndarray) -> bool:
+        """Queue int16 mono samples of `turn`; False if they were dropped (late or overflow)."""
+        if not len(pcm):
+            return True
+        events: list[tuple[str, dict]] = []
+        with self._lock:
+            if turn <= self.cut_turn or (turn < self.highest_turn and turn not in self._turns):
+                self.stats["late_chunks"] += 1          # an interrupted or already finished turn
+                return False
+            if self.queued_frames + len(pcm) > self.max_frames:
+                self.stats["overflow_chunks"] += 1
+                return False
+            now = self.clock()
+            t = self._turns.get(turn)
+            if t is None:
+                t = self._turns[turn] = _Turn(turn, now)
+                self.highest_turn = max(self.highest_turn, turn)
+                if turn in self._finished:            # more audio after a long gap: same turn goes on
+                    t.pulled, t.started = self._finished.pop(turn)[0], True
+            elif t.state == STARVED:
+                # It ran dry and more audio came: the listener heard a gap.
+                self.stats["underruns"] += 1
+                events.append(("underrun", {"turn": turn}))
+                t.state, t.wait_since = PREBUFFER, now
+            t.chunks.append(pcm)
+            t.queued += len(pcm)
+            self.queued_frames += len(pcm)
+            self.stats["pushed_frames"] += len(pcm)
+        self._emit(events)
+        return True
+
+    def end_turn(self, turn: int) -> None:
+        """No more audio will come for `turn` (turn_complete / generation_complete)."""
+        events: list[tuple[str, dict]] = []
+        with self._lock:
+            t = self._turns.get(turn)
+            if t is not None:
+                t.ended = True
+                if t.state == STARVED and t.queued == 0:
+                    self._finish(t, events)
+        self._emit(events)
+
+    def interrupt(self, turn: int, cut_ns: int | None) -> tuple[list[TurnFinished], bool]:
+        """Drop every turn <= `turn`. `cut_ns` is when the device buffer gets dropped (None: a
+        sink with no buffer, everything handed over was heard). Returns the cut turns and
+        whether audio of theirs may still sound (so the device buffer must be reset)."""
+        cut: list[TurnFinished] = []
+        with self._lock:
+            self.cut_turn = max(self.cut_turn, turn)
+            self.segment += 1
+            audible = False
+            survivor_in_device = False
+            for k in list(self._turns):
+                t = self._turns[k]
+                sounding = t.end_ns is not None and (cut_ns is None or t.end_ns > cut_ns)
+                if k > turn:
+                    survivor_in_device |= sounding and t.pulled > 0
+                    continue
+                del self._turns[k]
+                audible |= sounding
+                heard = t.pulled if cut_ns is None else t.heard_at(cut_ns, self.rate)
+                self.stats["played_frames"] -= t.pulled - heard
+                self.stats["dropped_on_interrupt_frames"] += t.queued
+                self.stats["interrupted_turns"] += 1
+                self.queued_frames -= t.queued
+                cut.append(TurnFinished(k, heard, t.started, t.end_ns))
+            for k, (_, end_ns) in self._finished.items():   # finished, but its tail may still sound
+                if k <= turn and end_ns is not None and (cut_ns is None or end_ns > cut_ns):
+                    audible = True
+            # Never cut a newer turn's audio already in the device: let the old tail play out.
+            return cut, audible and not survivor_in_device
+
+    # ----------------------------------------------------------- consumer side
+    def pull(self, n: int, first_ns: int) -> np.ndarray:
+        """The next `n` frames for the sink; `first_ns` = wall time the first of them sounds."""
+        out = np.zeros(n, dtype=np.int16)
+        if not self._turns:            # idle: no lock, no events (read of a dict is atomic)
+            return out
+        events: list[tuple[str, dict]] = []
+        pos = 0
+        ns_per_frame = 1e9 / self.rate
+        with self._lock:
+            now = self.clock()
+            while pos < n and self._turns:
+                t = next(iter(self._turns.values()))
+                later_waiting = len(self._turns) > 1
+                if t.state != PLAYING:
+                    if t.queued == 0:   # STARVED
+                        if t.ended or later_waiting or now - t.dry_since >= self.turn_gap_s:
+                            self._finish(t, events)
+                            continue
+                        break
+                    if not (t.ended or later_waiting or t.queued >= self.prebuffer_frames
+                            or now - t.wait_since >= self.prebuffer_s):
+                        break          # still prebuffering: silence for now
+                    t.state = PLAYING
+                take = min(n - pos, t.queued)
+                t.take(out, pos, take)
+                ts = first_ns + int(pos * ns_per_frame)
+                if not t.started:
+                    t.started = True
+                    self.stats["turns_started"] += 1
+                    events.append(("turn_started", {"turn": t.turn, "first_sample_ts": ts}))
+                t.blocks.append((ts, take))
+                t.pulled += take
+                self.queued_frames -= take
+                self.stats["played_frames"] += take
+                pos += take
+                t.end_ns = self.last_audio_end_ns = first_ns + int(pos * ns_per_frame)
+                if t.queued == 0:
+                    if t.ended or later_waiting:
+                        self._finish(t, events)
+                        continue
+                    t.state, t.dry_since = STARVED, now
+                    break
+        self._emit(events)
+        return out
+
+    def _finish(self, t: _Turn, events: list[tuple[str, dict]]) -> None:
+        del self._turns[t.turn]
+        self.queued_frames -= t.queued
+        self._finished[t.turn] = (t.pulled, t.end_ns)
+        while len(self._finished) > 64:
+            self._finished.popitem(last=False)
+        if t.started:
+            self.stats["turns_finished"] += 1
+            fields: dict[str, Any] = {"turn": t.turn, "played_ms": round(t.pulled * 1000 / self.rate, 1),
+                                      "interrupted": False}
+            if t.end_ns is not None:
+                fields["silent_ts"] = t.end_ns
+            events.append(("turn_finished", fields))
+
+    def _emit(self, events: list[tuple[str, dict]]) -> None:
+        for kind, fields in events:
+            try:
+                self.on_event(kind, fields)
+            except Exception as exc:  # a broken listener must never stop the audio
+                log.warning("playback event %s not delivered: %s", kind, exc)
+
+    @property
+    def buffered_ms(self) -> float:
+        return self.queued_frames * 1000 / self.rate
+
+    @property
+    def active(self) -> bool:
+        return bool(self._turns)
+
+
+# ------------------------------------------------------------------ sinks
+class DeviceSink:
+    """A callback-mode sounddevice OutputStream pulling from the jitter buffer."""
+
+    kind = "device"
+    has_device_buffer = True
+
+    def __init__(self, device: str | None, period_ms: float, device_rate: int | None) -> None:
+        self.jb: JitterBuffer | None = None   # set before start()
+        self.sd = import_sounddevice()
+        info = resolve_device(self.sd, parse_device(device), "output")
+        self.device_index = int(info["index"])
+        self.device_name = str(info["name"])
+        self.rate = pick_rate(self.sd, self.device_index, "output", OUT_RATE, device_rate)
+        self.channels = pick_channels(self.sd, self.device_index, "output", self.rate)
+        self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
+        self.underflows = 0
+        self.callback_errors = 0
+        self.stream = self._open()
+        self.latency_s = float(self.stream.latency)
+
+    def _open(self) -> Any:
+        try:
+            return self.sd.RawOutputStream(device=self.device_index, samplerate=self.rate, channels=self.channels,
+                                           dtype="int16", blocksize=self.period_frames, latency="low",
+                                           callback=self._callback)
+        except Exception as exc:   # PortAudioError: busy device, unsupported format...
+            raise DeviceError(f"cannot open output device {self.device_name!r} at {self.rate} Hz: {exc}") from None
+
+    def _callback(self, outdata: Any, frames: int, time_info: Any, status: Any) -> None:
+        try:
+            if status.output_underflow:
+                self.underflows += 1
+            delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
+            block = self.jb.pull(frames, time.time_ns() + int(delay * 1e9))
+            if self.channels > 1:
+                block = np.repeat(block, self.channels)
+            outdata[:] = block.tobytes()
+        except Exception:   # never let an exception kill the PortAudio thread: play silence
+            self.callback_errors += 1
+            outdata[:] = bytes(len(outdata))
+
+    def start(self) -> None:
+        try:
+            self.stream.start()
+        except Exception as exc:
+            raise DeviceError(f"cannot start output device {self.device_name!r}: {exc}") from None
+
+    def reset(self) -> None:
+        """Drop what the device holds: abort (discards its buffer) and start again."""
+        try:
+            self.stream.abort()
+            self.stream.start()
+        except Exception as exc:   # the device went away: reopen once
+            log.warning("output device reset failed (%s): reopening it", exc)
+            try:
+                self.stream.close()
+            except Exception:
+                pass
+            self.stream = self._open()
+            self.start()
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.stream.active)
+
+    def close(self) -> None:
+        try:
+            self.stream.abort()
+            self.stream.close()
+        except Exception:
+            pass
+
+    def metrics(self) -> dict[str, Any]:
+        return {"device": self.device_name, "device_rate": self.rate, "device_underflows": self.underflows,
+                "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": self.callback_errors}
+
+
+class ClockedSink:
+    """A sink with no sound card: a thread pulls one period at a time on an absolute clock and
+    writes it to a WAV file (or nowhere), so the file is what a listener would have heard."""
+
+    has_device_buffer = False
+
+    def __init__(self, jb: JitterBuffer, period_ms: float, path: str | None = None) -> None:
+        self.jb = jb
+        self.kind = "file" if path else "null"
+        self.rate = jb.rate
+        self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
+        self.latency_s = 0.0
+        self.writer = WavWriter(path, self.rate) if path else None
+        self.path = path
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{self.kind}-sink", daemon=True)
+        self.late_periods = 0
+        self.error: Exception | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        period_s = self.period_frames / self.rate
+        t0_mono, t0_wall = time.monotonic(), time.time_ns()
+        k = 0
+        last_flush = t0_mono
+        try:
+            while not self._stop.is_set():
+                due = t0_mono + k * period_s
+                wait = due - time.monotonic()
+                if wait > 0:
+                    if self._stop.wait(wait):
+                        break
+                elif wait < -period_s:
+                    self.late_periods += 1   # we were descheduled: catch up, the file keeps real time
+                block = self.jb.pull(self.period_frames, t0_wall + int(k * period_s * 1e9))
+                if self.writer:
+                    self.writer.write(block)
+                    if due - last_flush >= 1.0:   # keep the header valid if we get killed
+                        self.writer.flush()
+                        last_flush = due
+                k += 1
+        except Exception as exc:   # disk full, file removed...
+            self.error = exc
+
+    def reset(self) -> None:
+        pass   # nothing is buffered beyond the period being written
+
+    @property
+    def alive(self) -> bool:
+        return self.error is None
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(2)
+        if self.writer:
+            try:
+                self.writer.close()
+            except OSError:
+                pass
+
+    def metrics(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"late_periods": self.late_periods}
+        if self.writer:
+            m["file_s"] = round(self.writer.frames / self.rate, 2)
+        return m
+
+
+# ------------------------------------------------------------------ service
+class Player:
+    """Glue between the bus and the buffer/sink: handlers, interrupt, metrics."""
+
+    def __init__(self, svc: Service, jb: JitterBuffer, sink: DeviceSink | ClockedSink, device_reset: bool) -> None:
+        self.svc, self.jb, self.sink, self.device_reset = svc, jb, sink, device_reset
+        self._resamplers: dict[int, StreamResampler] = {}
+        self.interrupts = 0
+        self.rejected_chunks = 0
+        self.converted_chunks = 0
+        self.reset_ms: deque[float] = deque(maxlen=200)
+
+    def publish_event(self, kind: str, fields: dict) -> None:
+        self.svc.publish_threadsafe("playback", kind, **fields)
+
+    # --------------------------------------------------------- handlers
+    def on_audio(self, msg: Message) -> None:
+        turn = msg["turn"]
+        if msg["sample_width"] != 2:
+            self.rejected_chunks += 1
+            self.svc.ratelog.warning("width", f"ignored audio.out chunk of turn {turn}: "
+                                              f"{msg['sample_width'] * 8}-bit samples (expected 16-bit)")
+            return
+        pcm = np.frombuffer(msg.payload, dtype="<i2")
+        if msg["channels"] > 1:
+            pcm = pcm.reshape(-1, msg["channels"]).mean(axis=1).astype(np.int16)
+        rate = msg["rate"]
+        if rate != OUT_RATE:
+            self.converted_chunks += 1
+            self.svc.ratelog.warning("rate", f"audio.out at {rate} Hz (the contract says {OUT_RATE}): resampling")
+        if turn <= self.jb.cut_turn:
+            self.jb.push(turn, pcm)   # counted there as late; no resampler state to keep
+            return
+        rs = self._resamplers.get(turn)
+        if rs is None or rs.in_rate != rate:
+            if rs is not None:
+                self.jb.push(turn, rs.process(np.empty(0, np.int16), last=True))
+            rs = self._resamplers[turn] = StreamResampler(rate, self.sink.rate)
+            for old in [k for k in self._resamplers if k < turn]:   # a newer turn began: flush older
+                self._flush_resampler(old)
+        self.jb.push(turn, rs.process(pcm))
+
+    def _flush_resampler(self, turn: int) -> None:
+        rs = self._resamplers.pop(turn, None)
+        if rs is not None and not rs.passthrough:
+            self.jb.push(turn, rs.process(np.empty(0, np.int16), last=True))
+
+    def on_control(self, msg: Message) -> None:
+        kind = msg.kind
+        if kind == "interrupt":
+            self.interrupt(msg["turn"])
+        elif kind in ("turn_complete", "generation_complete"):
+            self._flush_resampler(msg["turn"])
+            self.jb.end_turn(msg["turn"])
+
+    def interrupt(self, turn: int) -> None:
+        t0 = time.perf_counter()
+        cut_ns = time.time_ns() if self.sink.has_device_buffer and self.device_reset else None
+        cut, audible = self.jb.interrupt(turn, cut_ns)
+        for k in [k for k in self._resamplers if k <= turn]:
+            del self._resamplers[k]
+        if audible and self.sink.has_device_buffer and self.device_reset:
+            self.sink.reset()
+        silent_ns = time.time_ns()
+        self.interrupts += 1
+        self.reset_ms.append((time.perf_counter() - t0) * 1000)
+        for f in cut:
+            fields: dict[str, Any] = {"turn": f.turn, "played_ms": round(f.played_frames * 1000 / self.jb.rate, 1),
+                                      "interrupted": True}
+            if f.started and f.end_ns is not None:
+                fields["silent_ts"] = min(f.end_ns, silent_ns) if cut_ns is not None else f.end_ns
+            self.svc.publish("playback", "turn_finished", **fields)
+        if cut:
+            log.info("interrupted turn %d: silent after %.1f ms", turn, self.reset_ms[-1])
+
+    # --------------------------------------------------------- main
+    async def run(self, svc: Service) -> None:
+        log.info("playing audio.out to %s", self._describe())
+        while True:
+            if not self.sink.alive:
+                err = getattr(self.sink, "error", None)
+                raise DeviceError(f"the {self.sink.kind} sink stopped" + (f": {err}" if err else
+                                                                          " (audio device lost)"))
+            self._update_metrics()
+            await asyncio.sleep(0.25)
+
+    def _describe(self) -> str:
+        if isinstance(self.sink, DeviceSink):
+            return (f"device {self.sink.device_name!r} at {self.sink.rate} Hz, period "
+                    f"{self.sink.period_frames * 1000 / self.sink.rate:.0f} ms, latency {self.sink.latency_s * 1000:.0f} ms")
+        return f"file {self.sink.path}" if self.sink.kind == "file" else "nowhere (--null)"
+
+    def _update_metrics(self) -> None:
+        m = self.svc.metrics
+        m.update(self.jb.stats)
+        m.update(self.sink.metrics())
+        m.update(sink=self.sink.kind, buffered_ms=round(self.jb.buffered_ms, 1), interrupts=self.interrupts,
+                 rejected_chunks=self.rejected_chunks, converted_chunks=self.converted_chunks,
+                 period_ms=round(self.sink.period_frames * 1000 / self.sink.rate, 2),
+                 played_s=round(self.jb.stats["played_frames"] / self.jb.rate, 2))
+        if self.reset_ms:
+            m["interrupt_reset_ms_max"] = round(max(self.reset_ms), 2)
+            m["interrupt_reset_ms_last"] = round(self.reset_ms[-1], 2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="livepipe playback", description=__doc__.split("\n\n")[0])
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--device", metavar="NAME|INDEX", help="output device (default: the system default)")
+    out.add_argument("--file", metavar="PATH.wav", help="write what a listener would hear to a WAV file, "
+                     "in real time (silences included), instead of a device")
+    out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
+    p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    p.add_argument("--prebuffer-ms", type=float, default=60.0,
+                   help="audio queued before a turn starts playing (default 60)")
+    p.add_argument("--period-ms", type=float, default=20.0,
+                   help="device period: the unit the sink pulls and the bound on interrupt silence (default 20)")
+    p.add_argument("--device-rate", type=int, metavar="HZ",
+                   help="open the device at this rate and resample (default: 24000 if the device takes it)")
+    p.add_argument("--turn-gap-ms", type=float, default=1000.0,
+                   help="a turn dry this long with no turn_complete is reported finished (default 1000)")
+    p.add_argument("--max-buffer-s", type=float, default=600.0,
+                   help="most audio held (default 600 s); beyond it chunks are dropped and counted")
+    p.add_argument("--no-device-reset", action="store_true",
+                   help="on interrupt only clear the queue and let the device buffer play out (a baseline)")
+    add_bus_arguments(p)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging("playback")
+    if args.list_devices:
+        try:
+            print(list_devices_text())
+            return 0
+        except DeviceError as exc:
+            log.error("%s", exc)
+            return 1
+    for name in ("prebuffer_ms", "turn_gap_ms"):
+        if getattr(args, name) < 0:
+            log.error("--%s must be >= 0", name.replace("_", "-"))
+            return 2
+    if not 2.0 <= args.period_ms <= 200.0 or args.max_buffer_s <= 0:
+        log.error("--period-ms must be within 2..200 and --max-buffer-s positive")
+        return 2
+    try:
+        cfg = BusConfig.from_args(args)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
+    svc = Service("playback", cfg)
+    holder: dict[str, Player] = {}
+
+    def make_buffer(rate: int) -> JitterBuffer:
+        # With a device that needs another rate the buffer holds device-rate audio (resampled on arrival).
+        return JitterBuffer(rate, args.prebuffer_ms, args.turn_gap_ms, args.max_buffer_s,
+                            on_event=lambda kind, fields: holder["player"].publish_event(kind, fields))
+    try:
+        if args.file or args.null:
+            jb = make_buffer(OUT_RATE)
+            sink: DeviceSink | ClockedSink = ClockedSink(jb, args.period_ms, args.file)
+        else:
+            sink = DeviceSink(args.device, args.period_ms, args.device_rate)
+            jb = sink.jb = make_buffer(sink.rate)
+        sink.start()
+    except (DeviceError, AudioFileError) as exc:
+        log.error("%s", exc)
+        return 1
+    player = holder["player"] = Player(svc, jb, sink, device_reset=not args.no_device_reset)
+    svc.on("audio.out", player.on_audio)
+    svc.on("control", player.on_control)
+    try:
+        return svc.main(player.run)
+    finally:
+        sink.close()
