@@ -606,6 +606,10 @@ def main(argv: list[str]) -> int:
     finally:
         killed = honcho.stop()
     summary = watcher.summary()
+    try:   # every process's last heartbeat (counters, metrics): what to look at when something sounded wrong
+        (run.run_dir / "heartbeats.json").write_text(json.dumps(watcher.heartbeats, indent=1, default=str))
+    except OSError:
+        pass
     if error is None and summary["turns"] == 0:
         error, code = "the model never answered (no reply reached playback)", 1
     if killed:

@@ -62,9 +62,29 @@ def best_match(piece: np.ndarray, ref: np.ndarray) -> tuple[float, int]:
     return float(corr[k]), k
 
 
-def check_replies(heard: np.ndarray, rate: int) -> list[dict]:
+def piecewise_match(piece: np.ndarray, ref: np.ndarray, window_s: float = 0.2, slack_s: float = 0.1,
+                    rate: int = OUT_RATE) -> float:
+    """Share of the piece's voiced windows that match `ref` (correlation > 0.9) near where the whole
+    piece matches best: tolerant of a few milliseconds lost or inserted by a real sound device
+    under load, but not of different words."""
+    _, lag = best_match(piece[:int(rate * 0.5)], ref)
+    w, slack = int(window_s * rate), int(slack_s * rate)
+    good = total = 0
+    for off in range(0, len(piece) - w + 1, w):
+        win = piece[off:off + w]
+        if np.sqrt(np.mean(win.astype(np.float64) ** 2)) < 0.01:
+            continue   # a pause between words: nothing to compare
+        lo = max(0, lag + off - slack)
+        region = ref[lo:lag + off + w + slack]
+        total += 1
+        good += len(region) >= w and best_match(win, region)[0] > 0.9
+    return good / total if total else 0.0
+
+
+def check_replies(heard: np.ndarray, rate: int, exact: bool = True) -> list[dict]:
     """What a listener would notice: two replies; the first cut short by the barge-in, the second
-    whole; each is the user's utterance played back intact. Returns the measured segments."""
+    whole; each is the user's utterance played back. `exact`: sample for sample (a file sink);
+    otherwise 75 % of it window by window (real devices may slip a few ms). Returns the segments."""
     assert rate == OUT_RATE
     segs = sound_segments(heard, rate)
     assert len(segs) == 2, f"expected 2 replies in what was heard, found {len(segs)}: " \
@@ -73,9 +93,15 @@ def check_replies(heard: np.ndarray, rate: int) -> list[dict]:
     for i, (a, b) in enumerate(segs):
         u = USER_SCRIPT["utterances"][i]
         utter_s = u["end_s"] - u["start_s"]
-        corr, _ = best_match(heard[a:b].astype(np.float32) / 32768.0, utterance_24k(i))
-        out.append({"start_s": a / rate, "seconds": (b - a) / rate, "utterance_s": utter_s, "corr": corr})
-        assert corr > 0.9, f"reply {i + 1} does not match utterance {i + 1} (correlation {corr:.3f})"
+        piece, ref = heard[a:b].astype(np.float32) / 32768.0, utterance_24k(i)
+        corr, _ = best_match(piece, ref)
+        share = 1.0 if exact else piecewise_match(piece, ref)
+        out.append({"start_s": a / rate, "seconds": (b - a) / rate, "utterance_s": utter_s, "corr": corr,
+                    "windows_matching": share})
+        if exact:
+            assert corr > 0.9, f"reply {i + 1} does not match utterance {i + 1} (correlation {corr:.3f})"
+        else:
+            assert share >= 0.75, f"reply {i + 1} does not sound like utterance {i + 1} ({share:.0%} of it matches)"
     first, second = out
     assert first["seconds"] < first["utterance_s"] - 1.0, f"the interrupted reply was not cut short: {first}"
     assert first["seconds"] > 0.2, f"the first reply was hardly heard before the barge-in: {first}"

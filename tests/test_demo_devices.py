@@ -1,0 +1,82 @@
+"""`livepipe demo --devices` through a real audio stack: PulseAudio null sinks as the sound card.
+
+The test is the user: once the demo says it is ready, it plays the user's speech into the virtual
+microphone, and it records the speaker's monitor, which must hold the replies: the first cut short
+by the barge-in, the second whole, both the user's words played back (the emulator parrots).
+"""
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+from bus.pulse import MonitorRecorder, PulseDaemon, PulseError, play_wav
+from tests.demo_audio import OUT_RATE, ROOT, USER_WAV, check_replies
+from tests.test_demo import clean_env
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def devices() -> Iterator:
+    try:
+        daemon = PulseDaemon.ensure()
+    except PulseError as exc:   # no PulseAudio installed: the CI installs it (launch/install.sh --test)
+        pytest.fail(f"PulseAudio is needed for the device test: {exc}")
+    devs = daemon.private_devices()
+    try:
+        yield devs
+    finally:
+        devs.close()
+        daemon.close()
+
+
+def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, devices) -> None:
+    env = clean_env(tmp_path)
+    env.update(devices.playback_env())
+    env.update(devices.capture_env())          # PULSE_SINK = our speaker, PULSE_SOURCE = our microphone
+    with MonitorRecorder(f"{devices.speaker}.monitor", OUT_RATE, devices.daemon.env) as rec:
+        rec.wait_started()
+        demo = subprocess.Popen([sys.executable, "-m", "services", "demo", "--devices", "--json", "--timeout", "80"],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue[str] = queue.Queue()
+        stderr: list[str] = []
+
+        def read_stderr() -> None:
+            for line in demo.stderr:
+                stderr.append(line)
+                lines.put(line)
+            lines.put("")   # EOF
+
+        threading.Thread(target=read_stderr, daemon=True).start()
+        try:
+            while True:   # the demo says when its microphone is live
+                line = lines.get(timeout=60)
+                assert line, f"the demo ended before it was ready: {''.join(stderr)}"
+                if "ready: speak now" in line:
+                    break
+            play_wav(USER_WAV, devices.mic_feed, devices.daemon.env)     # the user speaks
+            out, _ = demo.communicate(timeout=60)
+        finally:
+            if demo.poll() is None:
+                demo.terminate()
+                demo.wait(15)
+        heard = rec.stop()
+    assert demo.returncode == 0, "".join(stderr)
+    summary = json.loads(out)
+    assert summary["ok"], summary["error"]
+    assert summary["turns"] >= 2 and summary["interrupts"] >= 1 and summary["frames_sent"] >= 1, summary
+    assert summary["reply_wav"] is None
+    assert all(500 < ms < 3000 for ms in summary["voice_to_voice_ms"]), summary["voice_to_voice_ms"]
+    assert all(0 <= ms < 250 for ms in summary["interrupt_to_silence_ms"]), summary["interrupt_to_silence_ms"]
+    assert summary["orphans_killed"] == [] and all(rc == 0 for rc in summary["exit_codes"].values())
+    for pid in summary["processes"].values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    check_replies(heard, OUT_RATE, exact=False)
