@@ -16,6 +16,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import soxr
@@ -210,8 +211,7 @@ class LiveSession:
         req = self.ws.request
         key = req.headers.get("x-goog-api-key") if req else None
         if key is None and req is not None:
-            from urllib.parse import parse_qs, urlsplit
-            key = (parse_qs(urlsplit(req.path).query).get("key") or [None])[0]
+            key = (parse_qs(req.path.partition("?")[2]).get("key") or [None])[0]
         auth = req.headers.get("authorization", "") if req else ""
         if key is None and auth.lower().startswith("token "):
             key = auth[6:].strip()          # ephemeral-token path (BidiGenerateContentConstrained)
@@ -228,10 +228,10 @@ class LiveSession:
         except asyncio.TimeoutError:
             raise ProtocolError(wire.REASON_DEADLINE, wire.INTERNAL_ERROR) from None
         self.client_index += 1
-        kind, body = wire.parse_frame(raw)
         # The real service accepts the upgrade and refuses the key on the first message, so the
         # SDK's connect() raises APIError(1007) rather than a handshake error.
         self._check_key()
+        kind, body = wire.parse_frame(raw)
         if kind != "setup":
             raise ProtocolError(f"Invalid request: the first message must be setup, not {kind}.")
         self._configure(body)
@@ -415,10 +415,16 @@ class LiveSession:
         return time.time_ns()
 
     async def _speech_start(self, now: int) -> None:
-        turn = self.current
         self.mark("speech_start", self.conv.turns + 1, now)
-        if turn is not None and not turn.completed and self.vad.interrupts:
-            await self._interrupt(turn, now)
+        if self.vad.interrupts:
+            await self._interrupt_all(now)
+
+    async def _interrupt_all(self, now: int) -> None:
+        """Barge-in ends the turn in progress and any committed turn not yet started."""
+        if self.current is not None and not self.current.completed:
+            await self._interrupt(self.current, now)
+        while not self.turns.empty():
+            await self._interrupt(self.turns.get_nowait(), now)
 
     async def _speech_end(self, end: SpeechEnd, now: int) -> None:
         assert self.conv is not None
@@ -457,8 +463,8 @@ class LiveSession:
     async def _text_turn(self, text: str) -> None:
         # Text interrupts a generation in progress, as the real service documents for client content.
         now = time.time_ns()
-        if self.current is not None and not self.current.completed and self.vad.interrupts:
-            await self._interrupt(self.current, now)
+        if self.vad.interrupts:
+            await self._interrupt_all(now)
         assert self.conv is not None
         self.conv.turns += 1
         n = self.conv.turns
