@@ -12,38 +12,22 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import psutil
 import pytest
 
-from bus.pulse import MonitorRecorder, PulseDaemon, PulseError, play_wav
 from tests.demo_audio import OUT_RATE, ROOT, USER_WAV, check_replies
+from tests.pulse_support import play_into_mic, pulse, pulse_devices, record_speaker  # noqa: F401
 from tests.test_demo import clean_env
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def devices() -> Iterator:
-    try:
-        daemon = PulseDaemon.ensure()
-    except PulseError as exc:   # no PulseAudio installed: the CI installs it (launch/install.sh --test)
-        pytest.fail(f"PulseAudio is needed for the device test: {exc}")
-    devs = daemon.private_devices()
-    try:
-        yield devs
-    finally:
-        devs.close()
-        daemon.close()
-
-
-def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, devices) -> None:
+def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, pulse_devices) -> None:
     env = clean_env(tmp_path)
-    env.update(devices.playback_env())
-    env.update(devices.capture_env())          # PULSE_SINK = our speaker, PULSE_SOURCE = our microphone
-    with MonitorRecorder(f"{devices.speaker}.monitor", OUT_RATE, devices.daemon.env) as rec:
-        rec.wait_started()
+    env.update(pulse_devices.playback_env())
+    env.update(pulse_devices.capture_env())          # PULSE_SINK = our speaker, PULSE_SOURCE = our microphone
+    with record_speaker(pulse_devices, OUT_RATE) as rec:
         demo = subprocess.Popen([sys.executable, "-m", "services", "demo", "--devices", "--json", "--timeout", "80"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
@@ -62,7 +46,7 @@ def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, devices) -
                 assert line, f"the demo ended before it was ready: {''.join(stderr)}"
                 if "ready: speak now" in line:
                     break
-            play_wav(USER_WAV, devices.mic_feed, devices.daemon.env)     # the user speaks
+            play_into_mic(pulse_devices, USER_WAV)     # the user speaks
             out, _ = demo.communicate(timeout=60)
         finally:
             if demo.poll() is None:
