@@ -74,7 +74,9 @@ def test_conversation_audio_transcripts_text_video_and_no_key_leak(live_factory)
     assert frames, text
     n, w, h, fps = int(frames[1]), int(frames[2]), int(frames[3]), float(frames[4] or 0)
     assert (w, h) == (768, 432)
-    assert 2 <= n <= 3 and fps <= 1.005, text
+    # 11 frames over 2.2 s: at 1 FPS at most 3 get through. The emulator's fps uses its own arrival
+    # stamps, taken after decoding (and, for the first frame, importing OpenCV): allow that jitter.
+    assert 2 <= n <= 3 and fps <= 1.05, text
 
     # 5. The key is nowhere: not on the bus (every frame of every topic), not in stdout/stderr.
     out, err = rig.close()
