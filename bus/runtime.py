@@ -81,6 +81,7 @@ class Service:
         self._ready: asyncio.Event | None = None
         self._sync_pubs: dict[str, zmq.Socket] = {}
         self._fd_readers: list[int] = []           # socket FDs watched by the lane loops
+        self._probe_prefix = wire_topic("_ready.", self.cfg.session)
         self.started_ns = time.time_ns()
 
     # ------------------------------------------------------------------ API
@@ -265,11 +266,14 @@ class Service:
             await wait()
             batch: list[list[bytes]] = []
             # Drain what is queued without yielding per message; bounded so one lane
-            # cannot starve the loop.
+            # cannot starve the loop. ZMQ_EVENTS says when the queue is empty: cheaper than
+            # the zmq.Again exception a last recv would raise (~10 us on a cold path).
             for _ in range(256):
                 try:
                     batch.append(sync.recv_multipart(zmq.NOBLOCK))
                 except zmq.Again:
+                    break
+                if not sync.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                     break
             if newest_only and len(batch) > 1:
                 self.counters["stale_dropped"] += len(batch) - 1
@@ -312,7 +316,7 @@ class Service:
         return wait
 
     async def _dispatch(self, frames: list[bytes]) -> None:
-        if len(frames) == 1 or frames[0].startswith(wire_topic("_ready.", self.cfg.session)):
+        if len(frames) == 1 or frames[0].startswith(self._probe_prefix):
             return  # a probe of ours (or a stray single frame): not for handlers
         try:
             msg = decode(frames, self.cfg.session)
@@ -326,7 +330,7 @@ class Service:
         for handler in self._handlers.get(msg.topic, ()):
             try:
                 result = handler(msg)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
             except asyncio.CancelledError:
                 raise
