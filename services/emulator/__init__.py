@@ -21,9 +21,14 @@ behaviour
   --latency the reply streams: modelTurn inlineData audio/pcm;rate=24000 chunks of --chunk-ms, then
   generationComplete, then turnComplete with usageMetadata (32 tokens per second of audio).
   The reply audio IS the utterance (from 40 ms before its first voiced frame to the end of its last),
-  resampled 16 kHz -> 24 kHz with soxr. Speech (or text) during a reply stops it: interrupted: true,
-  then turnComplete (activityHandling NO_INTERRUPTION turns this off). Text (clientContent with
-  turnComplete, or realtimeInput text) gets a 330 Hz tone of 0.4 s + 30 ms a character (max 3 s).
+  resampled 16 kHz -> 24 kHz with soxr. A frame is voiced when webrtcvad says so and it is louder
+  than -55 dBFS. Input rates 8..48 kHz are accepted when the mime type states them (resampled).
+  Speech (or text) while a turn is thinking, waiting for a tool or streaming ends it: interrupted:
+  true, then turnComplete (activityHandling NO_INTERRUPTION turns this off: turns queue instead).
+  Text (clientContent with turnComplete, or realtimeInput text) gets a 330 Hz tone of 0.4 s + 30 ms
+  a character (max 3 s). Every utterance and every text input is one turn: one turnComplete each.
+  Not a model: it understands nothing, ignores systemInstruction, voices and history, and its
+  usageMetadata token counts are estimates (32 a second of audio, 64/256 a frame, 1 per 4 chars).
 
 transcriptions (only when setup asks for input/output audio transcription), n = turn number:
   input   "utterance N: D.DD s"                       D = utterance seconds
