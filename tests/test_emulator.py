@@ -9,7 +9,6 @@ import asyncio
 import base64
 import json
 import re
-import socket
 import ssl
 import subprocess
 import sys

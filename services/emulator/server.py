@@ -18,7 +18,6 @@ from pathlib import Path
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from services.emulator import wire
 from services.emulator.certs import CertPaths
 from services.emulator.session import LiveSession, Options, Registry
 from services.emulator.timeline import Timeline
@@ -152,4 +151,4 @@ def run_server(cfg: ServerConfig) -> int:
     return 0
 
 
-__all__ = ["EmulatorServer", "ServerConfig", "run_server", "wire"]
+__all__ = ["EmulatorServer", "ServerConfig", "run_server"]

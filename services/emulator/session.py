@@ -23,12 +23,14 @@ import soxr
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from bus.runtime import RateLimitedLog
 from services.emulator import wire
 from services.emulator.timeline import Timeline
 from services.emulator.turns import RATE, SpeechEnd, SpeechStart, TurnDetector, VadSettings
 from services.emulator.wire import ProtocolError
 
 log = logging.getLogger("emulator")
+ratelog = RateLimitedLog(log)          # a storm of bad clients must not flood the log
 
 OUT_RATE = 24000
 AUDIO_TOKENS_PER_S = 32                       # the Gemini API counts audio at 32 tokens a second
@@ -148,7 +150,7 @@ class LiveSession:
             await self._serve()
         except ProtocolError as e:
             self.counters["rejected"] += 1
-            log.warning("session %s: closing %d: %s", self.sid, e.code, e.reason)
+            ratelog.warning(f"close-{e.code}", f"session {self.sid}: closing {e.code}: {e.reason}")
             await self.close(e.code, e.reason)
         except ConnectionClosed:
             pass
@@ -477,7 +479,7 @@ class LiveSession:
             waiter = self.tool_waiters.pop(str(call_id), None)
             if waiter is None or waiter.done():
                 self.counters["tool_responses_unmatched"] += 1
-                log.warning("session %s: tool response for unknown call id %r ignored", self.sid, call_id)
+                ratelog.warning("tool-id", f"session {self.sid}: tool response for unknown call id {call_id!r} ignored")
                 continue
             waiter.set_result(resp)
 
