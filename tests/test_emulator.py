@@ -429,7 +429,7 @@ def test_session_limit_closes_1008_and_compression_lifts_it(emus, voice):
     (result, closed, refused), turn = run(both())
     assert result.go_away is not None and result.go_away.time_left == "0.5s"
     assert closed.code == 1008 and "session duration expired" in str(closed)
-    assert refused.code == 1008
+    assert refused.code == 1007 and "resumption handle is unknown or expired" in str(refused)
     assert turn.output_text[0].startswith("reply 1: ") and turn.go_away is None
 
 

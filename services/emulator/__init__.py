@@ -52,7 +52,9 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
   1008 "Method doesn't allow unregistered callers ..."     no key at all (with --api-key)
   1007 "Invalid JSON payload received. ..." / "Invalid argument: ..." / "Unsupported audio mime type
        ..." / "Unable to process input image: ..."           bad input (first message not setup,
-       malformed frame, audio not audio/pcm;rate=N 16-bit, image that does not decode, bad handle)
+       malformed frame, audio not audio/pcm;rate=N 16-bit, image that does not decode)
+  1007 "Invalid argument: session resumption handle is unknown or expired."   a dead handle (also
+       every handle of a session that reached --session-limit): start a new session without one
   1011 "Deadline expired before operation could complete."  when a --goaway-after goAway runs out
   1008 "Connection aborted because the client failed to close the connection after a GoAway:
        session duration expired."                            at --session-limit

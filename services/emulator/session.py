@@ -287,11 +287,11 @@ class LiveSession:
         self.resumed = bool(handle)
         if handle:
             conv = self.registry.resume(str(handle))
-            if conv is None:
-                raise ProtocolError("Invalid argument: session resumption handle is unknown or expired.")
             limit = self.opts.session_limit
-            if conv.expired or (limit is not None and not self.compression and conv.used_s >= limit):
-                raise ProtocolError(wire.REASON_SESSION_EXPIRED, wire.POLICY_VIOLATION)
+            # A session past its duration limit is over: its handles are dead like unknown ones, so a
+            # client has one rule (drop the handle, start a new session) for both.
+            if conv is None or conv.expired or (limit is not None and not self.compression and conv.used_s >= limit):
+                raise ProtocolError(wire.REASON_BAD_HANDLE)
             self.conv = conv
         else:
             self.conv = self.registry.new_conversation()

@@ -28,6 +28,7 @@ REASON_DEADLINE = "Deadline expired before operation could complete."
 REASON_SESSION_EXPIRED = ("Connection aborted because the client failed to close the connection after a GoAway: "
                           "session duration expired.")
 REASON_INTERNAL = "Internal error encountered."
+REASON_BAD_HANDLE = "Invalid argument: session resumption handle is unknown or expired."
 
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])([A-Z])")
 _TOP_LEVEL = ("setup", "client_content", "realtime_input", "tool_response")
