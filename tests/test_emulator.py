@@ -153,6 +153,22 @@ def test_vad_honours_silence_duration(emus, voice):
     assert seconds > 2 * len(voice["stop"]) / RATE_IN + 0.6, text      # both phrases and the pause in one
 
 
+def test_vad_honours_prefix_padding(emus, voice):
+    """With prefixPaddingMs 600 a 0.4 s "Stop." never starts a turn; the longer phrase does."""
+    async def scenario():
+        vad = types.RealtimeInputConfig(automatic_activity_detection=types.AutomaticActivityDetection(
+            prefix_padding_ms=600, start_of_speech_sensitivity="START_SENSITIVITY_LOW"))
+        async with client(emus["fast"]).aio.live.connect(
+                model=MODEL, config=config(realtime_input_config=vad, **TRANSCRIBE)) as s:
+            await send_audio(s, np.concatenate([voice["stop"], silence(0.7), voice["hello"], silence(0.7)]), speed=0)
+            return await collect_turn(s)
+
+    turn = run(scenario())
+    (text,) = turn.input_text
+    assert text.startswith("utterance 1: ") and abs(float(INPUT_RE.match(text).group(2)) - len(voice["hello"]) / RATE_IN) < 0.1
+    assert match(voice["hello"], turn.samples)[1] > 0.98
+
+
 def test_manual_activity_when_detection_disabled(emus):
     """activityStart/activityEnd mark the turn; everything between them comes back, silence included."""
     tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(RATE_IN // 2) / RATE_IN)).astype(np.int16)
