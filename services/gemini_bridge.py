@@ -1136,12 +1136,13 @@ class Bridge:
                 t0 = self.go_away_at
                 budget = max(0.5, min(5.0, link.go_away_ms / 1000 - 1.0))
                 await self._finish_turn_on(link, budget)
+                waited_ms = (time.monotonic() - t0) * 1000
                 if not self.handle:
                     log.warning("goAway without a resumption handle: the next connection starts a fresh session")
                 await self._replace(link, f"goAway, {link.go_away_ms} ms left")
                 self.svc.metrics["switchover_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                log.info("switched to connection %d %.0f ms after the goAway", self.link.number,
-                         self.svc.metrics["switchover_ms"])
+                log.info("switched to connection %d %.0f ms after the goAway (%.0f ms of it letting the "
+                         "model finish its turn)", self.link.number, self.svc.metrics["switchover_ms"], waited_ms)
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender)]
