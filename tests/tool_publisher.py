@@ -47,13 +47,14 @@ def main(argv: list[str]) -> int:
         for topic in topics:
             if not await svc.wait_subscriber(topic, 10):
                 raise RuntimeError(f"nobody subscribed to {topic}")
-        t0 = time.monotonic()
+        t0, t0_ns = time.monotonic(), time.time_ns()
         for i in range(args.audio):
             delay = t0 + i * args.interval_ms / 1000 - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
+            # capture_ts from the sample count, as a capture device's clock would give it
             svc.publish("audio.in", "audio", sine_chunk(i, args.amplitude), rate=RATE, channels=1,
-                        sample_width=2, frames=FRAMES)
+                        sample_width=2, frames=FRAMES, capture_ts=t0_ns + i * FRAMES * 1_000_000_000 // RATE)
         for text in args.text:
             svc.publish("text.in", "text", text=text)
         await asyncio.sleep(args.linger)   # let the last messages leave before the sockets close
