@@ -55,6 +55,7 @@ PROCFILE = LAUNCH / "Procfile.demo"
 USER_WAV = LAUNCH / "assets" / "user.wav"
 USER_SCRIPT = LAUNCH / "assets" / "user.json"
 KEEP_RUNS = 10                 # older demo run directories are removed
+CONNECT_WAIT_S = 30.0          # the pipeline (model session included) must be up within this
 
 IN_RATE = 16000
 VAD_FRAME = 320                # 20 ms at 16 kHz
@@ -504,9 +505,19 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                 if msg is None or time.monotonic() >= end:
                     return
 
+        connect_by = time.monotonic() + min(args.timeout, CONNECT_WAIT_S)
+        said = ""
         while not (watcher.bridge_connected() and watcher.has("playback", "capture-video")):
             check_alive()
             pump(0.1)
+            state, detail = watcher.session_states[-1] if watcher.session_states else ("", "")
+            if state == "reconnecting" and detail != said:
+                log(f"the model session is not up yet: {detail} (retrying)")
+                said = detail
+            if time.monotonic() > connect_by:
+                waiting = "the model session" if not watcher.bridge_connected() else "playback and capture-video"
+                why = f": {detail}" if detail and not watcher.bridge_connected() else ""
+                raise DemoError(f"{waiting} did not come up within {min(args.timeout, CONNECT_WAIT_S):g} s{why}")
         (run.run_dir / "go").touch()
         stage = "capture-audio's first audio"
         while not watcher.audio_in_started:
@@ -593,6 +604,10 @@ def main(argv: list[str]) -> int:
     log(f"run {run.session}: starting broker, model bridge, {backend}, camera (test pattern), "
         f"{'microphone and speaker' if args.devices else 'user WAV and reply WAV'} under honcho")
     t0 = time.monotonic()
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt   # stop like Ctrl-C: honcho and its processes go down with us
+    signal.signal(signal.SIGTERM, on_sigterm)
     watcher = Watcher(user_frames)
     honcho = Honcho(run, args.verbose)
     error: str | None = None
@@ -602,7 +617,7 @@ def main(argv: list[str]) -> int:
     except DemoError as exc:
         error, code = str(exc), 1
     except KeyboardInterrupt:
-        error, code = "interrupted (Ctrl-C)", 130
+        error, code = "interrupted (Ctrl-C or SIGTERM)", 130
     finally:
         killed = honcho.stop()
     summary = watcher.summary()
