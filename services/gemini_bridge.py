@@ -527,7 +527,6 @@ class Link:
         self.replay: deque[tuple[int, bytes | str, float]] = deque()
         self.replay_bytes = 0
         self.last_audio_sent = 0.0
-        self.first_audio_sent = 0.0
 
     def next_index(self) -> int:
         self.sent_index += 1
@@ -539,7 +538,6 @@ class Link:
         if isinstance(item, bytes):
             self.replay_bytes += len(item)
             self.last_audio_sent = now
-            self.first_audio_sent = self.first_audio_sent or now
         while self.replay_bytes > limit_bytes and len(self.replay) > 1:
             self._pop()
 
@@ -777,22 +775,28 @@ class Bridge:
     async def events_sender(self) -> None:
         while True:
             await self.events_event.wait()
-            link = await self._usable_link()
-            while self.events_q and self.link is link and self.link_ready.is_set():
-                what, send = self.events_q[0]
-                try:
-                    link.next_index()
-                    await send(link.session)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._send_failed(link, exc)
-                    break
-                self.events_q.popleft()
-                if what == "text":
-                    self.svc.metrics["text_sent"] += 1
             if not self.events_q:
                 self.events_event.clear()
+                continue
+            what, send = self.events_q[0]
+            link = self.link
+            if what != "tool" or link is None or link.closed.is_set() or link.retired:
+                # Text is user input: it waits for the next connection like audio. A tool response
+                # goes on the open connection even during a goAway hold: that connection's model is
+                # waiting for it to finish the turn we are letting it finish.
+                link = await self._usable_link()
+            try:
+                link.next_index()
+                await send(link.session)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._send_failed(link, exc)
+                await asyncio.sleep(0.05)   # until the receive loop sees the close
+                continue
+            self.events_q.popleft()
+            if what == "text":
+                self.svc.metrics["text_sent"] += 1
 
     # ------------------------------------------------------------ receiving
     def _open_turn(self) -> int:

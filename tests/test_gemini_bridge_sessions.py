@@ -95,3 +95,50 @@ def test_dropped_connection_reconnects_and_resumes(live_factory):
     out, err = rig.close()
     assert rig.bridge.returncode == 0 and "Traceback" not in err
     assert "waiting for the emulator" in err and "connection 1 lost (connection closed 1011" in err
+
+
+SLOW_TOOL = r"""
+import time
+from bus.client import BusClient
+from bus.config import BusConfig
+with BusClient("tool-slow", BusConfig.from_env(), ["tool.call"]) as c:
+    c.wait_ready()
+    print("ready", flush=True)
+    m = c.recv(30)
+    time.sleep(1.5)   # a slow tool: its answer comes after the connection's goAway
+    c.publish("tool.result", "result", id=m["id"], name=m["name"], response={"ok": True})
+    print("answered", m["id"], flush=True)
+"""
+
+
+def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
+    # goAway 1 s into the connection, while the model waits for a slow tool: the answer still reaches
+    # the model that asked, it finishes its turn there, and only then the bridge switches over.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps({"function_declarations": [{"name": "lookup", "description": "slow lookup"}]}))
+    rig = live_factory(emulator_args=("--goaway-after", "1.0", "--goaway-grace", "3", "--tool-trigger", "1.0",
+                                      "--pace", "0"),
+                       bridge_args=("--tools", str(tools)))
+    tool = subprocess.Popen([sys.executable, "-c", SLOW_TOOL], env=bus_env, cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert tool.stdout.readline().strip() == "ready"
+        said = speech("Hello there, how are you")
+        rig.say(np.concatenate([said, silence(0.7)]))
+        rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "turn_complete" for m in ms), 10,
+                      "the turn to complete")
+        assert "answered" in tool.communicate(timeout=10)[0]
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+    reply = reply_audio(rig.rec, 1)
+    corr, _ = best_correlation(reply, upsample(said))
+    assert corr >= 0.95 and len(reply) > 0.7 * len(upsample(said))
+    events = [(e["event"], e["conn"]) for e in rig.emu.timeline()]
+    assert ("goaway", 1) in events and ("tool_response", 1) in events and ("turn_complete", 1) in events
+    assert events.index(("goaway", 1)) < events.index(("tool_response", 1))
+    assert ("session_start", 2) in events
