@@ -103,6 +103,7 @@ class Turn:
     phase: str = "queued"                     # queued | thinking | tool | speaking | done
     call_id: str | None = None                # tool call awaiting its response
     sent_samples: int = 0                     # reply samples (24 kHz) sent so far
+    reply_text: str = ""                      # TEXT modality: the reply sent
     completed: bool = False                   # turnComplete sent
 
 
@@ -522,9 +523,12 @@ class LiveSession:
         turn.phase = "speaking"
         if self.text_mode:
             await self.send(wire.text_part(label))
+            turn.reply_text = label
             self.mark("first_byte", turn.number)
-        else:
+        elif len(pcm):
             await self._stream(turn, pcm, label)
+        elif self.want_output_text:          # an empty manual activity: nothing to say back
+            await self.send(wire.output_transcription(label))
         await self.send(wire.generation_complete())
         await self._complete(turn, "turn_complete")
 
@@ -532,7 +536,7 @@ class LiveSession:
         o = self.opts
         step = max(1, OUT_RATE * o.chunk_ms // 1000)
         t0 = time.monotonic()
-        for k, off in enumerate(range(0, max(1, len(pcm)), step)):
+        for k, off in enumerate(range(0, len(pcm), step)):
             if o.pace > 0:
                 delay = t0 + k * (step / OUT_RATE) / o.pace - time.monotonic()
                 if delay > 0:
@@ -548,8 +552,10 @@ class LiveSession:
                     await self.send(wire.output_transcription(label))
 
     async def _complete(self, turn: Turn, event: str) -> None:
-        response = {"TEXT" if self.text_mode else "AUDIO":
-                    max(1, round(turn.sent_samples / OUT_RATE * AUDIO_TOKENS_PER_S)) if not self.text_mode else 8}
+        if self.text_mode:
+            response = {"TEXT": math.ceil(len(turn.reply_text) / 4)}
+        else:
+            response = {"AUDIO": round(turn.sent_samples / OUT_RATE * AUDIO_TOKENS_PER_S)}
         turn.completed = True
         turn.phase = "done"
         await self.send(wire.turn_complete(turn.prompt_tokens, response))
