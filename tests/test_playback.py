@@ -1,0 +1,365 @@
+"""`livepipe playback` through a real audio stack (PulseAudio null sinks) and to a WAV file.
+
+What a listener would notice: the model's audio comes out of the speaker unchanged and on
+time, an interrupt silences it within one device period, a burst of a minute of audio
+delivered in a second plays to the end without a gap, and a file sink holds exactly what
+was heard, silences included. The JitterBuffer unit tests pin the turn logic.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+from bus.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
+from bus.client import BusClient
+from bus.config import BusConfig
+from bus.message import Message
+from services.playback import JitterBuffer
+from tests.conftest import Broker, free_port, spawn, stop
+from tests.pulse_support import (align, loud_spans, pulse, pulse_devices, record_speaker,  # noqa: F401
+                                 similarity)
+
+PERIOD_MS = 20.0          # playback's default device period
+CHUNK = 960               # 40 ms chunks, as the bridge sends them
+
+
+def publish_turn(client: BusClient, turn: int, pcm: np.ndarray, chunk: int = CHUNK) -> None:
+    for i in range(0, len(pcm), chunk):
+        part = pcm[i:i + chunk]
+        client.publish("audio.out", "audio", part.tobytes(), rate=OUT_RATE, channels=1, sample_width=2,
+                       frames=len(part), turn=turn)
+
+
+def wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Message:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = client.recv(max(0.0, deadline - time.monotonic()))
+        if msg is not None and msg.topic == "playback" and msg.kind == kind and msg["turn"] == turn:
+            return msg
+    raise AssertionError(f"no playback {kind} for turn {turn} within {timeout} s")
+
+
+def start_playback(args: list[str], env: dict[str, str], client: BusClient) -> subprocess.Popen:
+    proc = spawn(["playback", *args], env)
+    deadline = time.monotonic() + 15
+    while not client.has_subscriber("audio.out"):
+        assert proc.poll() is None, stop(proc)
+        assert time.monotonic() < deadline, "playback did not subscribe to audio.out"
+        client.pub.poll(50)
+    return proc
+
+
+def exact_offset(sent: np.ndarray, heard: np.ndarray, near: int) -> int:
+    """Where `sent` sits in `heard` (searching around index `near`); asserts it is bit-exact."""
+    lo = max(0, near - 240)
+    off = lo + align(sent, heard[lo:near + len(sent) + 240])
+    got = heard[off:off + len(sent)]
+    assert len(got) == len(sent) and np.array_equal(got, sent), \
+        f"audio altered: {int(np.sum(got != sent[:len(got)]))} of {len(sent)} samples differ"
+    return off
+
+
+@pytest.fixture
+def bus_client(bus_cfg: BusConfig) -> Iterator[BusClient]:
+    with BusClient("test", bus_cfg, ["playback"]) as c:
+        c.wait_ready()
+        yield c
+
+
+# ---------------------------------------------------------------- the burst (runs in the background)
+BURST_S = 60
+
+
+@pytest.fixture(scope="module", autouse=True)
+def burst(pulse, tmp_path_factory) -> Iterator[dict]:  # noqa: F811
+    """60 s of audio delivered in 1 s to a playback on its own speaker, started first so the
+    minute of real-time playing overlaps the other tests of this module."""
+    devices = pulse.private_devices()
+    pub, sub = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
+    env.update(LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
+               PYTHONUNBUFFERED="1")
+    broker = Broker(env, pub, sub).start()
+    client = BusClient("burst", BusConfig.from_env(env), ["playback", "status"])
+    client.wait_ready()
+    rec = record_speaker(devices)
+    proc = start_playback([], {**env, **devices.playback_env()}, client)
+    # A rising sweep-free signal with a known frequency: any dropped or repeated block would
+    # show as a gap or a phase jump; we check duration and continuity.
+    signal = tone(330.0, BURST_S, OUT_RATE, -14.0)
+    t0 = time.monotonic()
+    n_chunks = len(signal) // CHUNK
+    for k in range(n_chunks):     # paced over one second: 60x real time
+        publish_turn(client, 1, signal[k * CHUNK:(k + 1) * CHUNK])
+        ahead = t0 + (k + 1) / n_chunks - time.monotonic()
+        if ahead > 0.002:
+            time.sleep(ahead)
+    delivered_s = time.monotonic() - t0
+    client.publish("control", "turn_complete", turn=1)
+    state = dict(client=client, rec=rec, proc=proc, signal=signal, delivered_s=delivered_s)
+    yield state
+    client.close()
+    stop(proc)
+    rec.stop()
+    broker.stop()
+    devices.close()
+
+
+# ---------------------------------------------------------------- device tests
+def test_audio_out_comes_back_intact_from_the_speaker(pulse_devices, bus_env, bus_client):  # noqa: F811
+    rec = record_speaker(pulse_devices)
+    proc = start_playback([], {**bus_env, **pulse_devices.playback_env()}, bus_client)
+    try:
+        sent = tone(440.0, 1.0, OUT_RATE, -12.0)
+        publish_turn(bus_client, 1, sent)
+        bus_client.publish("control", "turn_complete", turn=1)
+        started = wait_event(bus_client, "turn_started", 1)
+        finished = wait_event(bus_client, "turn_finished", 1, timeout=5)
+        assert rec.wait_frames(rec.index_at(finished["silent_ts"]) + 2400, 5)
+    finally:
+        out, err = stop(proc)
+        heard = rec.stop()
+    assert "Traceback" not in err, err
+    spans = loud_spans(heard, OUT_RATE)
+    assert len(spans) == 1, spans
+    a, b = spans[0]
+    got = heard[a:b]
+    # A null sink at 24 kHz, volume 100%: the speaker plays exactly the samples we sent.
+    assert len(got) == len(sent) or abs(len(got) - len(sent)) <= 2
+    off = exact_offset(sent, heard, a)
+    assert dominant_frequency(got, OUT_RATE) == pytest.approx(440.0, abs=0.5)
+    assert rms_dbfs(got) == pytest.approx(-12.0, abs=0.1)
+    # The events tell the truth: 1000 ms played, and the first sample reached the device
+    # when the monitor heard it (within a device period).
+    assert finished["played_ms"] == pytest.approx(1000.0, abs=1.0) and finished["interrupted"] is False
+    first_heard_ns = rec.time_of(off)
+    assert abs(started["first_sample_ts"] - first_heard_ns) / 1e6 < PERIOD_MS + 5, \
+        (started["first_sample_ts"] - first_heard_ns) / 1e6
+
+
+def test_an_interrupt_silences_within_one_device_period(pulse_devices, bus_env, bus_client):  # noqa: F811
+    rec = record_speaker(pulse_devices)
+    proc = start_playback([], {**bus_env, **pulse_devices.playback_env()}, bus_client)
+    delays, heard_ok = [], []
+    try:
+        for turn in (1, 2, 3):
+            publish_turn(bus_client, turn, tone(523.0, 3.0, OUT_RATE, -12.0))   # 3 s reply, sent at once
+            started = wait_event(bus_client, "turn_started", turn)
+            # Mid-reply: wait until the monitor has heard 300 ms of it.
+            first_idx = rec.index_at(started["first_sample_ts"])
+            assert rec.wait_frames(first_idx + int(0.3 * OUT_RATE) + 120 * turn, 5)
+            t_publish = time.time_ns()
+            bus_client.publish("control", "interrupt", turn=turn)
+            finished = wait_event(bus_client, "turn_finished", turn, timeout=5)
+            assert finished["interrupted"] is True
+            publish_turn(bus_client, turn, tone(523.0, 0.5, OUT_RATE, -12.0))   # late chunks: ignored
+            assert rec.wait_frames(rec.index_at(t_publish) + int(0.4 * OUT_RATE), 5)
+            heard = rec.samples()
+            t0 = rec.t0_ns()
+            lo = rec.index_at(started["first_sample_ts"], t0) - 2400
+            spans = loud_spans(heard[lo:], OUT_RATE)
+            assert len(spans) == 1, f"late audio of an interrupted turn was played: {spans}"
+            last_loud = lo + spans[0][1]
+            delays.append((rec.time_of(last_loud, t0) - t_publish) / 1e6)
+            # played_ms says what was heard, within a period
+            heard_ms = (spans[0][1] - spans[0][0]) * 1000 / OUT_RATE
+            heard_ok.append(abs(finished["played_ms"] - heard_ms) <= PERIOD_MS + 5)
+        # After the interrupts, a new turn plays normally.
+        publish_turn(bus_client, 4, tone(440.0, 0.3, OUT_RATE, -12.0))
+        bus_client.publish("control", "turn_complete", turn=4)
+        done = wait_event(bus_client, "turn_finished", 4)
+    finally:
+        out, err = stop(proc)
+        rec.stop()
+    assert "Traceback" not in err, err
+    assert all(d <= PERIOD_MS + 5 for d in delays), f"interrupt -> silence ms: {delays}"
+    assert all(heard_ok), heard_ok
+    assert done["played_ms"] == pytest.approx(300.0, abs=1) and not done["interrupted"]
+
+
+def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, bus_client):  # noqa: F811
+    rec = record_speaker(pulse_devices)
+    proc = start_playback(["--device-rate", "48000"], {**bus_env, **pulse_devices.playback_env()}, bus_client)
+    try:
+        publish_turn(bus_client, 1, tone(1000.0, 0.6, OUT_RATE, -12.0))
+        bus_client.publish("control", "turn_complete", turn=1)
+        finished = wait_event(bus_client, "turn_finished", 1)
+        assert rec.wait_frames(rec.index_at(finished["silent_ts"]) + 2400, 5)
+    finally:
+        out, err = stop(proc)
+        heard = rec.stop()
+    assert "48000 Hz" in err, err
+    spans = loud_spans(heard, OUT_RATE)
+    assert len(spans) == 1, spans
+    got = heard[spans[0][0]:spans[0][1]]
+    assert len(got) == pytest.approx(0.6 * OUT_RATE, abs=OUT_RATE * 0.005)
+    body = got[480:-480]   # away from the filter's edges
+    assert dominant_frequency(body, OUT_RATE) == pytest.approx(1000.0, abs=1.0)
+    assert rms_dbfs(body) == pytest.approx(-12.0, abs=0.2)
+    assert finished["played_ms"] == pytest.approx(600.0, abs=2)
+
+
+def test_no_sound_card_gives_one_clear_line(bus_env):
+    env = {**bus_env, "PULSE_SERVER": "unix:/nonexistent/pulse/native"}
+    t0 = time.monotonic()
+    proc = spawn(["playback"], env)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert time.monotonic() - t0 < 10
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "no audio output device" in lines[0] and "--file" in lines[0] and "--null" in lines[0]
+    assert "Traceback" not in err and "PortAudio" not in err.split("device")[0]
+
+
+def test_unknown_device_name_gives_one_clear_line(pulse, bus_env):  # noqa: F811
+    proc = spawn(["playback", "--device", "no-such-speaker"], {**bus_env, **pulse.env})
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert err.count("\n") == 1 and "no-such-speaker" in err and "--list-devices" in err, err
+
+
+# ---------------------------------------------------------------- file sink
+def test_file_sink_holds_what_a_listener_heard(bus_env, bus_client, tmp_path):
+    path = tmp_path / "heard.wav"
+    t_start = time.time_ns()
+    proc = start_playback(["--file", str(path)], bus_env, bus_client)
+    first = tone(440.0, 0.5, OUT_RATE, -12.0)
+    second = tone(880.0, 0.3, OUT_RATE, -12.0)
+    try:
+        publish_turn(bus_client, 1, first)
+        bus_client.publish("control", "turn_complete", turn=1)
+        f1 = wait_event(bus_client, "turn_finished", 1)
+        # Let a real pause go by, then the second turn.
+        while time.time_ns() < f1["silent_ts"] + 300_000_000:
+            bus_client.recv(0.02)
+        publish_turn(bus_client, 2, second)
+        bus_client.publish("control", "turn_complete", turn=2)
+        s2 = wait_event(bus_client, "turn_started", 2)
+        wait_event(bus_client, "turn_finished", 2)
+    finally:
+        out, err = stop(proc)
+    t_end = time.time_ns()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    with WavReader(path) as r:
+        assert (r.rate, r.channels) == (OUT_RATE, 1)
+        heard = (r.read(r.frames)[:, 0] * 32768).astype(np.int16)
+    spans = loud_spans(heard, OUT_RATE, min_gap_ms=100)
+    assert len(spans) == 2, spans
+    (a1, b1), (a2, b2) = spans
+    o1, o2 = exact_offset(first, heard, a1), exact_offset(second, heard, a2)   # bit-exact
+    # The pause in the file is the pause in real time.
+    gap_ms = (o2 - (o1 + len(first))) * 1000 / OUT_RATE
+    real_gap_ms = (s2["first_sample_ts"] - f1["silent_ts"]) / 1e6
+    assert gap_ms == pytest.approx(real_gap_ms, abs=PERIOD_MS + 1) and gap_ms > 250
+    # The file runs on the wall clock: as long as the process played.
+    assert len(heard) / OUT_RATE <= (t_end - t_start) / 1e9
+
+
+# ---------------------------------------------------------------- jitter buffer logic
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_buffer(prebuffer_ms: float = 60.0) -> tuple[JitterBuffer, list[tuple[str, dict]], FakeClock]:
+    events: list[tuple[str, dict]] = []
+    clock = FakeClock()
+    jb = JitterBuffer(OUT_RATE, prebuffer_ms=prebuffer_ms, turn_gap_ms=1000,
+                      on_event=lambda k, f: events.append((k, f)), clock=clock)
+    return jb, events, clock
+
+
+def pull(jb: JitterBuffer, clock: FakeClock, periods: int, ts: list[int]) -> np.ndarray:
+    out = []
+    for _ in range(periods):
+        out.append(jb.pull(480, ts[0]))
+        ts[0] += 20_000_000
+        clock.t += 0.02
+    return np.concatenate(out)
+
+
+def test_jitter_buffer_waits_for_its_prebuffer_then_plays_everything():
+    jb, events, clock = make_buffer(prebuffer_ms=60)
+    ts = [1_000_000_000]
+    jb.push(1, np.full(960, 7, np.int16))          # 40 ms < 60 ms prebuffer
+    assert not pull(jb, clock, 1, ts).any()        # waits...
+    jb.push(1, np.full(960, 7, np.int16))          # now 80 ms queued
+    out = pull(jb, clock, 5, ts)
+    assert (out == 7).sum() == 1920 and not events[1:]   # all of it, then dry without a turn end
+    assert events[0] == ("turn_started", {"turn": 1, "first_sample_ts": 1_020_000_000})
+    jb.end_turn(1)
+    assert events[-1][0] == "turn_finished" and events[-1][1]["played_ms"] == 80.0
+    assert events[-1][1]["silent_ts"] == 1_020_000_000 + 80_000_000
+
+
+def test_jitter_buffer_counts_an_underrun_only_when_the_turn_goes_on():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    ts = [0]
+    jb.push(1, np.full(480, 1, np.int16))
+    pull(jb, clock, 3, ts)                          # plays 20 ms, then dry
+    assert jb.stats["underruns"] == 0
+    jb.push(1, np.full(480, 1, np.int16))           # more of the same turn: there was a gap
+    assert jb.stats["underruns"] == 1 and events[-1] == ("underrun", {"turn": 1})
+    pull(jb, clock, 2, ts)
+    jb.push(2, np.full(480, 2, np.int16))           # the next turn: turn 1 simply ended
+    pull(jb, clock, 2, ts)
+    assert jb.stats["underruns"] == 1
+    assert [k for k, _ in events] == ["turn_started", "underrun", "turn_finished", "turn_started"]
+
+
+def test_jitter_buffer_interrupt_drops_queued_and_late_audio_and_reports_what_was_heard():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    ts = [0]
+    jb.push(1, np.full(24000, 3, np.int16))         # 1 s
+    jb.push(2, np.full(2400, 4, np.int16))          # a queued later turn survives an interrupt of 1
+    pull(jb, clock, 10, ts)                         # handed 200 ms to the device (up to ts=200 ms)
+    # The device sounds block k at k*20 ms; cut at 150 ms: 150 ms heard, 50 ms still in the device.
+    cut, audible = jb.interrupt(1, cut_ns=150_000_000)
+    assert [(c.turn, c.played_frames) for c in cut] == [(1, 3600)] and audible
+    assert not jb.push(1, np.full(480, 3, np.int16)) and jb.stats["late_chunks"] == 1
+    out = pull(jb, clock, 6, ts)
+    assert (out == 3).sum() == 0 and (out == 4).sum() == 2400
+    assert jb.stats["dropped_on_interrupt_frames"] == 24000 - 4800
+
+
+def test_jitter_buffer_absorbs_a_burst_without_drops():
+    jb, events, clock = make_buffer()
+    for _ in range(1500):                            # 60 s in 40 ms chunks, at once
+        assert jb.push(1, np.full(960, 5, np.int16))
+    jb.end_turn(1)
+    total = sum(int((jb.pull(480, 0) == 5).sum()) for _ in range(3001))
+    assert total == 60 * OUT_RATE and jb.stats["overflow_chunks"] == 0
+    assert events[-1][1]["played_ms"] == 60000.0
+
+
+# ---------------------------------------------------------------- the burst, checked last
+def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(burst):
+    client, rec = burst["client"], burst["rec"]
+    assert burst["delivered_s"] < 1.5
+    finished = wait_event(client, "turn_finished", 1, timeout=BURST_S + 20)
+    assert rec.wait_frames(rec.index_at(finished["silent_ts"]) + 2400, 5)
+    heard = rec.samples()
+    heartbeat = None
+    while heartbeat is None:
+        msg = client.recv(3)
+        assert msg is not None, "no heartbeat from playback"
+        if msg.topic == "status" and msg["src"] == "playback":
+            heartbeat = msg["metrics"]
+    assert finished["played_ms"] == pytest.approx(BURST_S * 1000, abs=1) and not finished["interrupted"]
+    assert heartbeat["underruns"] == 0 and heartbeat["overflow_chunks"] == 0 and heartbeat["late_chunks"] == 0
+    spans = loud_spans(heard, OUT_RATE, threshold=200, min_gap_ms=5)
+    assert len(spans) == 1, f"gaps in the played minute: {spans[:5]}"
+    a, b = spans[0]
+    signal = burst["signal"]
+    assert abs((b - a) - len(signal)) <= 2
+    exact_offset(signal, heard, a)
