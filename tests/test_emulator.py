@@ -651,3 +651,61 @@ def test_help_documents_every_option():
                 "--goaway-grace", "--session-limit", "--drop-after", "--tool-trigger", "--timeline",
                 "LIVEPIPE_EMULATOR_PORT", "LIVEPIPE_STATE_DIR", "utterance N: D.DD s", "reply N: D.DD s", "1007"):
         assert opt in out, opt
+
+
+def test_fuzzed_messages_never_cause_an_internal_error(tmp_path):
+    """Random shapes and values at every level: each session either carries on or is closed 1007
+    with a reason, never 1011 'internal error', and the emulator keeps serving."""
+    import random
+    emu = Emulator(tmp_path / "state", "--latency", "0", "--pace", "0").start().wait_ready()
+    rng = random.Random(20261125)
+    pcm = base64.urlsafe_b64encode((np.arange(640) % 50 * 400).astype("<i2").tobytes()).decode()
+    jpeg = base64.b64encode(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes()).decode()
+    keys = ["audio", "video", "media_chunks", "mediaChunks", "mime_type", "mimeType", "data", "text", "activity_start",
+            "activityEnd", "audio_stream_end", "turns", "parts", "role", "turn_complete", "turnComplete",
+            "function_responses", "functionResponses", "id", "name", "response", "model", "tools", "handle"]
+    leaves = [None, 0, -1, 1e308, "", "x", True, [], {}, pcm, jpeg, "audio/pcm;rate=16000", "image/jpeg",
+              "audio/pcm;rate=abc", "audio/pcm;rate=16000;rate=8000", "models/x", "\u00e9"]
+
+    def value(depth):
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            return rng.choice(leaves)
+        if r < 0.6:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    def message():
+        kind = rng.choice(["realtime_input", "realtimeInput", "client_content", "clientContent", "tool_response",
+                           "toolResponse"])
+        return {kind: value(1) if rng.random() < 0.3 else {rng.choice(keys): value(2) for _ in range(rng.randint(1, 3))}}
+
+    url = emu.url.replace("https://", "wss://") + "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+    ctx = ssl.create_default_context(cafile=emu.info["ca_file"])
+    setup = {"setup": {"model": MODEL, "tools": [{"functionDeclarations": [{"name": "f"}]}],
+                       "inputAudioTranscription": {}, "sessionResumption": {}}}
+
+    async def session():
+        """Setup, a few random messages, then read until the emulator closes or goes quiet."""
+        async with websockets.connect(url, ssl=ctx) as ws:
+            await ws.send(json.dumps(setup if rng.random() < 0.9 else value(0)))
+            try:
+                for _ in range(rng.randint(1, 6)):
+                    await ws.send(json.dumps(message()))
+                while True:
+                    await asyncio.wait_for(ws.recv(), 0.5)
+            except websockets.ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd else None
+            except asyncio.TimeoutError:
+                return "open"
+
+    async def fuzz():
+        return await asyncio.gather(*(session() for _ in range(60)))
+
+    try:
+        codes = run(fuzz())
+    finally:
+        code, err = emu.stop()
+    assert set(codes) <= {1007, 1008, "open"} and codes.count(1007) > 30, codes
+    assert "internal errors 0" in err and "Traceback" not in err, err
+    assert code == 0
