@@ -271,6 +271,24 @@ def test_record_survives_sigkill_mid_stream(bus_env, bus_cfg, tmp_path):
     assert "cut-off record" in err
 
 
+def test_record_closes_the_file_cleanly_on_sigterm(bus_env, tmp_path):
+    rec = tmp_path / "all.lprec"
+    recorder = spawn(["record", str(rec)], bus_env)                  # every topic
+    wait_stderr(recorder, "recording")
+    finish(publisher(bus_env, "--text", "first", "--text", "second"))
+    deadline = time.monotonic() + 10
+    while sum(m.topic == "text.in" for m in original_messages(rec)) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t_stop = time.monotonic()
+    _, err = stop(recorder)
+    assert recorder.returncode == 0 and time.monotonic() - t_stop < 1.5, err
+    meta, records, truncated = read_all(rec)
+    assert truncated == 0 and meta["topics"] == [] and meta["session"] == ""
+    texts = [m["text"] for m in original_messages(rec) if m.topic == "text.in"]
+    assert texts == ["first", "second"] and f"{len(records)} messages" in err
+
+
 def test_recording_format_is_magic_line_and_msgpack_stream(tmp_path):
     path = tmp_path / "x.lprec"
     with RecordingWriter(path, "s1", ["text.in"]) as w:
