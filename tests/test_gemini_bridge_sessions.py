@@ -135,10 +135,14 @@ def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
     finally:
         if tool.poll() is None:
             tool.kill()
+    # ...and then switches: connected again after the goAway.
+    rig.rec.until(lambda ms: [m.get("state") for m in ms if m.topic == "control" and m.kind in ("go_away", "session")]
+                  [-2:] == ["resuming", "connected"], 10, "the switchover")
     reply = reply_audio(rig.rec, 1)
     corr, _ = best_correlation(reply, upsample(said))
     assert corr >= 0.95 and len(reply) > 0.7 * len(upsample(said))
     events = [(e["event"], e["conn"]) for e in rig.emu.timeline()]
     assert ("goaway", 1) in events and ("tool_response", 1) in events and ("turn_complete", 1) in events
     assert events.index(("goaway", 1)) < events.index(("tool_response", 1))
-    assert ("session_start", 2) in events
+    assert wait_for(lambda: ("session_start", 2) in [(e["event"], e["conn"]) for e in rig.emu.timeline()], 5,
+                    "the second connection in the emulator timeline")
