@@ -1,6 +1,6 @@
 """`livepipe bench bus [--json]`: one-hop latency publisher process -> broker -> subscriber process.
 
-Two streams, one after the other: 20 ms audio chunks (640 B payload on audio.in) and 100 KB
+Two streams: 20 ms audio chunks (640 B payload on audio.in) and 100 KB
 JPEG-sized payloads (on video.in). Every hop is a real process on loopback TCP through a real
 `livepipe broker` subprocess:
 
@@ -13,9 +13,12 @@ Latency = receive time - send time, both from time.time_ns() (one system-wide cl
 perf counter is not comparable across processes). livepipe's send time is the header `ts`,
 taken at the start of `publish`; its receive time is taken at the top of the handler. Raw
 carries its send time in the payload. Paced on an absolute clock: audio every 2 ms (10x
-real time: enough samples in seconds without saturating a 2-core machine), JPEG every 10 ms;
-the first --warmup messages of each stream are excluded. `lost` counts measured messages of
-the livepipe run that never reached the handler.
+real time: thousands of samples in seconds without saturating a 2-core machine), JPEG every
+20 ms (20x a camera's 1 fps); warm-up messages (--warmup audio, a quarter of it JPEG) are
+excluded. raw and livepipe take turns in --rounds blocks per stream, so both meet the same
+background load. `lost` counts livepipe messages that never reached the handler, whatever
+the reason, including video frames the video lane's newest-frame-only policy replaced
+(`video_stale_dropped` says how many of those; they need a > 20 ms stall of the subscriber).
 """
 from __future__ import annotations
 
@@ -43,11 +46,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--audio-count", type=int, default=3000, help="measured audio messages (default 3000)")
     p.add_argument("--audio-interval-ms", type=float, default=2.0, help="audio pacing (default 2 ms)")
-    p.add_argument("--jpeg-count", type=int, default=600, help="measured JPEG messages (default 600)")
-    p.add_argument("--jpeg-interval-ms", type=float, default=10.0, help="JPEG pacing (default 10 ms)")
-    p.add_argument("--warmup", type=int, default=200, help="messages per stream excluded at the start (default 200)")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="raw and livepipe alternate in this many blocks per stream (default 4)")
+    p.add_argument("--jpeg-count", type=int, default=400, help="measured JPEG messages (default 400)")
+    p.add_argument("--jpeg-interval-ms", type=float, default=20.0, help="JPEG pacing (default 20 ms)")
+    p.add_argument("--warmup", type=int, default=200,
+                   help="audio messages excluded at the start (default 200; JPEG: a quarter of it)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="raw and livepipe alternate in this many blocks per stream (default 10)")
     p.add_argument("--role", choices=["lp-pub", "lp-sub", "raw-pub", "raw-sub"], help=argparse.SUPPRESS)
     p.add_argument("--pub", help=argparse.SUPPRESS)
     p.add_argument("--sub", help=argparse.SUPPRESS)
@@ -97,7 +101,7 @@ def lp_pub(args: argparse.Namespace) -> int:
                     svc.publish("audio.in", "audio", audio, rate=16000, channels=1, sample_width=2, frames=320)
                 else:
                     svc.publish("video.in", "image", jpeg, image_width=768, image_height=768, mime="image/jpeg")
-            await asyncio.sleep(0.1)   # drained before the next block starts
+            await asyncio.sleep(0.05)   # drained before the next block starts
             print(json.dumps({"done": stream, "dropped": svc.counters["dropped"]}), flush=True)
 
     return svc.main(run)
@@ -165,7 +169,7 @@ def raw_pub(args: argparse.Namespace) -> int:
             RAW_PREFIX.pack_into(body, 0, seqs[stream], time.time_ns())
             pub.send_multipart([topic, body])
             seqs[stream] += 1
-        time.sleep(0.1)
+        time.sleep(0.05)
         print(json.dumps({"done": stream, "dropped": 0}), flush=True)
     pub.close()
     ctx.term()
@@ -288,14 +292,15 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
               "--jpeg-interval-ms", str(args.jpeg_interval_ms)]
     broker = spawn(["broker", "--pub-bind", pub_ep, "--sub-bind", sub_ep])
     pairs: dict[str, Pair] = {}
+    warmup = {"audio": args.warmup, "jpeg": max(1, args.warmup // 4)}
     try:
         wait_port(pub_port, broker)
         wait_port(sub_port, broker)
         for kind in ("raw", "lp"):
             pairs[kind] = Pair(kind, common)
         for pair in pairs.values():      # warm-up: excluded below by sequence number
-            pair.send("audio", args.warmup)
-            pair.send("jpeg", args.warmup)
+            pair.send("audio", warmup["audio"])
+            pair.send("jpeg", warmup["jpeg"])
         for r in range(args.rounds):     # alternate who goes first, so neither always follows the other
             order = ("raw", "lp") if r % 2 == 0 else ("lp", "raw")
             for stream, total in (("audio", args.audio_count), ("jpeg", args.jpeg_count)):
@@ -318,7 +323,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         res = results[kind]
         missing = 0
         for stream in ("audio", "jpeg"):
-            measured = [lat for seq, lat in res["samples"][stream] if seq >= args.warmup]
+            measured = [lat for seq, lat in res["samples"][stream] if seq >= warmup[stream]]
             out[f"{prefix}{stream}_p50_us"] = pct_us(measured, 50)
             out[f"{prefix}{stream}_p99_us"] = pct_us(measured, 99)
             out[f"{prefix}{stream}_max_us"] = pct_us(measured, 100)
@@ -333,8 +338,9 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
             out[f"{stream}_p50_ratio"] = round(out[f"{stream}_p50_us"] / out[f"raw_{stream}_p50_us"], 2)
     out.update({
         "audio_samples": args.audio_count, "audio_interval_ms": args.audio_interval_ms,
-        "jpeg_samples": args.jpeg_count, "jpeg_interval_ms": args.jpeg_interval_ms, "warmup": args.warmup,
+        "jpeg_samples": args.jpeg_count, "jpeg_interval_ms": args.jpeg_interval_ms, "warmup": warmup,
         "rounds": args.rounds, "publisher_dropped": pairs["lp"].dropped,
+        "video_stale_dropped": results["lp"].get("counters", {}).get("stale_dropped", 0),
         "subscriber_counters": {k: v for k, v in results["lp"].get("counters", {}).items() if v},
         "transport": "tcp loopback via livepipe broker", "cpus": os.cpu_count(),
         "seconds": round(time.monotonic() - started, 1),
