@@ -2,6 +2,7 @@
 replay, export, say, and the bench's plumbing; plus the tools' import hygiene."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -13,7 +14,6 @@ import wave
 from pathlib import Path
 
 import msgpack
-import pytest
 
 from bus.client import BusClient
 from bus.message import decode, encode, make_header
@@ -295,7 +295,7 @@ def test_recording_format_is_magic_line_and_msgpack_stream(tmp_path):
         w.write(123, [b"s1/text.in", b"\x80", b"x"])
     raw = path.read_bytes()
     assert raw.startswith(MAGIC)
-    meta, record = list(msgpack.Unpacker(__import__("io").BytesIO(raw[len(MAGIC):]), raw=False))
+    meta, record = list(msgpack.Unpacker(io.BytesIO(raw[len(MAGIC):]), raw=False))
     assert meta["session"] == "s1" and meta["topics"] == ["text.in"] and record == [123, [b"s1/text.in", b"\x80", b"x"]]
     bad = tmp_path / "bad.lprec"
     bad.write_bytes(b"RIFF....WAVE")
