@@ -163,6 +163,38 @@ class Chunker:
         return frames * 1_000_000_000 // self.rate
 
 
+class SampleClock:
+    """Dates the samples of a device stream on the wall clock.
+
+    PortAudio's ADC timestamps are not usable with every host API (through ALSA's pulse
+    plugin they wander by hundreds of ms), but callback arrival times are only ever late,
+    never early. So sample i is dated `t0 + i / rate`, with t0 the lower envelope of
+    `arrival - frames_so_far / rate`, allowed to creep up slowly (`leak`, for a device clock
+    running slower than ours) and reset when the device reports lost input.
+    """
+
+    def __init__(self, rate: int, latency_s: float = 0.0, leak: float = 0.002) -> None:
+        self.rate, self.latency_ns, self.leak = rate, int(latency_s * 1e9), leak
+        self.frames = 0
+        self.t0: int | None = None
+
+    def update(self, arrival_ns: int, frames: int, reset: bool = False) -> int:
+        """Account a block of `frames` that arrived at `arrival_ns`; returns its first sample's time."""
+        first = self.frames
+        self.frames += frames
+        candidate = arrival_ns - self.frames * 1_000_000_000 // self.rate
+        if self.t0 is None or reset:
+            self.t0 = candidate
+        else:
+            self.t0 = min(candidate, self.t0 + int(self.leak * frames * 1_000_000_000 / self.rate))
+        return self.time_of(first)
+
+    def time_of(self, index: int) -> int:
+        """Wall-clock ns when sample `index` (counted from the first block) was captured."""
+        assert self.t0 is not None
+        return self.t0 + index * 1_000_000_000 // self.rate - self.latency_ns
+
+
 # ----------------------------------------------------------------- WAV files
 class WavReader:
     """Streaming WAV reader: PCM 8/16/24/32-bit, IEEE float 32/64, WAVE_FORMAT_EXTENSIBLE.

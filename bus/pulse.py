@@ -241,7 +241,7 @@ def play_wav(path: str | os.PathLike, sink: str, env: dict[str, str] | None = No
              timeout: float = 60.0) -> None:
     """Play a WAV file into `sink` (e.g. the mic feed) and return when it has drained."""
     full_env = {**os.environ, **(env or {})}
-    res = _run(["paplay", f"--device={sink}", "--latency-msec=20", str(path)], full_env, timeout)
+    res = _run(["paplay", f"--device={sink}", "--latency-msec=200", str(path)], full_env, timeout)
     if res.returncode != 0:
         raise PulseError(f"paplay {path} into {sink}: {(res.stderr or res.stdout).strip()}")
 

@@ -25,9 +25,10 @@ from typing import Any, AsyncIterator
 import numpy as np
 
 from bus import Service, setup_logging
-from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, StreamResampler, WavReader, float_to_int16,
+from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
+                       float_to_int16,
                        import_sounddevice, list_devices_text, parse_device, pick_channels, pick_rate,
-                       resolve_device, stream_delay_s, to_mono, tone)
+                       resolve_device, to_mono, tone)
 from bus.config import BusConfig, ConfigError, add_bus_arguments
 from bus.message import Message
 
@@ -112,7 +113,7 @@ class DeviceSource:
         self.chunker = Chunker(chunk_frames, IN_RATE)
         self.block_frames = max(16, self.rate // 100)           # 10 ms device blocks
         # Blocks wait here for the event loop; a minute of them at most (counted beyond that).
-        self.queue: deque[tuple[bytes, int]] = deque()
+        self.queue: deque[tuple[bytes, int, bool]] = deque()   # (samples, arrival ns, input lost before)
         self.max_queue = 6000
         self.overflows = 0
         self.queue_dropped = 0
@@ -124,20 +125,22 @@ class DeviceSource:
                                                  channels=self.channels, dtype="int16",
                                                  blocksize=self.block_frames, latency="low", callback=self._callback)
             self.latency_s = float(self.stream.latency)
+            self.clock = SampleClock(self.rate, self.latency_s)
+            self.out_frames = 0
             self.stream.start()
         except Exception as exc:   # PortAudioError: busy, unplugged, unsupported
             raise DeviceError(f"cannot open input device {self.device_name!r} at {self.rate} Hz: {exc}; "
                               "use --file PATH.wav to read audio from a file instead") from None
 
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
-        if status.input_overflow:
+        arrival_ns = time.time_ns()
+        lost = bool(status.input_overflow)
+        if lost:
             self.overflows += 1
-        delay = stream_delay_s(time_info.currentTime - time_info.inputBufferAdcTime, self.latency_s)
-        adc_ns = time.time_ns() - int(delay * 1e9)
         if len(self.queue) >= self.max_queue:
             self.queue_dropped += 1     # the event loop is wedged; never block the audio thread
             return
-        self.queue.append((bytes(indata), adc_ns))
+        self.queue.append((bytes(indata), arrival_ns, lost))
         self.blocks += 1
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
@@ -156,18 +159,17 @@ class DeviceSource:
                     raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
             self._wake.clear()
             while self.queue:
-                data, adc_ns = self.queue.popleft()
+                data, arrival_ns, lost = self.queue.popleft()
                 block = np.frombuffer(data, dtype="<i2")
-                n_in = len(block) // self.channels
+                self.clock.update(arrival_ns, len(block) // self.channels, reset=lost)
                 if self.channels > 1:
                     block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
                 out = self.resampler.process(block)
                 if not len(out):
                     continue
-                # soxr keeps its output aligned with its input, holding back `delay`: date the
-                # piece from the end of the input block.
-                end_ns = adc_ns + n_in * 1_000_000_000 // self.rate
-                first_ns = end_ns - int((self.resampler.delay_s() + len(out) / IN_RATE) * 1e9)
+                # soxr keeps output sample m aligned with input time m / 16 kHz.
+                first_ns = self.clock.time_of(self.out_frames * self.rate // IN_RATE)
+                self.out_frames += len(out)
                 for chunk in self.chunker.push(out, first_ns):
                     yield chunk
 

@@ -70,7 +70,7 @@ def play_into_mic(devices: DeviceSet, wav: str | Path, wait: bool = True) -> sub
     if wait:
         play_wav(wav, devices.mic_feed, devices.daemon.env)
         return None
-    return subprocess.Popen(["paplay", f"--device={devices.mic_feed}", "--latency-msec=20", str(wav)],
+    return subprocess.Popen(["paplay", f"--device={devices.mic_feed}", "--latency-msec=200", str(wav)],
                             env={**os.environ, **devices.daemon.env},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
