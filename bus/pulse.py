@@ -15,6 +15,7 @@ can start up to 2 s late: keep a low-latency recorder on its monitor when timing
 """
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import signal
@@ -314,6 +315,21 @@ class MonitorRecorder:
         if not arr:
             raise PulseError(f"no audio recorded from {self.source}")
         return min(a - s * 1_000_000_000 // self.rate for a, s in arr)
+
+    def arrival_of(self, index: int) -> int | None:
+        """Wall-clock ns when the block holding sample `index` reached us (None: not yet)."""
+        with self._lock:
+            starts = [s for _, s in self._arrivals]
+            k = bisect.bisect_right(starts, index) - 1
+            if k < 0 or index >= self._frames:
+                return None
+            return self._arrivals[k][0]
+
+    def clock_offsets_ns(self) -> np.ndarray:
+        """Per block: arrival - start_index / rate, minus t0 (0 = on time; spread = delivery jitter)."""
+        with self._lock:
+            arr = np.array([a - s * 1_000_000_000 // self.rate for a, s in self._arrivals], dtype=np.int64)
+        return arr - arr.min() if len(arr) else arr
 
     def time_of(self, index: int, t0: int | None = None) -> int:
         return (self.t0_ns() if t0 is None else t0) + index * 1_000_000_000 // self.rate
