@@ -143,6 +143,18 @@ class PulseDaemon:
         except (OSError, ValueError, IndexError):
             return None
 
+    def ensure_running(self, timeout: float = 10.0) -> None:
+        """Start a daemon again if ours (or the one we reused) has gone away, e.g. stopped by
+        another session that owned it; we then own the new one."""
+        if server_info(self.env) is not None:
+            return
+        env = {"PULSE_SERVER": f"unix:{SYSTEM_SOCKET}"}
+        if server_info(env) is None:
+            self.started_pid = self._start_system_daemon(env, timeout)
+        self.env = env
+        self._modules = []   # they died with the old daemon
+        self.ensure_standard_devices()
+
     def ensure_standard_devices(self) -> None:
         """Load speaker / mic_feed / virtual_mic on a reused server that lacks them."""
         sinks = {row[1] for row in _short_list("sinks", self.env) if len(row) > 1}

@@ -47,6 +47,7 @@ def pulse() -> Iterator[PulseDaemon]:
 
 @pytest.fixture
 def pulse_devices(pulse: PulseDaemon) -> Iterator[DeviceSet]:
+    pulse.ensure_running()   # another session that owned the daemon may have stopped it
     devices = pulse.private_devices()
     yield devices
     devices.close()

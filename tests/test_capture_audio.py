@@ -283,6 +283,7 @@ def test_no_sound_card_gives_one_clear_line_naming_the_file_source(bus_env):
 
 
 def test_list_devices_shows_the_pulse_devices(pulse, bus_env):  # noqa: F811
+    pulse.ensure_running()
     proc = spawn(["capture-audio", "--list-devices"], {**bus_env, **pulse.env})
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err

@@ -80,6 +80,7 @@ BURST_S = 60
 def burst(pulse, tmp_path_factory) -> Iterator[dict]:  # noqa: F811
     """60 s of audio delivered in 1 s to a playback on its own speaker, started first so the
     minute of real-time playing overlaps the other tests of this module."""
+    pulse.ensure_running()
     devices = pulse.private_devices()
     pub, sub = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
@@ -219,6 +220,7 @@ def test_no_sound_card_gives_one_clear_line(bus_env):
 
 
 def test_unknown_device_name_gives_one_clear_line(pulse, bus_env):  # noqa: F811
+    pulse.ensure_running()
     proc = spawn(["playback", "--device", "no-such-speaker"], {**bus_env, **pulse.env})
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 1
