@@ -7,6 +7,8 @@ import sys
 BENCHES = {
     "bus": "one-hop latency through the broker, against raw pyzmq in the same run",
     "interrupt": "interrupt -> silence at a real (PulseAudio null sink) device",
+    "video": "fit + JPEG encode cost per frame against the seed's reference client; frame age",
+    "goaway": "audio.in delivery gap to the model across goAway switchovers",
 }
 
 

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text-mode", default=_env("LIVEPIPE_TEXT_MODE", "realtime"),
                    help="how text.in is sent: realtime (send_realtime_input) | content (a client turn) "
                         "(env LIVEPIPE_TEXT_MODE, default realtime)")
-    s.add_argument("--video-fps", default=_env("LIVEPIPE_VIDEO_FPS", "1"), metavar="FPS",
-                   help="most video frames a second sent to the model, 0 < FPS <= 1 (env LIVEPIPE_VIDEO_FPS, default 1)")
+    s.add_argument("--video-fps", default=_env("LIVEPIPE_MODEL_VIDEO_FPS", "1"), metavar="FPS",
+                   help="most video frames a second sent to the model, 0 < FPS <= 1 (env LIVEPIPE_MODEL_VIDEO_FPS, default 1)")
     s.add_argument("--video-max-side", default=_env("LIVEPIPE_VIDEO_MAX_SIDE", "768"), metavar="PX",
                    help="frames larger than this are fitted inside PXxPX (env LIVEPIPE_VIDEO_MAX_SIDE, default 768)")
     s.add_argument("--tool-timeout", default=_env("LIVEPIPE_TOOL_TIMEOUT", "30"), metavar="S",
@@ -279,7 +279,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         raise ConfigError("--compression-target-tokens must be below --compression-trigger-tokens")
     s.resumption = _switch("--resumption", "LIVEPIPE_RESUMPTION", args.resumption)
     s.text_mode = _choice("--text-mode", "LIVEPIPE_TEXT_MODE", args.text_mode, ("realtime", "content"))
-    s.video_fps = _number("--video-fps", "LIVEPIPE_VIDEO_FPS", args.video_fps, float, 0.01, 1.0)
+    s.video_fps = _number("--video-fps", "LIVEPIPE_MODEL_VIDEO_FPS", args.video_fps, float, 0.01, 1.0)
     s.video_max_side = _number("--video-max-side", "LIVEPIPE_VIDEO_MAX_SIDE", args.video_max_side, int, 64, 4096)
     s.tool_timeout = _number("--tool-timeout", "LIVEPIPE_TOOL_TIMEOUT", args.tool_timeout, float, 0.1, 3600)
     s.buffer_seconds = _number("--buffer-seconds", "LIVEPIPE_BUFFER_SECONDS", args.buffer_seconds, float, 0.5, 120)

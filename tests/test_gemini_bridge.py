@@ -195,7 +195,7 @@ def test_bad_settings_are_refused_before_connecting(tmp_path, bus_env):
     # No emulator runs: each is refused at once with one line naming the option and exit 2.
     cases = [
         (["--media-resolution", "ultra"], {}, "--media-resolution 'ultra'"),
-        ([], {"LIVEPIPE_VIDEO_FPS": "5"}, "--video-fps '5'"),
+        ([], {"LIVEPIPE_MODEL_VIDEO_FPS": "5"}, "--video-fps '5'"),
         (["--tools", str(tmp_path / "missing.json")], {}, "no such file"),
         (["--backend", "gemini"], {}, "GEMINI_API_KEY"),
         (["--system-instruction", "@" + str(tmp_path / "nope.txt")], {}, "--system-instruction"),
