@@ -74,6 +74,23 @@ def match(reference16k: np.ndarray, reply24k: np.ndarray) -> tuple[float, float]
     return lag / RATE_OUT - 0.5, corr
 
 
+def found_in(words16k: np.ndarray, reply24k: np.ndarray) -> float:
+    """How intact `words` are at their best place inside `reply` (normalised correlation, 1.0 = all
+    of them, unchanged). Unlike match(), extra audio around them in the reply does not count."""
+    a = soxr.resample(words16k, RATE_IN, RATE_OUT).astype(np.float64)
+    b = np.concatenate([np.zeros(len(a)), reply24k.astype(np.float64), np.zeros(len(a))])
+    n = 1 << int(np.ceil(np.log2(len(a) + len(b))))
+    xc = np.fft.irfft(np.fft.rfft(b, n) * np.conj(np.fft.rfft(a, n)), n)[:len(b) - len(a) + 1]
+    # normalised at every lag (a short piece would otherwise "match" best wherever the reply is loud)
+    energy = np.concatenate([[0.0], np.cumsum(b * b)])
+    window = np.sqrt(np.maximum(energy[len(a):] - energy[:-len(a)], 0.0))
+    a_norm = float(np.linalg.norm(a))
+    if a_norm == 0:
+        return 0.0
+    ncc = np.where(window > 1e-3 * a_norm, xc / (a_norm * np.maximum(window, 1e-9)), 0.0)
+    return float(ncc.max())
+
+
 # --- emulator processes ----------------------------------------------------------------------
 
 class Emulator:
@@ -188,6 +205,8 @@ class TurnResult:
     tool_calls: list[Any] = field(default_factory=list)
     cancelled_ids: list[str] = field(default_factory=list)
     handles: list[str] = field(default_factory=list)
+    handle_indexes: list[int | None] = field(default_factory=list)   # lastConsumedClientMessageIndex of each
+    handle_times: list[float] = field(default_factory=list)          # time.monotonic() each arrived
     go_away: Any = None
     first_audio_at: float | None = None
 
@@ -227,6 +246,8 @@ def absorb(result: TurnResult, msg: Any) -> None:
         result.cancelled_ids += list(msg.tool_call_cancellation.ids or [])
     if msg.session_resumption_update is not None and msg.session_resumption_update.new_handle:
         result.handles.append(msg.session_resumption_update.new_handle)
+        result.handle_indexes.append(msg.session_resumption_update.last_consumed_client_message_index)
+        result.handle_times.append(time.monotonic())
     if msg.go_away is not None:
         result.go_away = msg.go_away
 

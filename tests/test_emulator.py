@@ -21,7 +21,7 @@ import pytest
 import websockets
 from google.genai import errors, types
 
-from tests.emulator_support import (RATE_IN, Emulator, TurnResult, collect_turn, make_client, match,
+from tests.emulator_support import (RATE_IN, Emulator, TurnResult, collect_turn, found_in, make_client, match,
                                     receive_until, send_audio, silence, speech, start_all)
 
 MODEL = "models/gemini-2.5-flash-native-audio-latest"
@@ -51,6 +51,8 @@ def emus(tmp_path_factory):
         "drop": Emulator(base / "drop", "--latency", "0.05", "--pace", "0", "--drop-after", "1.5"),
         "limit": Emulator(base / "limit", "--latency", "0.05", "--pace", "0", "--session-limit", "1.5",
                           "--goaway-grace", "0.5"),
+        "dropslow": Emulator(base / "dropslow", "--latency", "0.05", "--pace", "2", "--chunk-ms", "20",
+                             "--drop-after", "2.0"),
     }
     start_all(list(e.values()))
     yield e
@@ -403,6 +405,182 @@ def test_abrupt_drop_then_resumption(emus, voice):
     dropped, second, _ = run(scenario())
     assert dropped.code == 1011 and "Internal error encountered." in str(dropped)
     assert second.output_text[0].startswith("reply 2: ")
+
+
+VAD_FRAME = 320          # the emulator's VAD frame: 20 ms at 16 kHz
+NO_INTERRUPTION = types.RealtimeInputConfig(activity_handling="NO_INTERRUPTION")
+
+
+def _whole_frames(x: np.ndarray) -> np.ndarray:
+    """Padded to whole VAD frames, so what follows starts on a frame boundary in every session."""
+    return np.concatenate([x, np.zeros(-len(x) % VAD_FRAME, np.int16)])
+
+
+def _chunks(x: np.ndarray, ms: int = 20) -> list[np.ndarray]:
+    step = RATE_IN * ms // 1000
+    return [x[o:o + step] for o in range(0, len(x), step)]
+
+
+def _pcm(chunk: np.ndarray) -> types.Blob:
+    return types.Blob(data=chunk.tobytes(), mime_type="audio/pcm;rate=16000")
+
+
+def _utterance_seconds(texts: list[str], n: int) -> float:
+    for text in texts:
+        m = INPUT_RE.match(text)
+        if m and int(m.group(1)) == n:
+            return float(m.group(2))
+    raise AssertionError(f"no utterance {n} in {texts}")
+
+
+@pytest.fixture
+def transparent_sdk(monkeypatch):
+    """The SDK refuses SessionResumptionConfig(transparent=True) client-side outside Vertex AI (its
+    Vertex converter sends the same `transparent` field). Lift that one check, so the real SDK asks
+    for transparent resumption on the wire the way a Vertex client does."""
+    from google.genai import _live_converters
+    original = _live_converters._SessionResumptionConfig_to_mldev
+
+    def to_mldev(from_object, parent_object=None):
+        out = original({"handle": _live_converters.getv(from_object, ["handle"])}, parent_object)
+        transparent = _live_converters.getv(from_object, ["transparent"])
+        if transparent is not None:
+            out["transparent"] = transparent
+        return out
+
+    monkeypatch.setattr(_live_converters, "_SessionResumptionConfig_to_mldev", to_mldev)
+
+
+def test_resumption_mid_utterance_loses_no_audio(emus, voice, transparent_sdk):
+    """A handle issued while the user is mid-utterance (right after a barge-in, or when a reply ends
+    while the user talks) or while a heard utterance still waits for its reply stands for all of that:
+    the resumed session holds it, so the resent messages complete the utterance, nothing missing.
+    Every connection of "dropslow" drops (1011) 2 s after setup; replies play at 2x real time."""
+    first = _whole_frames(voice["hello"])                 # reply 1 lasts 1.24 s at --pace 2
+    weather, hello = _whole_frames(voice["weather"]), _whole_frames(voice["hello"])
+    cl = client(emus["dropslow"])
+
+    async def heard_without_a_drop(second):
+        """Utterance 2's duration in one unbroken session with the same input."""
+        result = TurnResult()
+        async with client(emus["fast"]).aio.live.connect(model=MODEL, config=config(**TRANSCRIBE)) as s:
+            await send_audio(s, np.concatenate([first, silence(0.6), second, silence(0.7)]), speed=0)
+            await receive_until(s, lambda r: r.turns_completed >= 2 and len(r.input_text) >= 2, result)
+        return _utterance_seconds(result.input_text, 2)
+
+    async def talk(s, words, sent) -> int:
+        """The user talks in real time until done or the connection drops: how many chunks went out."""
+        t0 = time.monotonic()
+        for k, c in enumerate(words):
+            try:
+                await s.send_realtime_input(audio=_pcm(c))
+            except websockets.ConnectionClosed:
+                return k
+            sent.append((time.monotonic(), c))
+            await asyncio.sleep(max(0.0, t0 + (k + 1) * 0.02 - time.monotonic()))
+        return len(words)
+
+    async def drop_and_resume(cfg_kw, handle_at, second, resend):
+        """Utterance 1, wait for its reply, talk (utterance 2) over it until the drop; resume from
+        handle number `handle_at` and send `resend(result, sent)`, the rest of the words, silence."""
+        sent: list[tuple[float, np.ndarray]] = []       # sent[i] is client message i + 1 (setup is 0)
+        words = _chunks(second)
+        result = TurnResult()
+        resumption = dict(transparent=True) if cfg_kw.pop("transparent", False) else {}
+        cfg = config(session_resumption=types.SessionResumptionConfig(**resumption), **cfg_kw, **TRANSCRIBE)
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            for c in _chunks(np.concatenate([first, silence(0.6)])):
+                await s.send_realtime_input(audio=_pcm(c))
+                sent.append((time.monotonic(), c))
+            await receive_until(s, lambda r: r.first_audio_at is not None, result)
+            began = time.monotonic()
+            speaker = asyncio.create_task(talk(s, words, sent))
+            with pytest.raises(errors.APIError) as dropped:
+                await receive_until(s, lambda r: False, result)
+            spoken = await speaker
+        again = resend(result, sent)
+        cfg = config(session_resumption=types.SessionResumptionConfig(handle=result.handles[handle_at], **resumption),
+                     **cfg_kw, **TRANSCRIBE)
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            for c in again + words[spoken:]:
+                await s.send_realtime_input(audio=_pcm(c))
+            await send_audio(s, silence(0.7), speed=0)
+            resumed = await collect_turn(s, timeout=8)
+        return dict(result=result, dropped=dropped.value, spoken=spoken, resent=len(again), resumed=resumed,
+                    handle_after=result.handle_times[handle_at] - began)
+
+    def after_index(result, sent):
+        """Transparent resumption: every message after the handle's lastConsumedClientMessageIndex."""
+        return [c for _, c in sent[result.handle_indexes[-1]:]]
+
+    def since_handle(result, sent):
+        """No index (the real service's default, and all the bridge gets): what was sent from 200 ms
+        before the handle arrived on, the bridge's rule (it may repeat up to 200 ms, never lose any)."""
+        return [c for t, c in sent if t >= result.handle_times[-1] - 0.2]
+
+    async def heard_not_answered():
+        """NO_INTERRUPTION: utterance 2 ends while reply 1 plays, so reply 1's handle is issued with
+        utterance 2 heard but not yet answered; the drop may cut its reply short."""
+        cfg = config(session_resumption=types.SessionResumptionConfig(), realtime_input_config=NO_INTERRUPTION,
+                     **TRANSCRIBE)
+        result = TurnResult()
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            await send_audio(s, np.concatenate([first, silence(0.6)]), speed=0)
+            await receive_until(s, lambda r: r.first_audio_at is not None, result)
+            await send_audio(s, np.concatenate([weather, silence(0.6)]), speed=0)
+            with pytest.raises(errors.APIError):
+                await receive_until(s, lambda r: False, result)
+        cfg = config(session_resumption=types.SessionResumptionConfig(handle=result.handles[1]), **TRANSCRIBE)
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            resumed = await collect_turn(s, timeout=8)
+        return result, resumed
+
+    async def scenario():
+        return await asyncio.gather(
+            heard_without_a_drop(hello),
+            # barge-in (interrupts reply 1): handle 1 comes with the interrupted turnComplete
+            drop_and_resume(dict(transparent=True), -1, hello, after_index),
+            # talking when reply 1 ends: handle 1 comes with its turnComplete, mid-utterance
+            drop_and_resume(dict(realtime_input_config=NO_INTERRUPTION), -1, hello, since_handle),
+            heard_not_answered())
+
+    expected, barge, through, (queued, queued_resumed) = run(scenario())
+    assert abs(expected - len(hello) / RATE_IN) < 0.1, expected
+    words = len(_chunks(hello))
+    for run_, transparent in ((barge, True), (through, False)):
+        result, resumed = run_["result"], run_["resumed"]
+        assert run_["dropped"].code == 1011 and len(result.handles) == 2, (run_["dropped"], result.handles)
+        assert 10 < run_["spoken"] < words, run_["spoken"]          # the drop came mid-utterance
+        # the index is reported only when setup asked for transparent resumption, as on the real service
+        assert all(isinstance(i, int) for i in result.handle_indexes) if transparent else \
+            result.handle_indexes == [None, None]
+        assert resumed.output_text[0].startswith("reply 2: ")
+        # every 100 ms of the words is in the reply (without the index some may be there twice)
+        pieces = [found_in(piece, resumed.samples) for piece in _chunks(hello, 100)]
+        assert min(pieces) > 0.95, pieces
+    print("FIGURES", json.dumps({"unbroken_s": expected,
+                                 "barge_s": _utterance_seconds(barge["resumed"].input_text, 2),
+                                 "barge_index": barge["result"].handle_indexes, "barge_resent": barge["resent"],
+                                 "through_s": _utterance_seconds(through["resumed"].input_text, 2),
+                                 "through_handle_after_s": round(through["handle_after"], 3),
+                                 "through_resent": through["resent"]}))
+    assert barge["result"].interrupted and not through["result"].interrupted
+    # With the index: utterance 2 reached the resumed session whole and once, so it is as long as in an
+    # unbroken session, within a VAD frame (the resumed webrtcvad starts afresh).
+    seconds = _utterance_seconds(barge["resumed"].input_text, 2)
+    assert abs(seconds - expected) <= 0.02, (seconds, expected, barge["resent"])
+    # Without it: the handle came mid-utterance, well over 200 ms into the words, so the resent messages
+    # alone would miss some; the resumed session held them: all there, at most 200 ms of them twice.
+    assert through["handle_after"] > 0.5, through["handle_after"]
+    seconds = _utterance_seconds(through["resumed"].input_text, 2)
+    assert expected - 0.02 <= seconds <= expected + 0.22, (seconds, expected, through["resent"])
+    # The utterance heard during reply 1 is answered by the resumed session, whole.
+    assert queued.output_text[:2] == [f"reply 1: {_utterance_seconds(queued.input_text, 1):.2f} s",
+                                      f"reply 2: {_utterance_seconds(queued.input_text, 2):.2f} s"]
+    assert len(queued.handles) >= 2 and not queued.interrupted
+    assert queued_resumed.output_text == [f"reply 2: {_utterance_seconds(queued.input_text, 2):.2f} s"]
+    assert match(weather, queued_resumed.samples)[1] > 0.98
+    assert abs(queued_resumed.seconds - _utterance_seconds(queued.input_text, 2)) <= 0.01
 
 
 def test_unknown_resumption_handle_is_refused(emus):

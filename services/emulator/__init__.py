@@ -44,8 +44,17 @@ tools: when setup declares functions, an utterance of at least --tool-trigger se
   toolCallCancellation {ids}, interrupted, turnComplete.
 
 sessions: with setup.sessionResumption a sessionResumptionUpdate {newHandle, resumable: true} follows
-  setupComplete and every turnComplete. Handles are opaque ("emu-..."), valid 2 h; resuming restores
-  the conversation as of that handle (turn numbers continue).
+  setupComplete and every turnComplete. Handles are opaque ("emu-..."), valid 2 h. A handle stands
+  for everything the session had received when it was issued: finished turns (numbers continue),
+  utterances heard but not answered yet (the resumed session answers them), and the utterance the
+  user is in the middle of, with its VAD pre-roll (the resumed session goes on with it), so a
+  resumed session never misses audio the handle covers. lastConsumedClientMessageIndex (setup = 0,
+  counted per connection) is sent only when setup asks sessionResumption {transparent: true}, as
+  on the real service (the SDK allows that only on Vertex AI); a client then sends again every
+  message after it and nothing is heard twice. Without it a client cannot tell which of its last
+  messages a handle covers (those in flight when it was issued are not): resending from a little
+  before the handle arrived loses nothing, and what the handle did cover of that is heard twice.
+  A repeated activityStart inside an activity is ignored (counted), so a resend cannot cut one.
 
 close codes and reasons (what the SDK raises as google.genai.errors.APIError(code)):
   1007 "API key not valid. Please pass a valid API key."    wrong key (with --api-key)
@@ -62,8 +71,9 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
   1001                                                       the emulator is shutting down
 
 timeline (--timeline): one JSON line per event {"session", "conn", "turn", "event", "t_ns", ...};
-  events: session_start, speech_start, speech_end (seconds, speech_stop_ns = arrival of the last
-  voiced audio, silence_ms), text_in, tool_call, tool_response, tool_cancelled, first_byte,
+  events: session_start (resumed; carried_audio_s, carried_turns: what the handle brought along),
+  speech_start, speech_end (seconds, speech_stop_ns = arrival of the last voiced audio, silence_ms),
+  text_in, tool_call, tool_response, tool_cancelled, first_byte,
   interrupted (phase, sent_seconds), turn_complete, goaway, drop, closed (code, reason).
 
 discovery: once listening it writes <state>/emulator/emulator.json {"url", "ca_file", "pid",

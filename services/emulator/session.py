@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from bus.runtime import RateLimitedLog
 from services.emulator import wire
 from services.emulator.timeline import Timeline
-from services.emulator.turns import RATE, SpeechEnd, SpeechStart, TurnDetector, VadSettings
+from services.emulator.turns import RATE, HeldAudio, SpeechEnd, SpeechStart, TurnDetector, VadSettings
 from services.emulator.wire import ProtocolError
 
 log = logging.getLogger("emulator")
@@ -61,33 +61,48 @@ class Conversation:
     expired: bool = False
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """The state a resumption handle stands for: everything the session had consumed when it was
+    issued, including what is not a finished turn yet (a half-spoken utterance, its VAD pre-roll,
+    utterances heard but not answered), so that the handle covers every message received."""
+    turns: int                                # turns counted (heard) so far
+    held: HeldAudio                           # the turn detector's unfinished input
+    waiting: tuple["Turn", ...]               # heard, not answered yet: answered after resuming
+    frames: int                               # video frames since the last utterance, and their times
+    frame_first_ns: int
+    frame_last_ns: int
+    frame_size: tuple[int, int]
+    arrivals: tuple[tuple[int, int], ...]     # input position -> arrival time, for held audio
+
+
 class Registry:
-    """Resumption handles -> (conversation, turn count when issued). Shared by all sessions."""
+    """Resumption handles -> (conversation, its state when issued). Shared by all sessions."""
 
     def __init__(self) -> None:
-        self._handles: dict[str, tuple[Conversation, int, float]] = {}
+        self._handles: dict[str, tuple[Conversation, Snapshot, float]] = {}
         self._next = 0
 
     def new_conversation(self) -> Conversation:
         self._next += 1
         return Conversation(f"s{self._next}")
 
-    def issue(self, conv: Conversation) -> str:
+    def issue(self, conv: Conversation, state: Snapshot) -> str:
         now = time.monotonic()
         for h in [h for h, (_, _, exp) in self._handles.items() if exp < now]:
             del self._handles[h]
         handle = f"emu-{conv.id}-{conv.turns}-{secrets.token_urlsafe(12)}"
-        self._handles[handle] = (conv, conv.turns, now + HANDLE_TTL_S)
+        self._handles[handle] = (conv, state, now + HANDLE_TTL_S)
         return handle
 
-    def resume(self, handle: str) -> Conversation | None:
-        """The conversation as it was when the handle was issued, or None if unknown/expired."""
+    def resume(self, handle: str) -> tuple[Conversation, Snapshot] | None:
+        """The conversation and its state when the handle was issued, or None if unknown/expired."""
         entry = self._handles.get(handle)
         if entry is None or entry[2] < time.monotonic():
             return None
-        conv, turns, _ = entry
-        conv.turns = turns
-        return conv
+        conv, state, _ = entry
+        conv.turns = state.turns
+        return conv, state
 
 
 @dataclass
@@ -106,6 +121,11 @@ class Turn:
     reply_text: str = ""                      # TEXT modality: the reply sent
     completed: bool = False                   # turnComplete sent
 
+    def fresh(self) -> "Turn":
+        """The same user input as a turn not yet started (a resumed session answers it anew)."""
+        return Turn(self.number, self.kind, audio=self.audio, text=self.text, seconds=self.seconds, tool=self.tool,
+                    prompt_tokens=dict(self.prompt_tokens))
+
 
 class LiveSession:
     def __init__(self, ws: ServerConnection, conn_id: int, opts: Options, registry: Registry,
@@ -117,7 +137,8 @@ class LiveSession:
         self.client_index = -1                # index of the last client message consumed
         self.closing = False
         self.tasks: list[asyncio.Task] = []
-        self.turns: asyncio.Queue[Turn] = asyncio.Queue()
+        self.waiting: deque[Turn] = deque()  # heard, not started: the turn worker takes them in order
+        self.turn_ready = asyncio.Event()
         self.current: Turn | None = None
         self.tool_waiters: dict[str, asyncio.Future] = {}
         self._resamplers: dict[int, soxr.ResampleStream] = {}
@@ -128,6 +149,8 @@ class LiveSession:
         self.text_mode = False
         self.want_input_text = self.want_output_text = False
         self.resumption = self.resumed = False
+        self.transparent = False              # setup.sessionResumption.transparent: report consumed indexes
+        self.restored: Snapshot | None = None
         self.functions: list[str] = []
         self.frame_tokens = 258
         self.compression = False
@@ -240,7 +263,11 @@ class LiveSession:
         self._configure(body)
         await self.send(wire.setup_complete(f"{self.sid}-{self.conn_id}"))
         self.counters["sessions"] += 1
-        self.mark("session_start", self.conv.turns, resumed=self.resumed)
+        carried = {}
+        if self.restored is not None:
+            carried = {"carried_audio_s": round(self.restored.held.seconds, 3),
+                       "carried_turns": len(self.restored.waiting)}
+        self.mark("session_start", self.conv.turns, resumed=self.resumed, **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
         if self.resumption:
@@ -282,20 +309,39 @@ class LiveSession:
                 if not isinstance(name, str) or not name:
                     raise ProtocolError("Invalid argument: every function declaration needs a name.")
                 self.functions.append(name)
-        resumption = setup.get("session_resumption")
-        self.resumption = resumption is not None
-        handle = _obj(resumption, "setup.session_resumption").get("handle") if self.resumption else None
+        resumption = _obj(setup.get("session_resumption"), "setup.session_resumption")
+        self.resumption = setup.get("session_resumption") is not None
+        handle = resumption.get("handle")
+        self.transparent = bool(resumption.get("transparent"))
         self.resumed = bool(handle)
         if handle:
-            conv = self.registry.resume(str(handle))
+            found = self.registry.resume(str(handle))
             limit = self.opts.session_limit
             # A session past its duration limit is over: its handles are dead like unknown ones, so a
             # client has one rule (drop the handle, start a new session) for both.
-            if conv is None or conv.expired or (limit is not None and not self.compression and conv.used_s >= limit):
+            if found is None or found[0].expired or (limit is not None and not self.compression
+                                                     and found[0].used_s >= limit):
                 raise ProtocolError(wire.REASON_BAD_HANDLE)
-            self.conv = conv
+            self.conv, self.restored = found
+            self._restore(self.restored)
         else:
             self.conv = self.registry.new_conversation()
+
+    def _restore(self, state: Snapshot) -> None:
+        """Continue from a handle's state: the unfinished utterance, unanswered turns, frame counts."""
+        self.detector.restore(state.held)
+        self._arrivals.extend(state.arrivals)
+        self.waiting.extend(t.fresh() for t in state.waiting)
+        if self.waiting:
+            self.turn_ready.set()
+        self.frames, self.frame_first_ns, self.frame_last_ns = state.frames, state.frame_first_ns, state.frame_last_ns
+        self.frame_size = state.frame_size
+
+    def _snapshot(self) -> Snapshot:
+        assert self.conv is not None
+        unanswered = [self.current] if self.current is not None and not self.current.completed else []
+        return Snapshot(self.conv.turns, self.detector.hold(), tuple(t.fresh() for t in unanswered + list(self.waiting)),
+                        self.frames, self.frame_first_ns, self.frame_last_ns, self.frame_size, tuple(self._arrivals))
 
     def _start_timers(self) -> None:
         o = self.opts
@@ -384,7 +430,9 @@ class LiveSession:
                                 "needs automatic activity detection disabled.")
         now = time.time_ns()
         if start:
-            self.detector.activity_start()
+            if self.detector.activity_start() is None:
+                self.counters["activity_start_repeated"] += 1
+                return
             await self._speech_start(now)
         else:
             end = self.detector.activity_end()
@@ -424,10 +472,18 @@ class LiveSession:
 
     async def _interrupt_all(self, now: int) -> None:
         """Barge-in ends the turn in progress and any committed turn not yet started."""
+        # Taken out of the queue first: the worker must not start them, and the handle sent with
+        # each turnComplete must not count them as still to be answered.
+        queued = list(self.waiting)
+        self.waiting.clear()
         if self.current is not None and not self.current.completed:
             await self._interrupt(self.current, now)
-        while not self.turns.empty():
-            await self._interrupt(self.turns.get_nowait(), now)
+        for turn in queued:
+            await self._interrupt(turn, now)
+
+    def _enqueue(self, turn: Turn) -> None:
+        self.waiting.append(turn)
+        self.turn_ready.set()
 
     async def _speech_end(self, end: SpeechEnd, now: int) -> None:
         assert self.conv is not None
@@ -449,7 +505,7 @@ class LiveSession:
         if self.want_input_text:
             await self.send(wire.input_transcription(text))
         tool = self.functions[0] if self.functions and seconds >= self.opts.tool_trigger else None
-        self.turns.put_nowait(Turn(n, "audio", audio=end.audio, seconds=seconds, tool=tool, prompt_tokens=prompt))
+        self._enqueue(Turn(n, "audio", audio=end.audio, seconds=seconds, tool=tool, prompt_tokens=prompt))
 
     async def _client_content(self, body: dict[str, Any]) -> None:
         texts: list[str] = []
@@ -472,7 +528,7 @@ class LiveSession:
         self.conv.turns += 1
         n = self.conv.turns
         self.mark("text_in", n, now, chars=len(text))
-        self.turns.put_nowait(Turn(n, "text", text=text, prompt_tokens={"TEXT": max(1, math.ceil(len(text) / 4))}))
+        self._enqueue(Turn(n, "text", text=text, prompt_tokens={"TEXT": max(1, math.ceil(len(text) / 4))}))
 
     def _tool_response(self, body: dict[str, Any]) -> None:
         for resp in _list(body.get("function_responses"), "tool_response.function_responses"):
@@ -488,7 +544,10 @@ class LiveSession:
 
     async def _turn_worker(self) -> None:
         while True:
-            turn = await self.turns.get()
+            while not self.waiting:
+                self.turn_ready.clear()
+                await self.turn_ready.wait()
+            turn = self.waiting.popleft()
             self.current = turn
             turn.task = asyncio.create_task(self._play(turn))
             await asyncio.wait({turn.task})      # wait() does not raise when the turn was interrupted
@@ -583,8 +642,12 @@ class LiveSession:
         await self._complete(turn, "turn_complete")
 
     async def _resumption_update(self) -> None:
+        """A handle for the state as of now: it covers every client message received so far, which is
+        what lastConsumedClientMessageIndex says (sent only when setup asked for transparent
+        resumption, as the real service does)."""
         assert self.conv is not None
-        await self.send(wire.resumption_update(self.registry.issue(self.conv), self.client_index))
+        handle = self.registry.issue(self.conv, self._snapshot())
+        await self.send(wire.resumption_update(handle, self.client_index if self.transparent else None))
 
 
 def synthetic_reply(text: str) -> np.ndarray:

@@ -13,6 +13,10 @@ realtimeInputConfig.automaticActivityDetection maps onto the detector like this:
 A frame is voiced when webrtcvad says so and its level is at least -55 dBFS (RMS 60). An utterance
 runs from 40 ms before its first voiced frame (the pre-roll webrtcvad's onset misses) to the end
 of its last voiced frame; the trailing silence is not part of it.
+
+`hold()` / `restore()` carry what the detector holds but has not yet ended as an utterance (a
+half-spoken utterance, the pre-roll of one about to start, a partial frame) across session
+resumption, so a resumed session hears the whole utterance.
 """
 from __future__ import annotations
 
@@ -77,6 +81,27 @@ class SpeechEnd:
         return len(self.audio) / RATE
 
 
+@dataclass(frozen=True)
+class HeldAudio:
+    """A detector's input state that is not yet part of an ended utterance (see TurnDetector.hold)."""
+    position: int
+    speaking: bool
+    manual: bool                      # held by an activityStart (automatic detection disabled)
+    pending: np.ndarray               # a partial frame
+    recent: tuple[np.ndarray, ...]    # idle: pre-roll and voiced run
+    run: int
+    frames: tuple[np.ndarray, ...]    # speaking: the utterance so far
+    voiced_len: int
+    silence: int
+    last_voiced_end: int
+
+    @property
+    def seconds(self) -> float:
+        """Audio held that may still become part of an utterance."""
+        kept = len(self.frames) if self.speaking else min(len(self.recent), self.run + PREROLL_FRAMES)
+        return (kept * FRAME + len(self.pending)) / RATE
+
+
 @dataclass
 class TurnDetector:
     settings: VadSettings
@@ -139,6 +164,24 @@ class TurnDetector:
         self._pending = buf[n * FRAME:].copy()
         return events
 
+    def hold(self) -> HeldAudio:
+        """A snapshot of the held input (frames are never written to after they are cut, so shared)."""
+        return HeldAudio(self.position, self.speaking, self.settings.disabled, self._pending.copy(),
+                         tuple(self._recent), self._run, tuple(self._frames), self._voiced_len, self._silence,
+                         self._last_voiced_end)
+
+    def restore(self, held: HeldAudio) -> None:
+        """Continue from `held` (a resumed session), under this detector's own settings."""
+        self.position, self.speaking, self._pending = held.position, held.speaking, held.pending.copy()
+        self._recent.clear()
+        self._recent.extend(held.recent)
+        self._run = held.run
+        self._frames = list(held.frames)
+        self._silence, self._last_voiced_end = held.silence, held.last_voiced_end
+        # An activity's frames are all kept (no voiced count): if the resumed session detects
+        # turns automatically, all of them stay part of the utterance.
+        self._voiced_len = len(self._frames) if held.manual and not self.settings.disabled else held.voiced_len
+
     def _finish(self, manual: bool = False) -> SpeechEnd:
         frames = self._frames if manual else self._frames[:self._voiced_len]
         if manual and len(self._pending):
@@ -156,7 +199,11 @@ class TurnDetector:
         return self._finish()
 
     # manual activity (automatic detection disabled)
-    def activity_start(self) -> SpeechStart:
+    def activity_start(self) -> SpeechStart | None:
+        """None when an activity is already open: a repeated activityStart (a client resending what a
+        resumption handle may not cover) must not throw away the audio held since the first."""
+        if self.speaking:
+            return None
         self.speaking, self._frames = True, []
         return SpeechStart(self.position)
 

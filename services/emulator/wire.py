@@ -179,6 +179,8 @@ def go_away(seconds: float) -> dict[str, Any]:
     return {"goAway": {"timeLeft": f"{max(0.0, seconds):.3f}".rstrip("0").rstrip(".") + "s"}}
 
 
-def resumption_update(handle: str, consumed_index: int) -> dict[str, Any]:
-    return {"sessionResumptionUpdate": {"newHandle": handle, "resumable": True,
-                                        "lastConsumedClientMessageIndex": consumed_index}}
+def resumption_update(handle: str, consumed_index: int | None) -> dict[str, Any]:
+    update: dict[str, Any] = {"newHandle": handle, "resumable": True}
+    if consumed_index is not None:       # only with setup.sessionResumption.transparent
+        update["lastConsumedClientMessageIndex"] = consumed_index
+    return {"sessionResumptionUpdate": update}
