@@ -21,10 +21,13 @@ from bus.client import BusClient
 from bus.config import BusConfig
 from bus.message import Message
 from tests.conftest import spawn, stop
+from tests.playback_burst import playback_burst  # noqa: F401  (its minute of playing overlaps these tests)
 from tests.pulse_support import (align, loud_spans, play_into_mic, pulse, pulse_devices,  # noqa: F401
                                  similarity, speech_wav)
 
 CHUNK_FRAMES = 320   # the default 20 ms at 16 kHz
+
+pytestmark = pytest.mark.usefixtures("playback_burst")
 
 
 @pytest.fixture

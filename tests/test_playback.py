@@ -7,10 +7,7 @@ was heard, silences included. The JitterBuffer unit tests pin the turn logic.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import time
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -19,40 +16,14 @@ import pytest
 from bus.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
 from bus.client import BusClient
 from bus.config import BusConfig
-from bus.message import Message
 from services.playback import JitterBuffer
-from tests.conftest import Broker, free_port, spawn, stop
-from tests.pulse_support import (align, loud_spans, pulse, pulse_devices, record_speaker,  # noqa: F401
-                                 similarity)
+from tests.conftest import spawn, stop
+from tests.playback_burst import BURST_S, playback_burst, publish_turn, start_playback, wait_event  # noqa: F401
+from tests.pulse_support import align, loud_spans, pulse, pulse_devices, record_speaker  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("playback_burst")
 
 PERIOD_MS = 20.0          # playback's default device period
-CHUNK = 960               # 40 ms chunks, as the bridge sends them
-
-
-def publish_turn(client: BusClient, turn: int, pcm: np.ndarray, chunk: int = CHUNK) -> None:
-    for i in range(0, len(pcm), chunk):
-        part = pcm[i:i + chunk]
-        client.publish("audio.out", "audio", part.tobytes(), rate=OUT_RATE, channels=1, sample_width=2,
-                       frames=len(part), turn=turn)
-
-
-def wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = client.recv(max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg.topic == "playback" and msg.kind == kind and msg["turn"] == turn:
-            return msg
-    raise AssertionError(f"no playback {kind} for turn {turn} within {timeout} s")
-
-
-def start_playback(args: list[str], env: dict[str, str], client: BusClient) -> subprocess.Popen:
-    proc = spawn(["playback", *args], env)
-    deadline = time.monotonic() + 15
-    while not client.has_subscriber("audio.out"):
-        assert proc.poll() is None, stop(proc)
-        assert time.monotonic() < deadline, "playback did not subscribe to audio.out"
-        client.pub.poll(50)
-    return proc
 
 
 def exact_offset(sent: np.ndarray, heard: np.ndarray, near: int) -> int:
@@ -70,46 +41,6 @@ def bus_client(bus_cfg: BusConfig) -> Iterator[BusClient]:
     with BusClient("test", bus_cfg, ["playback"]) as c:
         c.wait_ready()
         yield c
-
-
-# ---------------------------------------------------------------- the burst (runs in the background)
-BURST_S = 60
-
-
-@pytest.fixture(scope="module", autouse=True)
-def burst(pulse, tmp_path_factory) -> Iterator[dict]:  # noqa: F811
-    """60 s of audio delivered in 1 s to a playback on its own speaker, started first so the
-    minute of real-time playing overlaps the other tests of this module."""
-    pulse.ensure_running()
-    devices = pulse.private_devices()
-    pub, sub = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-    env.update(LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
-               PYTHONUNBUFFERED="1")
-    broker = Broker(env, pub, sub).start()
-    client = BusClient("burst", BusConfig.from_env(env), ["playback", "status"])
-    client.wait_ready()
-    rec = record_speaker(devices)
-    proc = start_playback([], {**env, **devices.playback_env()}, client)
-    # A rising sweep-free signal with a known frequency: any dropped or repeated block would
-    # show as a gap or a phase jump; we check duration and continuity.
-    signal = tone(330.0, BURST_S, OUT_RATE, -14.0)
-    t0 = time.monotonic()
-    n_chunks = len(signal) // CHUNK
-    for k in range(n_chunks):     # paced over one second: 60x real time
-        publish_turn(client, 1, signal[k * CHUNK:(k + 1) * CHUNK])
-        ahead = t0 + (k + 1) / n_chunks - time.monotonic()
-        if ahead > 0.002:
-            time.sleep(ahead)
-    delivered_s = time.monotonic() - t0
-    client.publish("control", "turn_complete", turn=1)
-    state = dict(client=client, rec=rec, proc=proc, signal=signal, delivered_s=delivered_s)
-    yield state
-    client.close()
-    stop(proc)
-    rec.stop()
-    broker.stop()
-    devices.close()
 
 
 # ---------------------------------------------------------------- device tests
@@ -345,7 +276,8 @@ def test_jitter_buffer_absorbs_a_burst_without_drops():
 
 
 # ---------------------------------------------------------------- the burst, checked last
-def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(burst):
+def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(playback_burst):  # noqa: F811
+    burst = playback_burst
     client, rec = burst["client"], burst["rec"]
     assert burst["delivered_s"] < 1.5
     finished = wait_event(client, "turn_finished", 1, timeout=BURST_S + 20)
