@@ -583,6 +583,41 @@ def test_resumption_mid_utterance_loses_no_audio(emus, voice, transparent_sdk):
     assert abs(queued_resumed.seconds - _utterance_seconds(queued.input_text, 2)) <= 0.01
 
 
+def test_resumption_inside_a_manual_activity(emus):
+    """Automatic detection off, NO_INTERRUPTION: a handle issued inside an activity (reply 1 ends while
+    the user holds the activity open) carries it, and an activityStart sent again after resuming (a
+    client resending from before the handle) does not cut it short."""
+    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(RATE_IN) / RATE_IN)).astype(np.int16)     # 1.00 s
+    vad = types.RealtimeInputConfig(automatic_activity_detection=types.AutomaticActivityDetection(disabled=True),
+                                    activity_handling="NO_INTERRUPTION")
+    cl = client(emus["slow"])
+
+    async def scenario():
+        cfg = config(session_resumption=types.SessionResumptionConfig(), realtime_input_config=vad, **TRANSCRIBE)
+        result = TurnResult()
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            await s.send_realtime_input(activity_start=types.ActivityStart())
+            await send_audio(s, tone[:RATE_IN // 2], speed=0)
+            await s.send_realtime_input(activity_end=types.ActivityEnd())
+            await receive_until(s, lambda r: r.first_audio_at is not None, result)
+            await s.send_realtime_input(activity_start=types.ActivityStart())      # while reply 1 plays
+            await send_audio(s, tone[:RATE_IN * 3 // 10], speed=0)
+            await receive_until(s, lambda r: r.turn_complete and len(r.handles) >= 2, result)
+        # the client leaves; the tone it sent went out well before reply 1's handle came
+        cfg = config(session_resumption=types.SessionResumptionConfig(handle=result.handles[-1]),
+                     realtime_input_config=vad, **TRANSCRIBE)
+        async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
+            await s.send_realtime_input(activity_start=types.ActivityStart())      # sent again
+            await send_audio(s, tone[RATE_IN * 3 // 10:], speed=0)
+            await s.send_realtime_input(activity_end=types.ActivityEnd())
+            return result, await collect_turn(s)
+
+    first, resumed = run(scenario())
+    assert first.input_text == ["utterance 1: 0.50 s"] and not first.interrupted
+    assert resumed.input_text == ["utterance 2: 1.00 s"], resumed.input_text
+    assert match(tone, resumed.samples)[1] > 0.98 and abs(resumed.seconds - 1.0) < 0.01
+
+
 def test_unknown_resumption_handle_is_refused(emus):
     async def scenario():
         cfg = config(session_resumption=types.SessionResumptionConfig(handle="emu-nope"))

@@ -26,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from bus.runtime import RateLimitedLog
 from services.emulator import wire
 from services.emulator.timeline import Timeline
-from services.emulator.turns import RATE, HeldAudio, SpeechEnd, SpeechStart, TurnDetector, VadSettings
+from services.emulator.turns import FRAME, RATE, HeldAudio, SpeechEnd, SpeechStart, TurnDetector, VadSettings
 from services.emulator.wire import ProtocolError
 
 log = logging.getLogger("emulator")
@@ -340,8 +340,12 @@ class LiveSession:
     def _snapshot(self) -> Snapshot:
         assert self.conv is not None
         unanswered = [self.current] if self.current is not None and not self.current.completed else []
-        return Snapshot(self.conv.turns, self.detector.hold(), tuple(t.fresh() for t in unanswered + list(self.waiting)),
-                        self.frames, self.frame_first_ns, self.frame_last_ns, self.frame_size, tuple(self._arrivals))
+        held = self.detector.hold()
+        # Only the arrival times of held audio (a handle lives 2 h: keep it small).
+        first_held = held.position - FRAME * (len(held.frames) if held.speaking else len(held.recent))
+        return Snapshot(self.conv.turns, held, tuple(t.fresh() for t in unanswered + list(self.waiting)),
+                        self.frames, self.frame_first_ns, self.frame_last_ns, self.frame_size,
+                        tuple(a for a in self._arrivals if a[0] >= first_held))
 
     def _start_timers(self) -> None:
         o = self.opts
