@@ -584,38 +584,49 @@ def test_resumption_mid_utterance_loses_no_audio(emus, voice, transparent_sdk):
 
 
 def test_resumption_inside_a_manual_activity(emus):
-    """Automatic detection off, NO_INTERRUPTION: a handle issued inside an activity (reply 1 ends while
-    the user holds the activity open) carries it, and an activityStart sent again after resuming (a
-    client resending from before the handle) does not cut it short."""
-    tone = (8000 * np.sin(2 * np.pi * 440 * np.arange(RATE_IN) / RATE_IN)).astype(np.int16)     # 1.00 s
+    """Automatic detection off, NO_INTERRUPTION, 44.1 kHz input: a handle issued inside an activity
+    (reply 1 ends while the user holds the activity open) carries it, including what the resampling
+    filter still held; an activityStart sent again after resuming (a client resending from before
+    the handle) does not cut it short; activityEnd flushes the filter, so every activity is whole."""
+    rate = 44100
+
+    def tone(at_rate: int) -> np.ndarray:         # 1.00 s of 440 Hz
+        return (8000 * np.sin(2 * np.pi * 440 * np.arange(at_rate) / at_rate)).astype(np.int16)
+
+    words = tone(rate)
     vad = types.RealtimeInputConfig(automatic_activity_detection=types.AutomaticActivityDetection(disabled=True),
                                     activity_handling="NO_INTERRUPTION")
     cl = client(emus["slow"])
+
+    async def send(s, samples):
+        for off in range(0, len(samples), rate // 50):
+            await s.send_realtime_input(audio=types.Blob(data=samples[off:off + rate // 50].tobytes(),
+                                                         mime_type=f"audio/pcm;rate={rate}"))
 
     async def scenario():
         cfg = config(session_resumption=types.SessionResumptionConfig(), realtime_input_config=vad, **TRANSCRIBE)
         result = TurnResult()
         async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
             await s.send_realtime_input(activity_start=types.ActivityStart())
-            await send_audio(s, tone[:RATE_IN // 2], speed=0)
+            await send(s, words[:rate // 2])
             await s.send_realtime_input(activity_end=types.ActivityEnd())
             await receive_until(s, lambda r: r.first_audio_at is not None, result)
             await s.send_realtime_input(activity_start=types.ActivityStart())      # while reply 1 plays
-            await send_audio(s, tone[:RATE_IN * 3 // 10], speed=0)
+            await send(s, words[:rate * 3 // 10])
             await receive_until(s, lambda r: r.turn_complete and len(r.handles) >= 2, result)
         # the client leaves; the tone it sent went out well before reply 1's handle came
         cfg = config(session_resumption=types.SessionResumptionConfig(handle=result.handles[-1]),
                      realtime_input_config=vad, **TRANSCRIBE)
         async with cl.aio.live.connect(model=MODEL, config=cfg) as s:
             await s.send_realtime_input(activity_start=types.ActivityStart())      # sent again
-            await send_audio(s, tone[RATE_IN * 3 // 10:], speed=0)
+            await send(s, words[rate * 3 // 10:])
             await s.send_realtime_input(activity_end=types.ActivityEnd())
             return result, await collect_turn(s)
 
     first, resumed = run(scenario())
     assert first.input_text == ["utterance 1: 0.50 s"] and not first.interrupted
     assert resumed.input_text == ["utterance 2: 1.00 s"], resumed.input_text
-    assert match(tone, resumed.samples)[1] > 0.98 and abs(resumed.seconds - 1.0) < 0.01
+    assert match(tone(RATE_IN), resumed.samples)[1] > 0.98 and abs(resumed.seconds - 1.0) < 0.001, resumed.seconds
 
 
 def test_unknown_resumption_handle_is_refused(emus):

@@ -21,7 +21,8 @@ behaviour
   generationComplete, then turnComplete with usageMetadata (32 tokens per second of audio).
   The reply audio IS the utterance (from 40 ms before its first voiced frame to the end of its last),
   resampled 16 kHz -> 24 kHz with soxr. A frame is voiced when webrtcvad says so and it is louder
-  than -55 dBFS. Input rates 8..48 kHz are accepted when the mime type states them (resampled).
+  than -55 dBFS. Input rates 8..48 kHz are accepted when the mime type states them (resampled;
+  what the filter holds back is flushed at activityEnd and audioStreamEnd).
   Speech (or text) while a turn is thinking, waiting for a tool or streaming ends it: interrupted:
   true, then turnComplete (activityHandling NO_INTERRUPTION turns this off: turns queue instead).
   Text (clientContent with turnComplete, or realtimeInput text) gets a 330 Hz tone of 0.4 s + 30 ms
@@ -47,11 +48,11 @@ sessions: with setup.sessionResumption a sessionResumptionUpdate {newHandle, res
   setupComplete and every turnComplete. Handles are opaque ("emu-..."), valid 2 h. A handle stands
   for everything the session had received when it was issued: finished turns (numbers continue),
   utterances heard but not answered yet (the resumed session answers them), and the utterance the
-  user is in the middle of, with its VAD pre-roll (the resumed session goes on with it), so a
-  resumed session never misses audio the handle covers. lastConsumedClientMessageIndex (setup = 0,
-  counted per connection) is sent only when setup asks sessionResumption {transparent: true}, as
-  on the real service (the SDK allows that only on Vertex AI); a client then sends again every
-  message after it and nothing is heard twice. Without it a client cannot tell which of its last
+  user is in the middle of, with its VAD pre-roll and what the input resampler held back (the
+  resumed session goes on with it), so a resumed session never misses audio the handle covers.
+  lastConsumedClientMessageIndex (setup = 0, counted per connection) is sent only when setup asks
+  sessionResumption {transparent: true}, as on the real service (the SDK allows that only on
+  Vertex AI); a client then sends again every message after it and nothing is heard twice. Without it a client cannot tell which of its last
   messages a handle covers (those in flight when it was issued are not): resending from a little
   before the handle arrived loses nothing, and what the handle did cover of that is heard twice.
   A repeated activityStart inside an activity is ignored (counted), so a resend cannot cut one.

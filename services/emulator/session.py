@@ -26,7 +26,8 @@ from websockets.exceptions import ConnectionClosed
 from bus.runtime import RateLimitedLog
 from services.emulator import wire
 from services.emulator.timeline import Timeline
-from services.emulator.turns import FRAME, RATE, HeldAudio, SpeechEnd, SpeechStart, TurnDetector, VadSettings
+from services.emulator.turns import (FRAME, RATE, HeldAudio, HeldInput, InputResampler, SpeechEnd, SpeechStart,
+                                     TurnDetector, VadSettings)
 from services.emulator.wire import ProtocolError
 
 log = logging.getLogger("emulator")
@@ -68,6 +69,7 @@ class Snapshot:
     utterances heard but not answered), so that the handle covers every message received."""
     turns: int                                # turns counted (heard) so far
     held: HeldAudio                           # the turn detector's unfinished input
+    inputs: tuple[HeldInput, ...]             # input resamplers (other rates than 16 kHz) and what they hold
     waiting: tuple["Turn", ...]               # heard, not answered yet: answered after resuming
     frames: int                               # video frames since the last utterance, and their times
     frame_first_ns: int
@@ -141,7 +143,8 @@ class LiveSession:
         self.turn_ready = asyncio.Event()
         self.current: Turn | None = None
         self.tool_waiters: dict[str, asyncio.Future] = {}
-        self._resamplers: dict[int, soxr.ResampleStream] = {}
+        self._resamplers: dict[int, InputResampler] = {}
+        self._carried_input: list[np.ndarray] = []   # resumed: 16 kHz the old resamplers still held
         self._arrivals: deque[tuple[int, int]] = deque(maxlen=512)   # (input position after chunk, t_ns)
         # set from setup
         self.vad = VadSettings()
@@ -270,6 +273,9 @@ class LiveSession:
         self.mark("session_start", self.conv.turns, resumed=self.resumed, **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
+        for samples in self._carried_input:      # before any new input: it came earlier
+            await self._feed(samples, time.time_ns())
+        self._carried_input.clear()
         if self.resumption:
             await self._resumption_update()
         async for raw in self.ws:
@@ -330,6 +336,9 @@ class LiveSession:
     def _restore(self, state: Snapshot) -> None:
         """Continue from a handle's state: the unfinished utterance, unanswered turns, frame counts."""
         self.detector.restore(state.held)
+        for held in state.inputs:
+            self._resamplers[held.rate], carried = InputResampler.restore(held)
+            self._carried_input.append(carried)
         self._arrivals.extend(state.arrivals)
         self.waiting.extend(t.fresh() for t in state.waiting)
         if self.waiting:
@@ -343,7 +352,8 @@ class LiveSession:
         held = self.detector.hold()
         # Only the arrival times of held audio (a handle lives 2 h: keep it small).
         first_held = held.position - FRAME * (len(held.frames) if held.speaking else len(held.recent))
-        return Snapshot(self.conv.turns, held, tuple(t.fresh() for t in unanswered + list(self.waiting)),
+        return Snapshot(self.conv.turns, held, tuple(r.hold() for r in self._resamplers.values()),
+                        tuple(t.fresh() for t in unanswered + list(self.waiting)),
                         self.frames, self.frame_first_ns, self.frame_last_ns, self.frame_size,
                         tuple(a for a in self._arrivals if a[0] >= first_held))
 
@@ -394,6 +404,7 @@ class LiveSession:
         if body.get("activity_end") is not None:
             await self._activity(start=False)
         if body.get("audio_stream_end"):
+            await self._flush_resamplers()
             end = self.detector.flush()
             if end:
                 await self._speech_end(end, time.time_ns())
@@ -413,10 +424,20 @@ class LiveSession:
         if rate != RATE:
             rs = self._resamplers.get(rate)
             if rs is None:
-                rs = self._resamplers[rate] = soxr.ResampleStream(rate, RATE, 1, dtype="int16")
-            samples = rs.resample_chunk(samples)
-        now = time.time_ns()
+                rs = self._resamplers[rate] = InputResampler(rate)
+            samples = rs.push(samples)
         self.counters["audio_chunks"] += 1
+        await self._feed(samples, time.time_ns())
+
+    async def _flush_resamplers(self) -> None:
+        """The input stream ends: what the resampling filters still hold belongs to the utterance."""
+        for rs in self._resamplers.values():
+            held = rs.flush()
+            if len(held):
+                await self._feed(held, time.time_ns())
+
+    async def _feed(self, samples: np.ndarray, now: int) -> None:
+        """16 kHz input to the turn detector, and the turn events it completes."""
         ignored = self.detector.ignored_samples
         events = self.detector.feed(samples)
         if self.detector.ignored_samples > ignored and ignored == 0:
@@ -439,6 +460,7 @@ class LiveSession:
                 return
             await self._speech_start(now)
         else:
+            await self._flush_resamplers()
             end = self.detector.activity_end()
             if end is not None:
                 await self._speech_end(end, now)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import soxr
 import webrtcvad
 
 RATE = 16000
@@ -79,6 +80,63 @@ class SpeechEnd:
     @property
     def seconds(self) -> float:
         return len(self.audio) / RATE
+
+
+@dataclass(frozen=True)
+class HeldInput:
+    """An InputResampler's state for resumption: its recent input and how much went in and came out."""
+    rate: int
+    tail: np.ndarray
+    fed: int
+    out: int
+
+
+class InputResampler:
+    """Input at another rate -> 16 kHz, streaming (soxr). The filter holds some output back (about
+    20 ms at 48 kHz, 65 ms at 8 kHz); a soxr stream cannot be copied, so for resumption it keeps its
+    recent input: a new stream fed with that gives back exactly what the old one still held."""
+    TAIL_S = 0.25                   # well over the filter's memory at every rate
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._stream = soxr.ResampleStream(rate, RATE, 1, dtype="int16")
+        self._align = rate // math.gcd(rate, RATE)     # input steps that land on a whole output sample
+        self._tail = np.zeros(0, np.int16)
+        self._skip = 0              # output already delivered by the stream this one replaces
+        self.fed = self.out = 0     # input samples in, output samples delivered, since the stream began
+
+    def push(self, samples: np.ndarray) -> np.ndarray:
+        self.fed += len(samples)
+        keep = int(self.rate * self.TAIL_S)
+        keep += (self.fed - keep) % self._align if self.fed > keep else 0    # tail starts on an aligned input
+        self._tail = np.concatenate([self._tail, samples])[-keep:] if keep else self._tail
+        return self._deliver(self._stream.resample_chunk(samples))
+
+    def flush(self) -> np.ndarray:
+        """The input stream ended (activityEnd, audioStreamEnd): what the filter holds, now; a new
+        stream starts with the next input."""
+        held = self._deliver(self._stream.resample_chunk(np.zeros(0, np.int16), last=True))
+        self.__init__(self.rate)
+        return held
+
+    def hold(self) -> HeldInput:
+        return HeldInput(self.rate, self._tail.copy(), self.fed, self.out)
+
+    @classmethod
+    def restore(cls, held: HeldInput) -> tuple["InputResampler", np.ndarray]:
+        """A resampler continuing `held`, and the output the old one held back (feed it first)."""
+        r = cls(held.rate)
+        start = (held.fed - len(held.tail)) * RATE // held.rate    # whole: the tail starts aligned
+        r.fed, r.out, r._tail, r._skip = held.fed, held.out, held.tail.copy(), held.out - start
+        return r, r._deliver(r._stream.resample_chunk(held.tail))
+
+    def _deliver(self, y: np.ndarray) -> np.ndarray:
+        if self._skip:
+            cut = min(self._skip, len(y))
+            self._skip -= cut
+            y = y[cut:]
+        self.out += len(y)
+        return y
 
 
 @dataclass(frozen=True)
