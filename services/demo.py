@@ -111,6 +111,8 @@ def prepare_run(args: argparse.Namespace) -> Run:
     prune_old_runs(base, KEEP_RUNS - 1)
     run_dir = base / session
     run_dir.mkdir()
+    # capture-audio's Procfile line blocks reading this FIFO until we say go: an event, not a poll.
+    os.mkfifo(run_dir / "go")
     pub, sub = free_port(), free_port()
     while sub == pub:
         sub = free_port()
@@ -518,7 +520,10 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                 waiting = "the model session" if not watcher.bridge_connected() else "playback and capture-video"
                 why = f": {detail}" if detail and not watcher.bridge_connected() else ""
                 raise DemoError(f"{waiting} did not come up within {min(args.timeout, CONNECT_WAIT_S):g} s{why}")
-        (run.run_dir / "go").touch()
+        # O_RDWR never blocks on a FIFO; the line waits in the pipe until capture-audio's shell reads
+        # it, so this fd stays open (it is closed when the demo process exits).
+        go_fd = os.open(run.run_dir / "go", os.O_RDWR)
+        os.write(go_fd, b"go\n")
         stage = "capture-audio's first audio"
         while not watcher.audio_in_started:
             check_alive()
