@@ -464,6 +464,19 @@ def list_devices_text() -> str:
     return "\n".join(lines)
 
 
+def make_audio_thread_realtime(priority: int = 10) -> bool:
+    """Give the calling thread (a PortAudio callback thread) real-time scheduling if allowed.
+
+    Audio threads starve first on a loaded machine; PulseAudio and JACK do the same (via
+    rtkit or RLIMIT_RTPRIO). Without the privilege it stays as it was: returns False.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))   # 0 = this thread on Linux
+        return True
+    except (AttributeError, OSError):   # not Linux, or no CAP_SYS_NICE / RLIMIT_RTPRIO
+        return False
+
+
 def stream_delay_s(reported: float, fallback: float) -> float:
     """A PortAudio time_info delay if it is sane, else the stream's nominal latency."""
     return reported if 0.0 <= reported < 2.0 and reported == reported else fallback

@@ -27,7 +27,8 @@ import numpy as np
 from bus import Service, setup_logging
 from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
                        float_to_int16,
-                       import_sounddevice, list_devices_text, parse_device, pick_channels, pick_rate,
+                       import_sounddevice, list_devices_text, make_audio_thread_realtime, parse_device,
+                       pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
 from bus.config import BusConfig, ConfigError, add_bus_arguments
 from bus.message import Message
@@ -118,6 +119,7 @@ class DeviceSource:
         self.overflows = 0
         self.queue_dropped = 0
         self.blocks = 0
+        self.realtime: bool | None = None   # decided in the callback thread itself
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         try:
@@ -134,6 +136,8 @@ class DeviceSource:
 
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
         arrival_ns = time.time_ns()
+        if self.realtime is None:
+            self.realtime = make_audio_thread_realtime()
         lost = bool(status.input_overflow)
         if lost:
             self.overflows += 1
@@ -182,7 +186,8 @@ class DeviceSource:
 
     def metrics(self) -> dict[str, Any]:
         return {"device": self.device_name, "device_rate": self.rate, "overflows": self.overflows,
-                "queue_dropped_blocks": self.queue_dropped, "device_latency_ms": round(self.latency_s * 1000, 1)}
+                "queue_dropped_blocks": self.queue_dropped, "device_latency_ms": round(self.latency_s * 1000, 1),
+                "audio_thread_realtime": int(bool(self.realtime))}
 
 
 class PacedSource:

@@ -33,6 +33,7 @@ import numpy as np
 
 from bus import Service, setup_logging
 from bus.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
+                       make_audio_thread_realtime,
                        list_devices_text, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
 from bus.config import BusConfig, ConfigError, add_bus_arguments
 from bus.message import Message
@@ -285,7 +286,8 @@ class DeviceSink:
     kind = "device"
     has_device_buffer = True
 
-    def __init__(self, device: str | None, period_ms: float, device_rate: int | None) -> None:
+    def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
+                 latency_ms: float | None = None) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
         self.sd = import_sounddevice()
         info = resolve_device(self.sd, parse_device(device), "output")
@@ -294,21 +296,34 @@ class DeviceSink:
         self.rate = pick_rate(self.sd, self.device_index, "output", OUT_RATE, device_rate)
         self.channels = pick_channels(self.sd, self.device_index, "output", self.rate)
         self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
+        # A deep device buffer costs nothing on interrupt (abort drops it) and rides out a busy
+        # CPU; it only delays the start of a turn by as much.
+        self.requested_latency: float | str = latency_ms / 1000 if latency_ms else "low"
         self.underflows = 0
         self.callback_errors = 0
+        self._last_callback = 0.0
+        self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
+        self.realtime: bool | None = None   # decided in the callback thread itself
         self.stream = self._open()
         self.latency_s = float(self.stream.latency)
 
     def _open(self) -> Any:
         try:
             return self.sd.RawOutputStream(device=self.device_index, samplerate=self.rate, channels=self.channels,
-                                           dtype="int16", blocksize=self.period_frames, latency="low",
+                                           dtype="int16", blocksize=self.period_frames,
+                                           latency=self.requested_latency,
                                            callback=self._callback)
         except Exception as exc:   # PortAudioError: busy device, unsupported format...
             raise DeviceError(f"cannot open output device {self.device_name!r} at {self.rate} Hz: {exc}") from None
 
     def _callback(self, outdata: Any, frames: int, time_info: Any, status: Any) -> None:
         try:
+            if self.realtime is None:
+                self.realtime = make_audio_thread_realtime()
+            now = time.monotonic()
+            if self._last_callback:
+                self.callback_gap_max_ms = max(self.callback_gap_max_ms, (now - self._last_callback) * 1000)
+            self._last_callback = now
             if status.output_underflow:
                 self.underflows += 1
             delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
@@ -328,6 +343,7 @@ class DeviceSink:
 
     def reset(self) -> None:
         """Drop what the device holds: abort (discards its buffer) and start again."""
+        self._last_callback = 0.0   # the restart pause is not a starved callback
         try:
             self.stream.abort()
             self.stream.start()
@@ -353,7 +369,8 @@ class DeviceSink:
 
     def metrics(self) -> dict[str, Any]:
         return {"device": self.device_name, "device_rate": self.rate, "device_underflows": self.underflows,
-                "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": self.callback_errors}
+                "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": self.callback_errors,
+                "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime))}
 
 
 class ClockedSink:
@@ -437,6 +454,10 @@ class Player:
         self.rejected_chunks = 0
         self.converted_chunks = 0
         self.reset_ms: deque[float] = deque(maxlen=200)
+        self._audio_ts = 0              # newest publish time (ns) of audio.out handled
+        self._audio_mono = 0.0          # when the last audio.out was handled
+        self._completed: OrderedDict[int, None] = OrderedDict()   # turns whose end was applied
+        self._pending_ends: set[asyncio.Task] = set()
 
     def publish_event(self, kind: str, fields: dict) -> None:
         self.svc.publish_threadsafe("playback", kind, **fields)
@@ -444,6 +465,8 @@ class Player:
     # --------------------------------------------------------- handlers
     def on_audio(self, msg: Message) -> None:
         turn = msg["turn"]
+        self._audio_ts = max(self._audio_ts, msg["ts"])
+        self._audio_mono = time.monotonic()
         if msg["sample_width"] != 2:
             self.rejected_chunks += 1
             self.svc.ratelog.warning("width", f"ignored audio.out chunk of turn {turn}: "
@@ -458,6 +481,10 @@ class Player:
             self.svc.ratelog.warning("rate", f"audio.out at {rate} Hz (the contract says {OUT_RATE}): resampling")
         if turn <= self.jb.cut_turn:
             self.jb.push(turn, pcm)   # counted there as late; no resampler state to keep
+            return
+        if turn in self._completed:
+            # Audio after its turn's end was applied: resample it on its own, keep nothing back.
+            self.jb.push(turn, StreamResampler(rate, self.sink.rate).process(pcm, last=True))
             return
         rs = self._resamplers.get(turn)
         if rs is None or rs.in_rate != rate:
@@ -478,8 +505,25 @@ class Player:
         if kind == "interrupt":
             self.interrupt(msg["turn"])
         elif kind in ("turn_complete", "generation_complete"):
-            self._flush_resampler(msg["turn"])
-            self.jb.end_turn(msg["turn"])
+            task = asyncio.get_running_loop().create_task(self._end_turn(msg["turn"], msg["ts"]))
+            self._pending_ends.add(task)
+            task.add_done_callback(self._pending_ends.discard)
+
+    async def _end_turn(self, turn: int, published_ns: int) -> None:
+        """Apply a turn's end once its audio is in. The control lane overtakes the audio lane,
+        so chunks published before turn_complete may still be queued behind it: wait until
+        the audio lane has handled something published later, or has gone quiet."""
+        deadline = time.monotonic() + 5.0
+        while (self._audio_ts < published_ns and time.monotonic() - self._audio_mono < 0.03
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.01)
+        if turn <= self.jb.cut_turn:
+            return
+        self._flush_resampler(turn)
+        self._completed[turn] = None
+        while len(self._completed) > 64:
+            self._completed.popitem(last=False)
+        self.jb.end_turn(turn)
 
     def interrupt(self, turn: int) -> None:
         t0 = time.perf_counter()
@@ -543,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audio queued before a turn starts playing (default 60)")
     p.add_argument("--period-ms", type=float, default=20.0,
                    help="device period: the unit the sink pulls and the bound on interrupt silence (default 20)")
+    p.add_argument("--latency-ms", type=float, default=80.0,
+                   help="device buffer (default 80 ms); an interrupt drops it, so it only delays a turn's "
+                        "start; 0 = PortAudio's 'low'")
     p.add_argument("--device-rate", type=int, metavar="HZ",
                    help="open the device at this rate and resample (default: 24000 if the device takes it)")
     p.add_argument("--turn-gap-ms", type=float, default=1000.0,
@@ -589,7 +636,7 @@ def main(argv: list[str]) -> int:
             jb = make_buffer(OUT_RATE)
             sink: DeviceSink | ClockedSink = ClockedSink(jb, args.period_ms, args.file)
         else:
-            sink = DeviceSink(args.device, args.period_ms, args.device_rate)
+            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms)
             jb = sink.jb = make_buffer(sink.rate)
         sink.start()
     except (DeviceError, AudioFileError) as exc:

@@ -292,7 +292,7 @@ def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(playback_bu
     assert finished["played_ms"] == pytest.approx(BURST_S * 1000, abs=1) and not finished["interrupted"]
     assert heartbeat["underruns"] == 0 and heartbeat["overflow_chunks"] == 0 and heartbeat["late_chunks"] == 0
     spans = loud_spans(heard, OUT_RATE, threshold=200, min_gap_ms=5)
-    assert len(spans) == 1, f"gaps in the played minute: {spans[:5]}"
+    assert len(spans) == 1, f"gaps in the played minute: {spans[:5]}, playback metrics {heartbeat}"
     a, b = spans[0]
     signal = burst["signal"]
     assert abs((b - a) - len(signal)) <= 2
