@@ -110,17 +110,20 @@ class JitterBuffer:
 
     def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = 60.0, turn_gap_ms: float = 1000.0,
                  max_buffer_s: float = 600.0, on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns) -> None:
         self.rate = rate
         self.prebuffer_frames = int(rate * prebuffer_ms / 1000)
         self.prebuffer_s = prebuffer_ms / 1000
         self.turn_gap_s = turn_gap_ms / 1000
         self.max_frames = int(rate * max_buffer_s)
         self.on_event = on_event or (lambda kind, fields: None)
-        self.clock = clock
+        self.clock, self.wall_ns = clock, wall_ns
         self._lock = threading.Lock()
         self._turns: OrderedDict[int, _Turn] = OrderedDict()   # in turn order; the first one plays
         self._finished: OrderedDict[int, tuple[int, int | None]] = OrderedDict()  # turn -> (pulled, end_ns)
+        # Turns wholly handed to the sink whose last sample has not sounded yet: turn_finished
+        # goes out when it has (what the user heard), or they become interrupted.
+        self._finishing: OrderedDict[int, _Turn] = OrderedDict()
         self.cut_turn = 0              # turns <= this were interrupted: their audio is ignored
         self.highest_turn = 0
         self.segment = 0               # bumped by every interrupt
@@ -145,7 +148,11 @@ class JitterBuffer:
                 return False
             now = self.clock()
             t = self._turns.get(turn)
-            if t is None:
+            if t is None and turn in self._finishing:
+                # More audio while its tail is still sounding: the same turn goes on.
+                t = self._turns[turn] = self._finishing.pop(turn)
+                t.state, t.wait_since = PREBUFFER, now
+            elif t is None:
                 t = self._turns[turn] = _Turn(turn, now)
                 self.highest_turn = max(self.highest_turn, turn)
                 if turn in self._finished:            # more audio after a long gap: same turn goes on
@@ -171,6 +178,7 @@ class JitterBuffer:
                 t.ended = True
                 if t.state == STARVED and t.queued == 0:
                     self._finish(t, events)
+                    self._flush_finishing(events)
         self._emit(events)
 
     def interrupt(self, turn: int, cut_ns: int | None) -> tuple[list[TurnFinished], bool]:
@@ -178,11 +186,27 @@ class JitterBuffer:
         sink with no buffer, everything handed over was heard). Returns the cut turns and
         whether audio of theirs may still sound (so the device buffer must be reset)."""
         cut: list[TurnFinished] = []
+        events: list[tuple[str, dict]] = []
         with self._lock:
             self.cut_turn = max(self.cut_turn, turn)
             self.segment += 1
             audible = False
             survivor_in_device = False
+            for k in list(self._finishing):   # wholly handed over, but maybe still sounding
+                t = self._finishing[k]
+                sounding = cut_ns is not None and t.end_ns is not None and t.end_ns > cut_ns
+                if k > turn:
+                    survivor_in_device |= sounding
+                elif sounding:
+                    del self._finishing[k]
+                    audible = True
+                    heard = t.heard_at(cut_ns, self.rate)
+                    self.stats["played_frames"] -= t.pulled - heard
+                    self.stats["interrupted_turns"] += 1
+                    cut.append(TurnFinished(k, heard, True, t.end_ns))
+                else:
+                    del self._finishing[k]
+                    self._finished_event(t, events)
             for k in list(self._turns):
                 t = self._turns[k]
                 sounding = t.end_ns is not None and (cut_ns is None or t.end_ns > cut_ns)
@@ -197,23 +221,22 @@ class JitterBuffer:
                 self.stats["interrupted_turns"] += 1
                 self.queued_frames -= t.queued
                 cut.append(TurnFinished(k, heard, t.started, t.end_ns))
-            for k, (_, end_ns) in self._finished.items():   # finished, but its tail may still sound
-                if k <= turn and end_ns is not None and (cut_ns is None or end_ns > cut_ns):
-                    audible = True
-            # Never cut a newer turn's audio already in the device: let the old tail play out.
-            return cut, audible and not survivor_in_device
+        self._emit(events)
+        # Never cut a newer turn's audio already in the device: let the old tail play out.
+        return cut, audible and not survivor_in_device
 
     # ----------------------------------------------------------- consumer side
     def pull(self, n: int, first_ns: int) -> np.ndarray:
         """The next `n` frames for the sink; `first_ns` = wall time the first of them sounds."""
         out = np.zeros(n, dtype=np.int16)
-        if not self._turns:            # idle: no lock, no events (read of a dict is atomic)
+        if not self._turns and not self._finishing:   # idle: no lock, no events (dict reads are atomic)
             return out
         events: list[tuple[str, dict]] = []
         pos = 0
         ns_per_frame = 1e9 / self.rate
         with self._lock:
             now = self.clock()
+            self._flush_finishing(events)
             while pos < n and self._turns:
                 t = next(iter(self._turns.values()))
                 later_waiting = len(self._turns) > 1
@@ -250,18 +273,31 @@ class JitterBuffer:
         return out
 
     def _finish(self, t: _Turn, events: list[tuple[str, dict]]) -> None:
+        """`t` was wholly handed to the sink: report it once its last sample has sounded."""
         del self._turns[t.turn]
         self.queued_frames -= t.queued
         self._finished[t.turn] = (t.pulled, t.end_ns)
         while len(self._finished) > 64:
             self._finished.popitem(last=False)
         if t.started:
-            self.stats["turns_finished"] += 1
-            fields: dict[str, Any] = {"turn": t.turn, "played_ms": round(t.pulled * 1000 / self.rate, 1),
-                                      "interrupted": False}
-            if t.end_ns is not None:
-                fields["silent_ts"] = t.end_ns
-            events.append(("turn_finished", fields))
+            self._finishing[t.turn] = t
+            self._flush_finishing(events)
+
+    def _flush_finishing(self, events: list[tuple[str, dict]]) -> None:
+        now_ns = self.wall_ns()
+        for k in list(self._finishing):
+            t = self._finishing[k]
+            if t.end_ns is None or t.end_ns <= now_ns:
+                del self._finishing[k]
+                self._finished_event(t, events)
+
+    def _finished_event(self, t: _Turn, events: list[tuple[str, dict]]) -> None:
+        self.stats["turns_finished"] += 1
+        fields: dict[str, Any] = {"turn": t.turn, "played_ms": round(t.pulled * 1000 / self.rate, 1),
+                                  "interrupted": False}
+        if t.end_ns is not None:
+            fields["silent_ts"] = t.end_ns
+        events.append(("turn_finished", fields))
 
     def _emit(self, events: list[tuple[str, dict]]) -> None:
         for kind, fields in events:
@@ -276,7 +312,7 @@ class JitterBuffer:
 
     @property
     def active(self) -> bool:
-        return bool(self._turns)
+        return bool(self._turns or self._finishing)
 
 
 # ------------------------------------------------------------------ sinks
@@ -362,8 +398,9 @@ class DeviceSink:
 
     def close(self) -> None:
         try:
-            self.stream.abort()
-            self.stream.close()
+            if not self.stream.closed:
+                self.stream.abort()
+                self.stream.close()
         except Exception:
             pass
 
@@ -460,7 +497,8 @@ class Player:
         self._pending_ends: set[asyncio.Task] = set()
 
     def publish_event(self, kind: str, fields: dict) -> None:
-        self.svc.publish_threadsafe("playback", kind, **fields)
+        if not self.svc.stopping:
+            self.svc.publish_threadsafe("playback", kind, **fields)
 
     # --------------------------------------------------------- handlers
     def on_audio(self, msg: Message) -> None:
@@ -548,13 +586,16 @@ class Player:
     # --------------------------------------------------------- main
     async def run(self, svc: Service) -> None:
         log.info("playing audio.out to %s", self._describe())
-        while True:
-            if not self.sink.alive:
-                err = getattr(self.sink, "error", None)
-                raise DeviceError(f"the {self.sink.kind} sink stopped" + (f": {err}" if err else
-                                                                          " (audio device lost)"))
-            self._update_metrics()
-            await asyncio.sleep(0.25)
+        try:
+            while True:
+                if not self.sink.alive:
+                    err = getattr(self.sink, "error", None)
+                    raise DeviceError(f"the {self.sink.kind} sink stopped" + (f": {err}" if err else
+                                                                              " (audio device lost)"))
+                self._update_metrics()
+                await asyncio.sleep(0.25)
+        finally:
+            self.sink.close()   # while the loop still runs: no event from the audio thread is left dangling
 
     def _describe(self) -> str:
         if isinstance(self.sink, DeviceSink):
@@ -586,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prebuffer-ms", type=float, default=60.0,
                    help="audio queued before a turn starts playing (default 60)")
     p.add_argument("--period-ms", type=float, default=20.0,
-                   help="device period: the unit the sink pulls and the bound on interrupt silence (default 20)")
+                   help="device period: the block each device callback (or file write) handles (default 20)")
     p.add_argument("--latency-ms", type=float, default=80.0,
                    help="device buffer (default 80 ms); an interrupt drops it, so it only delays a turn's "
                         "start; 0 = PortAudio's 'low'")

@@ -203,31 +203,34 @@ class FakeClock:
     def __call__(self) -> float:
         return self.t
 
+    def wall_ns(self) -> int:
+        """Wall clock of the fake device: what has sounded by now."""
+        return 1_000_000_000 + int(self.t * 1e9)
+
 
 def make_buffer(prebuffer_ms: float = 60.0) -> tuple[JitterBuffer, list[tuple[str, dict]], FakeClock]:
     events: list[tuple[str, dict]] = []
     clock = FakeClock()
     jb = JitterBuffer(OUT_RATE, prebuffer_ms=prebuffer_ms, turn_gap_ms=1000,
-                      on_event=lambda k, f: events.append((k, f)), clock=clock)
+                      on_event=lambda k, f: events.append((k, f)), clock=clock, wall_ns=clock.wall_ns)
     return jb, events, clock
 
 
-def pull(jb: JitterBuffer, clock: FakeClock, periods: int, ts: list[int]) -> np.ndarray:
+def pull(jb: JitterBuffer, clock: FakeClock, periods: int) -> np.ndarray:
+    """Pull like a device with no buffer: each block sounds as it is pulled."""
     out = []
     for _ in range(periods):
-        out.append(jb.pull(480, ts[0]))
-        ts[0] += 20_000_000
+        out.append(jb.pull(480, clock.wall_ns()))
         clock.t += 0.02
     return np.concatenate(out)
 
 
 def test_jitter_buffer_waits_for_its_prebuffer_then_plays_everything():
     jb, events, clock = make_buffer(prebuffer_ms=60)
-    ts = [1_000_000_000]
     jb.push(1, np.full(960, 7, np.int16))          # 40 ms < 60 ms prebuffer
-    assert not pull(jb, clock, 1, ts).any()        # waits...
+    assert not pull(jb, clock, 1).any()            # waits...
     jb.push(1, np.full(960, 7, np.int16))          # now 80 ms queued
-    out = pull(jb, clock, 5, ts)
+    out = pull(jb, clock, 5)
     assert (out == 7).sum() == 1920 and not events[1:]   # all of it, then dry without a turn end
     assert events[0] == ("turn_started", {"turn": 1, "first_sample_ts": 1_020_000_000})
     jb.end_turn(1)
@@ -235,32 +238,54 @@ def test_jitter_buffer_waits_for_its_prebuffer_then_plays_everything():
     assert events[-1][1]["silent_ts"] == 1_020_000_000 + 80_000_000
 
 
+def test_jitter_buffer_reports_a_turn_finished_only_once_it_has_sounded():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, np.full(960, 1, np.int16))
+    jb.end_turn(1)
+    jb.pull(480, clock.wall_ns() + 80_000_000)      # a device 80 ms deep: sounds at +80 ms
+    jb.pull(480, clock.wall_ns() + 100_000_000)     # all 40 ms handed over...
+    assert [k for k, _ in events] == ["turn_started"]   # ...but not heard yet
+    clock.t += 0.12
+    jb.pull(480, clock.wall_ns() + 80_000_000)
+    assert events[-1][0] == "turn_finished" and events[-1][1]["silent_ts"] == 1_120_000_000
+
+
+def test_jitter_buffer_interrupt_cuts_a_turn_whose_tail_is_still_in_the_device():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, np.full(2400, 1, np.int16))          # 100 ms, wholly handed to an 80 ms deep device
+    jb.end_turn(1)
+    for k in range(5):
+        jb.pull(480, clock.wall_ns() + 80_000_000 + k * 20_000_000)
+    cut, audible = jb.interrupt(1, cut_ns=clock.wall_ns() + 110_000_000)   # 30 ms of it sounded
+    assert audible and [(c.turn, c.played_frames) for c in cut] == [(1, 720)]
+    assert [k for k, _ in events] == ["turn_started"]  # the caller reports it, as interrupted
+
+
 def test_jitter_buffer_counts_an_underrun_only_when_the_turn_goes_on():
     jb, events, clock = make_buffer(prebuffer_ms=0)
-    ts = [0]
     jb.push(1, np.full(480, 1, np.int16))
-    pull(jb, clock, 3, ts)                          # plays 20 ms, then dry
+    pull(jb, clock, 3)                              # plays 20 ms, then dry
     assert jb.stats["underruns"] == 0
     jb.push(1, np.full(480, 1, np.int16))           # more of the same turn: there was a gap
     assert jb.stats["underruns"] == 1 and events[-1] == ("underrun", {"turn": 1})
-    pull(jb, clock, 2, ts)
+    pull(jb, clock, 2)
     jb.push(2, np.full(480, 2, np.int16))           # the next turn: turn 1 simply ended
-    pull(jb, clock, 2, ts)
+    pull(jb, clock, 2)
     assert jb.stats["underruns"] == 1
     assert [k for k, _ in events] == ["turn_started", "underrun", "turn_finished", "turn_started"]
 
 
 def test_jitter_buffer_interrupt_drops_queued_and_late_audio_and_reports_what_was_heard():
     jb, events, clock = make_buffer(prebuffer_ms=0)
-    ts = [0]
     jb.push(1, np.full(24000, 3, np.int16))         # 1 s
     jb.push(2, np.full(2400, 4, np.int16))          # a queued later turn survives an interrupt of 1
-    pull(jb, clock, 10, ts)                         # handed 200 ms to the device (up to ts=200 ms)
-    # The device sounds block k at k*20 ms; cut at 150 ms: 150 ms heard, 50 ms still in the device.
+    for k in range(10):                             # 200 ms handed to the device: block k sounds at k*20 ms
+        jb.pull(480, k * 20_000_000)
+    # Cut at 150 ms: 150 ms heard, 50 ms still in the device.
     cut, audible = jb.interrupt(1, cut_ns=150_000_000)
     assert [(c.turn, c.played_frames) for c in cut] == [(1, 3600)] and audible
     assert not jb.push(1, np.full(480, 3, np.int16)) and jb.stats["late_chunks"] == 1
-    out = pull(jb, clock, 6, ts)
+    out = pull(jb, clock, 6)
     assert (out == 3).sum() == 0 and (out == 4).sum() == 2400
     assert jb.stats["dropped_on_interrupt_frames"] == 24000 - 4800
 
@@ -270,9 +295,9 @@ def test_jitter_buffer_absorbs_a_burst_without_drops():
     for _ in range(1500):                            # 60 s in 40 ms chunks, at once
         assert jb.push(1, np.full(960, 5, np.int16))
     jb.end_turn(1)
-    total = sum(int((jb.pull(480, 0) == 5).sum()) for _ in range(3001))
+    total = int((pull(jb, clock, 3002) == 5).sum())
     assert total == 60 * OUT_RATE and jb.stats["overflow_chunks"] == 0
-    assert events[-1][1]["played_ms"] == 60000.0
+    assert events[-1][0] == "turn_finished" and events[-1][1]["played_ms"] == 60000.0
 
 
 # ---------------------------------------------------------------- the burst, checked last
