@@ -377,12 +377,14 @@ NO_DEVICE_HINT = {
 }
 
 
-def import_sounddevice() -> Any:
-    """Import sounddevice (loads PortAudio), turning a missing library into a DeviceError."""
+def import_sounddevice(kind: str | None = None) -> Any:
+    """Import sounddevice (loads PortAudio), turning a missing library into a DeviceError
+    (naming the file alternative for `kind` 'input'/'output')."""
     try:
         import sounddevice
     except OSError as exc:   # "PortAudio library not found"
-        raise DeviceError(f"PortAudio is not available ({exc}; Debian: apt install libportaudio2)") from None
+        hint = f"; {NO_DEVICE_HINT[kind]}" if kind else ""
+        raise DeviceError(f"PortAudio is not available ({exc}; Debian: apt install libportaudio2){hint}") from None
     return sounddevice
 
 

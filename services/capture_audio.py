@@ -105,7 +105,7 @@ class DeviceSource:
     kind = "device"
 
     def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int) -> None:
-        self.sd = import_sounddevice()
+        self.sd = import_sounddevice("input")
         info = resolve_device(self.sd, parse_device(device), "input")
         self.device_index, self.device_name = int(info["index"]), str(info["name"])
         self.rate = pick_rate(self.sd, self.device_index, "input", IN_RATE, device_rate)
@@ -178,9 +178,11 @@ class DeviceSource:
                     yield chunk
 
     def close(self) -> None:
+        self._loop = None
         try:
-            self.stream.abort()
-            self.stream.close()
+            if not self.stream.closed:
+                self.stream.abort()
+                self.stream.close()
         except Exception:
             pass
 
@@ -295,6 +297,7 @@ class Capture:
                 self.pub.drain()
         finally:
             metrics_task.cancel()
+            self.source.close()   # stop the device while the loop it wakes still runs
 
     async def _metrics_loop(self) -> None:
         while True:

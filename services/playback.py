@@ -325,7 +325,7 @@ class DeviceSink:
     def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
                  latency_ms: float | None = None) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
-        self.sd = import_sounddevice()
+        self.sd = import_sounddevice("output")
         info = resolve_device(self.sd, parse_device(device), "output")
         self.device_index = int(info["index"])
         self.device_name = str(info["name"])

@@ -95,6 +95,14 @@ def speech_wav(path: str | Path, text: str = "The quick brown fox jumps over the
     return path, samples, src_rate
 
 
+def without_portaudio(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """`env` in which importing sounddevice fails, as on a machine without PortAudio."""
+    fake = tmp_path / "no_portaudio"
+    fake.mkdir(exist_ok=True)
+    (fake / "sounddevice.py").write_text("raise OSError('PortAudio library not found (test)')\n")
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(fake), env.get("PYTHONPATH", "")]))}
+
+
 def align(reference: np.ndarray, recording: np.ndarray) -> int:
     """Offset of `reference` inside `recording` (by FFT cross-correlation)."""
     a = reference.astype(np.float64)

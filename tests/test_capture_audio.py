@@ -23,7 +23,7 @@ from bus.message import Message
 from tests.conftest import spawn, stop
 from tests.playback_burst import playback_burst  # noqa: F401  (its minute of playing overlaps these tests)
 from tests.pulse_support import (align, loud_spans, play_into_mic, pulse, pulse_devices,  # noqa: F401
-                                 similarity, speech_wav)
+                                 similarity, speech_wav, without_portaudio)
 
 CHUNK_FRAMES = 320   # the default 20 ms at 16 kHz
 
@@ -253,8 +253,9 @@ def test_the_file_source_rejects_a_file_that_is_not_wav(bus_env, tmp_path):
 
 
 # ---------------------------------------------------------------- mute, errors
-def test_mute_stops_audio_in_and_unmute_resumes_it(bus_env, audio_client):
-    proc = spawn(["capture-audio", "--tone", "440"], bus_env)
+def test_mute_stops_audio_in_and_unmute_resumes_it(bus_env, audio_client, tmp_path):
+    # A test tone needs no PortAudio: it runs where importing sounddevice would fail.
+    proc = spawn(["capture-audio", "--tone", "440"], without_portaudio(bus_env, tmp_path))
     try:
         assert next_audio(audio_client, 15) is not None
         audio_client.publish("control", "mute")

@@ -19,7 +19,8 @@ from bus.config import BusConfig
 from services.playback import JitterBuffer
 from tests.conftest import spawn, stop
 from tests.playback_burst import BURST_S, playback_burst, publish_turn, start_playback, wait_event  # noqa: F401
-from tests.pulse_support import align, loud_spans, pulse, pulse_devices, record_speaker  # noqa: F401
+from tests.pulse_support import (align, loud_spans, pulse, pulse_devices, record_speaker,  # noqa: F401
+                                 without_portaudio)
 
 pytestmark = pytest.mark.usefixtures("playback_burst")
 
@@ -162,7 +163,8 @@ def test_unknown_device_name_gives_one_clear_line(pulse, bus_env):  # noqa: F811
 def test_file_sink_holds_what_a_listener_heard(bus_env, bus_client, tmp_path):
     path = tmp_path / "heard.wav"
     t_start = time.time_ns()
-    proc = start_playback(["--file", str(path)], bus_env, bus_client)
+    # A file sink needs no PortAudio: it runs where importing sounddevice would fail.
+    proc = start_playback(["--file", str(path)], without_portaudio(bus_env, tmp_path), bus_client)
     first = tone(440.0, 0.5, OUT_RATE, -12.0)
     second = tone(880.0, 0.3, OUT_RATE, -12.0)
     try:
