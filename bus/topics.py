@@ -91,7 +91,6 @@ CONTROL = _declare(Topic("control", "control", {
     "go_away": Kind(required={"time_left_ms": INT}),
     "mute": Kind(),
     "unmute": Kind(),
-    "shutdown": Kind(optional={"reason": STR}),
 }, "system messages: jump ahead of data, never dropped"))
 PLAYBACK = _declare(Topic("playback", "events", {
     "turn_started": Kind(required={"turn": INT, "first_sample_ts": INT}),

@@ -9,6 +9,7 @@ BENCHES = {
     "interrupt": "interrupt -> silence at a real (PulseAudio null sink) device",
     "video": "fit + JPEG encode cost per frame against the seed's reference client; frame age",
     "goaway": "audio.in delivery gap to the model across goAway switchovers",
+    "capture": "capture chunk length vs latency and CPU (why 20 ms)",
 }
 
 
