@@ -26,15 +26,14 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from bus.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
+
 AUDIO_BYTES = 640          # 20 ms of 16 kHz mono s16le
 JPEG_BYTES = 100_000
 RAW_PREFIX = struct.Struct("<QQ")   # (seq, send time ns) at the start of a raw payload
@@ -207,29 +206,8 @@ def raw_sub(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------- orchestrator
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(args: list[str], stdin: int | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services", *args], cwd=ROOT, stdin=stdin,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker exited: {proc.communicate()[1].strip()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"broker did not listen on {port}")
-            time.sleep(0.02)
+    return spawn_livepipe(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 class Pair:
@@ -286,16 +264,16 @@ def pct_us(values_ns: list[int], q: float) -> float | None:
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
-    pub_port, sub_port = free_port(), free_port()
-    pub_ep, sub_ep = f"tcp://127.0.0.1:{pub_port}", f"tcp://127.0.0.1:{sub_port}"
+    try:
+        broker, env = start_broker(os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    except PortTimeout as exc:
+        raise RuntimeError(f"broker did not listen on {exc.port}") from None
+    pub_ep, sub_ep = env["LIVEPIPE_PUB_ENDPOINT"], env["LIVEPIPE_SUB_ENDPOINT"]
     common = ["bench", "bus", "--pub", pub_ep, "--sub", sub_ep, "--audio-interval-ms", str(args.audio_interval_ms),
               "--jpeg-interval-ms", str(args.jpeg_interval_ms)]
-    broker = spawn(["broker", "--pub-bind", pub_ep, "--sub-bind", sub_ep])
     pairs: dict[str, Pair] = {}
     warmup = {"audio": args.warmup, "jpeg": max(1, args.warmup // 4)}
     try:
-        wait_port(pub_port, broker)
-        wait_port(sub_port, broker)
         for kind in ("raw", "lp"):
             pairs[kind] = Pair(kind, common)
         for pair in pairs.values():      # warm-up: excluded below by sequence number
@@ -311,12 +289,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for pair in pairs.values():
             pair.kill()
-        broker.terminate()
-        try:
-            broker.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            broker.kill()
-            broker.communicate()
+        stop_process(broker)
     out: dict[str, Any] = {}
     lost = {}
     for kind, prefix in (("lp", ""), ("raw", "raw_")):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import threading
 import sys
@@ -26,6 +25,7 @@ import psutil
 
 from bus.client import BusClient
 from bus.config import BusConfig
+from bus.harness import HarnessError, ProcessExited, spawn_livepipe, start_broker, stop_process
 from bus.pulse import PulseDaemon, PulseError
 
 
@@ -33,43 +33,8 @@ class BenchError(RuntimeError):
     pass
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _livepipe(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "services", *args], env=env, stdout=f, stderr=f)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise BenchError("broker exited")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"broker not listening on {port}") from None
-            time.sleep(0.02)
-
-
 def measure(env: dict[str, str], chunk_ms: int, seconds: float, workdir: Path, ps_broker: psutil.Process) -> dict:
-    proc = _livepipe(["capture-audio", "--chunk-ms", str(chunk_ms)], env, workdir / f"capture-{chunk_ms}.log")
+    proc = spawn_livepipe(["capture-audio", "--chunk-ms", str(chunk_ms)], env, log=workdir / f"capture-{chunk_ms}.log")
     try:
         with BusClient("bench-capture", BusConfig.from_env(env), ["audio.in"]) as client:
             client.wait_ready()
@@ -89,7 +54,7 @@ def measure(env: dict[str, str], chunk_ms: int, seconds: float, workdir: Path, p
             wall = time.monotonic() - t0
             cpu1 = (sum(ps_capture.cpu_times()[:2]), sum(me.cpu_times()[:2]), sum(ps_broker.cpu_times()[:2]))
     finally:
-        _stop(proc)
+        stop_process(proc)
     return {"chunk_ms": chunk_ms, "messages_per_s": round(n / wall, 1),
             "age_at_subscriber_p50_ms": round(float(np.percentile(ages, 50)), 2),
             "age_at_subscriber_p99_ms": round(float(np.percentile(ages, 99)), 2),
@@ -115,14 +80,14 @@ def main(argv: list[str]) -> int:
     broker = None
     results = []
     try:
-        pub, sub = _free_port(), _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-        env.update(daemon.env, PULSE_SOURCE=devices.virtual_mic, PYTHONUNBUFFERED="1",
-                   LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}")
-        broker = _livepipe(["broker", "--pub-bind", f"tcp://127.0.0.1:{pub}", "--sub-bind",
-                            f"tcp://127.0.0.1:{sub}"], env, workdir / "broker.log")
-        _wait_port(pub, broker)
-        _wait_port(sub, broker)
+        env.update(daemon.env, PULSE_SOURCE=devices.virtual_mic, PYTHONUNBUFFERED="1")
+        try:
+            broker, env = start_broker(env, log=workdir / "broker.log")
+        except ProcessExited:
+            raise BenchError("broker exited") from None
+        except HarnessError as exc:
+            raise BenchError(str(exc)) from None
         # Something to capture: a tone played into the microphone for the whole run.
         feeder = subprocess.Popen(["pacat", f"--device={devices.mic_feed}", "--rate=16000", "--channels=1",
                                    "--format=s16le", "--raw", "--latency-msec=100"],
@@ -141,7 +106,7 @@ def main(argv: list[str]) -> int:
             feeder.kill()
             feeder.wait()
         if broker is not None:
-            _stop(broker)
+            stop_process(broker)
         devices.close()
         daemon.close()
     out = {"results": results, "seconds_per_length": args.seconds}

@@ -12,8 +12,6 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,11 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bus.harness import spawn_livepipe, start_broker, stop_process
 
 
 def _speech(text: str) -> np.ndarray:
@@ -41,18 +35,11 @@ def _speech(text: str) -> np.ndarray:
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "services", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    return spawn_livepipe(args, env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=5)[1]
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()[1]
+    return stop_process(proc)[1]
 
 
 def main(argv: list[str]) -> int:
@@ -67,11 +54,10 @@ def main(argv: list[str]) -> int:
     from bus.config import BusConfig
 
     state = tempfile.mkdtemp(prefix="livepipe-bench-goaway-")
-    pub, sub = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API"))}
-    env.update(LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
-               LIVEPIPE_STATE_DIR=state, PYTHONUNBUFFERED="1")
-    procs = [_spawn(["broker", "--pub-bind", f"tcp://127.0.0.1:{pub}", "--sub-bind", f"tcp://127.0.0.1:{sub}"], env),
+    env.update(LIVEPIPE_STATE_DIR=state, PYTHONUNBUFFERED="1")
+    broker, env = start_broker(env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = [broker,
              _spawn(["emulator", "--port", "0", "--latency", "0.05", "--pace", "4", "--goaway-after", str(args.every),
                      "--goaway-grace", "3"], env)]
     bridge = _spawn(["gemini-bridge"], env)

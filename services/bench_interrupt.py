@@ -16,8 +16,6 @@ import argparse
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +28,7 @@ import numpy as np
 from bus.audio import OUT_RATE, tone
 from bus.client import BusClient
 from bus.config import BusConfig
+from bus.harness import HarnessError, spawn_livepipe, start_broker, stop_process
 from bus.pulse import MonitorRecorder, PulseDaemon, PulseError
 
 SILENT = 8            # |sample| <= 8 (-72 dBFS) counts as silence
@@ -38,41 +37,6 @@ CHUNK = 960           # 40 ms audio.out chunks, as the bridge sends them
 
 class BenchError(RuntimeError):
     pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _livepipe(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "services", *args], env=env, stdout=f, stderr=f)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise BenchError(f"broker exited: {log.read_text()[-500:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise BenchError(f"broker not listening on {port}") from None
-            time.sleep(0.02)
 
 
 def _wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Any:
@@ -98,7 +62,7 @@ def run_series(env: dict[str, str], rec: MonitorRecorder, runs: int, period_ms: 
     """Start a playback, do `runs` interrupts mid-reply, return interrupt->silence ms per run."""
     log = workdir / f"playback-{'reset' if reset else 'noreset'}.log"
     args = ["playback", "--period-ms", str(period_ms)] + ([] if reset else ["--no-device-reset"])
-    proc = _livepipe(args, env, log)
+    proc = spawn_livepipe(args, env, log=log)
     delays: list[float] = []
     observed: list[float] = []
     try:
@@ -134,7 +98,7 @@ def run_series(env: dict[str, str], rec: MonitorRecorder, runs: int, period_ms: 
                 observed.append(on_arrival)
             metrics = _last_metrics(client)
     finally:
-        _stop(proc)
+        stop_process(proc)
     return delays, observed, metrics
 
 
@@ -168,14 +132,12 @@ def bench(runs: int, baseline_runs: int, period_ms: float, seed: int) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="livepipe-bench-interrupt-"))
     broker = None
     try:
-        pub, sub = _free_port(), _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-        env.update(daemon.env, PULSE_SINK=sink, PYTHONUNBUFFERED="1",
-                   LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}")
-        broker = _livepipe(["broker", "--pub-bind", f"tcp://127.0.0.1:{pub}", "--sub-bind",
-                            f"tcp://127.0.0.1:{sub}"], env, workdir / "broker.log")
-        _wait_port(pub, broker, workdir / "broker.log")
-        _wait_port(sub, broker, workdir / "broker.log")
+        env.update(daemon.env, PULSE_SINK=sink, PYTHONUNBUFFERED="1")
+        try:
+            broker, env = start_broker(env, log=workdir / "broker.log")
+        except HarnessError as exc:
+            raise BenchError(str(exc)) from None
         # The recorder runs first: it also keeps the null sink on a short clock.
         with MonitorRecorder(f"{sink}.monitor", OUT_RATE, daemon.env, latency_ms=5) as rec:
             rec.wait_started()
@@ -186,7 +148,7 @@ def bench(runs: int, baseline_runs: int, period_ms: float, seed: int) -> dict:
             jitter_ms = float(np.percentile(rec.clock_offsets_ns(), 99)) / 1e6
     finally:
         if broker is not None:
-            _stop(broker)
+            stop_process(broker)
         daemon.unload(module)
         daemon_started = daemon.started
         daemon.close()

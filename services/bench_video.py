@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+from bus.harness import spawn_livepipe, start_broker
+
 COUNTER_BITS = 16
 
 
@@ -129,12 +128,6 @@ def bench_encode(n: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- live frame age
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def write_counter_video(path: Path, seconds: float, fps: int = 30) -> None:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (1280, 720))
     base = camera_like_frames(1)[0]
@@ -158,33 +151,14 @@ def read_counter(img: np.ndarray) -> int:
     return value
 
 
-def start_broker(env: dict[str, str], pub: int, sub: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "services", "broker", "--pub-bind", f"tcp://127.0.0.1:{pub}",
-                             "--sub-bind", f"tcp://127.0.0.1:{sub}"], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    for port in (pub, sub):
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"broker exited: {proc.stderr.read()}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-    return proc
-
-
 def live_run(env: dict[str, str], source_args: list[str], seconds: float, counter: bool) -> dict[str, Any]:
     from bus.client import BusClient
     from bus.config import BusConfig
 
     with BusClient("bench-video", BusConfig.from_env(env), ["video.in"]) as client:
         client.wait_ready()
-        proc = subprocess.Popen([sys.executable, "-m", "services", "capture-video", *source_args], env=env,
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = spawn_livepipe(["capture-video", *source_args], env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
         try:
             first = client.recv(15)
             if first is None:
@@ -210,10 +184,8 @@ def live_run(env: dict[str, str], source_args: list[str], seconds: float, counte
 
 def bench_age(seconds: float, fps: float) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-    pub, sub = free_port(), free_port()
-    env.update(LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
-               LIVEPIPE_LOG="WARNING")
-    broker = start_broker(env, pub, sub)
+    env.update(LIVEPIPE_LOG="WARNING")
+    broker, env = start_broker(env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             video = Path(tmp) / "counter.avi"

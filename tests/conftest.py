@@ -2,47 +2,30 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
+from bus import harness
 from bus.client import BusClient
 from bus.config import BusConfig
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bus.harness import ROOT, free_port  # noqa: F401  (imported by test files)
 
 
 def livepipe_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "services", *args]
+    return harness.livepipe_cmd(*args)
 
 
 def spawn(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
     """Start `livepipe ARGS...` as a real subprocess with stdout/stderr captured as text."""
-    return subprocess.Popen(livepipe_cmd(*args), env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return harness.spawn_livepipe(args, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
 def stop(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[str, str]:
     """SIGTERM, wait, SIGKILL if needed; returns (stdout, stderr)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.communicate()
+    return harness.stop_process(proc, timeout)
 
 
 class Broker:
@@ -51,21 +34,9 @@ class Broker:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Broker":
-        self.proc = spawn(["broker", "--pub-bind", f"tcp://127.0.0.1:{self.pub_port}",
-                           "--sub-bind", f"tcp://127.0.0.1:{self.sub_port}", *self.extra], self.env)
         # Ready when both ports accept connections.
-        deadline = time.monotonic() + 10
-        for port in (self.pub_port, self.sub_port):
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"broker exited: {self.proc.communicate()}")
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+        self.proc, _ = harness.start_broker(self.env, self.pub_port, self.sub_port, self.extra,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self
 
     def stop(self) -> tuple[str, str]:
