@@ -7,6 +7,8 @@ so file and null runs never load PortAudio.
 """
 from __future__ import annotations
 
+import logging
+
 import os
 import struct
 import time
@@ -465,6 +467,16 @@ def list_devices_text() -> str:
     lines.append("(< default input, > default output; pass an index or a name part to --device)")
     return "\n".join(lines)
 
+
+
+def print_device_list(log: logging.Logger) -> int:
+    """`--list-devices`: print the table, or one error line; the exit code."""
+    try:
+        print(list_devices_text())
+        return 0
+    except DeviceError as exc:
+        log.error("%s", exc)
+        return 1
 
 def make_audio_thread_realtime(priority: int = 10) -> bool:
     """Give the calling thread (a PortAudio callback thread) real-time scheduling if allowed.

@@ -119,6 +119,19 @@ class BusClient:
             self.counters["received"] += 1
             return msg
 
+    def wait_for(self, topic: str, kind: str | None = None, timeout: float = 10.0, **fields: Any) -> Message:
+        """The next message of `topic` (and `kind`, and header `fields`); others are skipped.
+
+        Raises BusTimeout naming what was awaited."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            msg = self.recv(left)
+            if (msg is not None and msg.topic == topic and (kind is None or msg.kind == kind)
+                    and all(msg.get(k) == v for k, v in fields.items())):
+                return msg
+        what = " ".join([topic, kind or "", *(f"{k}={v}" for k, v in fields.items())]).replace("  ", " ")
+        raise BusTimeout(f"no {what} within {timeout:g} s")
+
     def collect(self, seconds: float, topic: str | None = None, kind: str | None = None,
                 count: int | None = None) -> list[Message]:
         """Messages received within `seconds` (optionally of one topic/kind, stopping at `count`)."""

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from bus.audio import OUT_RATE, tone
-from bus.client import BusClient
+from bus.client import BusClient, BusTimeout
 from bus.config import BusConfig
 from bus.harness import HarnessError, spawn_livepipe, start_broker, stop_process
 from bus.pulse import MonitorRecorder, PulseDaemon, PulseError
@@ -40,12 +40,10 @@ class BenchError(RuntimeError):
 
 
 def _wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = client.recv(max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg.topic == "playback" and msg.kind == kind and msg["turn"] == turn:
-            return msg
-    raise BenchError(f"no playback {kind} for turn {turn} within {timeout} s")
+    try:
+        return client.wait_for("playback", kind, timeout, turn=turn)
+    except BusTimeout:
+        raise BenchError(f"no playback {kind} for turn {turn} within {timeout} s") from None
 
 
 def _last_metrics(client: BusClient, timeout: float = 3.0) -> dict:

@@ -27,7 +27,7 @@ import numpy as np
 from bus import Service, setup_logging
 from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
                        float_to_int16,
-                       import_sounddevice, list_devices_text, make_audio_thread_realtime, parse_device,
+                       import_sounddevice, print_device_list, make_audio_thread_realtime, parse_device,
                        pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
 from bus.config import BusConfig, ConfigError, add_bus_arguments
@@ -340,12 +340,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("capture-audio")
     if args.list_devices:
-        try:
-            print(list_devices_text())
-            return 0
-        except DeviceError as exc:
-            log.error("%s", exc)
-            return 1
+        return print_device_list(log)
     if not 5 <= args.chunk_ms <= 1000:
         log.error("--chunk-ms must be within 5..1000")
         return 2

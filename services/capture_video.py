@@ -36,7 +36,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # OpenCV and its bundled FFmpeg print their own warnings on stderr ("[ WARN:0@0.01] ...",
 # "moov atom not found"); we report every source problem ourselves in one line instead.

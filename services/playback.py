@@ -34,7 +34,7 @@ import numpy as np
 from bus import Service, setup_logging
 from bus.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
                        make_audio_thread_realtime,
-                       list_devices_text, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
+                       print_device_list, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
 from bus.config import BusConfig, ConfigError, add_bus_arguments
 from bus.message import Message
 
@@ -647,12 +647,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("playback")
     if args.list_devices:
-        try:
-            print(list_devices_text())
-            return 0
-        except DeviceError as exc:
-            log.error("%s", exc)
-            return 1
+        return print_device_list(log)
     for name in ("prebuffer_ms", "turn_gap_ms"):
         if getattr(args, name) < 0:
             log.error("--%s must be >= 0", name.replace("_", "-"))

@@ -35,12 +35,7 @@ def publish_turn(client: BusClient, turn: int, pcm: np.ndarray, chunk: int = CHU
 
 
 def wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Message:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        msg = client.recv(max(0.0, deadline - time.monotonic()))
-        if msg is not None and msg.topic == "playback" and msg.kind == kind and msg["turn"] == turn:
-            return msg
-    raise AssertionError(f"no playback {kind} for turn {turn} within {timeout} s")
+    return client.wait_for("playback", kind, timeout, turn=turn)
 
 
 def start_playback(args: list[str], env: dict[str, str], client: BusClient) -> subprocess.Popen:

@@ -11,13 +11,10 @@ import time
 
 import cv2
 import numpy as np
-import pytest
-import soxr
 
 from tests.bridge_support import (Emulator, assert_reply_is, live_factory, reply_audio, silence,  # noqa: F401
                                   speech, start_bridge, upsample, wait_for)
-from bus.client import BusClient
-from tests.conftest import ROOT, stop
+from tests.conftest import ROOT
 
 
 def jpeg(width: int, height: int, seed: int) -> bytes:
