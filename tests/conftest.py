@@ -7,6 +7,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from hypothesis import settings
+
+# Randomized tests are reproducible: by default every run draws the same examples (derandomized,
+# no example database, so a failure found once cannot be replayed into later runs of a checkout).
+# HYPOTHESIS_PROFILE=explore draws fresh examples, for looking for new bugs by hand.
+settings.register_profile("deterministic", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 from bus import harness
 from bus.client import BusClient
