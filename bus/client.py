@@ -12,10 +12,10 @@ from typing import Any, Iterable
 
 import zmq
 
-from bus import sockets
-from bus.config import BusConfig
-from bus.message import Message, decode, encode, make_header, wire_topic
-from bus.topics import TOPICS, SchemaError, validate
+from livepipe.bus import sockets
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message, decode, encode, make_header, wire_topic
+from livepipe.bus.topics import TOPICS, SchemaError, validate
 
 
 class BusTimeout(TimeoutError):

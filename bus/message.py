@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import msgpack
 
-from bus.topics import SCHEMA_VERSION, SchemaError, Topic, validate
+from livepipe.bus.topics import SCHEMA_VERSION, SchemaError, Topic, validate
 
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -98,5 +98,5 @@ def decode(frames: Sequence[bytes | Any], session: str = "") -> Message:
 
 
 def topic_of(topic: str) -> Topic:
-    from bus.topics import TOPICS
+    from livepipe.bus.topics import TOPICS
     return TOPICS[topic]

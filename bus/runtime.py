@@ -30,10 +30,10 @@ from typing import Any, Awaitable, Callable, Union
 import zmq
 import zmq.asyncio
 
-from bus import sockets
-from bus.config import BusConfig, ConfigError
-from bus.message import Message, decode, encode, make_header, wire_topic
-from bus.topics import LANES, TOPICS, SchemaError, validate
+from livepipe.bus import sockets
+from livepipe.bus.config import BusConfig, ConfigError
+from livepipe.bus.message import Message, decode, encode, make_header, wire_topic
+from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
 Main = Callable[["Service"], Awaitable[Any]]

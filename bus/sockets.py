@@ -6,7 +6,7 @@ from typing import TypeVar
 import zmq
 import zmq.auth
 
-from bus.config import BusConfig, ConfigError
+from livepipe.bus.config import BusConfig, ConfigError
 
 # Receive queue depth per lane, in messages. Audio holds minutes (a slow consumer must
 # not lose what the user said); video needs only the newest frame.

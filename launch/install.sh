@@ -25,5 +25,5 @@ if ((${#missing[@]})); then
   fi
 fi
 
-python3 -m pip install -q --disable-pip-version-check -e ".[test]"
+python3 -m pip install -q --disable-pip-version-check -e ".[all,test]"
 echo "install.sh: livepipe $(python3 -c 'import importlib.metadata as m; print(m.version("livepipe"))') installed ($(command -v livepipe))"

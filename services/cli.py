@@ -10,22 +10,39 @@ import sys
 
 # verb -> (module, one-line help). Every module has `main(argv: list[str]) -> int`.
 VERBS: dict[str, tuple[str, str]] = {
-    "broker": ("services.broker", "the XSUB/XPUB rendezvous every process connects to"),
-    "keys": ("services.keys", "generate CURVE key pairs for the broker and its clients"),
-    "tap": ("services.tap", "print, or measure (--stats), what flows on topics"),
-    "top": ("services.top", "a live table per process, from the heartbeats"),
-    "record": ("services.record", "record topics to a file"),
-    "replay": ("services.replay", "republish a recording (--speed, --loop)"),
-    "export": ("services.export", "write an audio topic of a recording as WAV"),
-    "say": ("services.say", "publish a line of text on text.in"),
-    "emulator": ("services.emulator", "a local Live API emulator (the default backend with no key)"),
-    "gemini-bridge": ("services.gemini_bridge", "the Live API session on the bus"),
-    "capture-audio": ("services.capture_audio", "microphone or WAV file -> audio.in"),
-    "playback": ("services.playback", "audio.out -> speaker or WAV file, with instant interrupt"),
-    "capture-video": ("services.capture_video", "camera, file or screen -> JPEG frames on video.in"),
-    "demo": ("services.demo", "a scripted conversation that runs anywhere"),
-    "bench": ("services.bench", "benchmarks printing JSON: bench bus | interrupt | ..."),
+    "broker": ("livepipe.services.processes.broker", "the XSUB/XPUB rendezvous every process connects to"),
+    "keys": ("livepipe.services.tools.keys", "generate CURVE key pairs for the broker and its clients"),
+    "tap": ("livepipe.services.tools.tap", "print, or measure (--stats), what flows on topics"),
+    "top": ("livepipe.services.tools.top", "a live table per process, from the heartbeats"),
+    "record": ("livepipe.services.tools.record", "record topics to a file"),
+    "replay": ("livepipe.services.tools.replay", "republish a recording (--speed, --loop)"),
+    "export": ("livepipe.services.tools.export", "write an audio topic of a recording as WAV"),
+    "say": ("livepipe.services.tools.say", "publish a line of text on text.in"),
+    "emulator": ("livepipe.services.processes.emulator", "a local Live API emulator (the default backend with no key)"),
+    "gemini-bridge": ("livepipe.services.processes.gemini_bridge", "the Live API session on the bus"),
+    "capture-audio": ("livepipe.services.processes.capture_audio", "microphone or WAV file -> audio.in"),
+    "playback": ("livepipe.services.processes.playback", "audio.out -> speaker or WAV file, with instant interrupt"),
+    "capture-video": ("livepipe.services.processes.capture_video", "camera, file or screen -> JPEG frames on video.in"),
+    "demo": ("livepipe.services.demo.demo", "a scripted conversation that runs anywhere"),
+    "bench": ("livepipe.services.bench", "benchmarks printing JSON: bench bus | interrupt | ..."),
 }
+
+
+# A library a verb may miss on a partial install -> the extra that brings it (pyproject.toml).
+EXTRA_OF_MODULE: dict[str, str] = {
+    "sounddevice": "audio", "soxr": "audio", "cv2": "video", "mss": "video", "google": "gemini",
+    "websockets": "emulator", "trustme": "emulator", "webrtcvad": "emulator", "honcho": "demo",
+}
+
+
+def missing_extra_message(verb: str, exc: ModuleNotFoundError) -> str | None:
+    """One line naming the extra to install, when `exc` is a library of one of livepipe's extras."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (f"livepipe {verb}: the Python package {top!r} is not installed; "
+            f"install it with: pip install 'livepipe[{extra}]'  (or 'livepipe[all]')")
 
 
 def usage() -> str:
@@ -44,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"livepipe: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(VERBS[verb][0])
+        return int(module.main(rest) or 0)
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(verb, exc)
+        if message is None:
+            raise
+        print(message, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

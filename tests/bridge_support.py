@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import soxr
 
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.message import Message
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message
 from tests.conftest import spawn, stop
 
 CHUNK = 320   # 20 ms at 16 kHz
@@ -95,7 +95,7 @@ class Recorder:
         self.raw: list[list[bytes]] = []
 
     def pump(self, timeout: float = 0.05) -> None:
-        from bus.message import decode
+        from livepipe.bus.message import decode
         frames = self.client.recv_raw(timeout)
         while frames is not None:
             self.raw.append(frames)

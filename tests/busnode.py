@@ -11,8 +11,8 @@ import json
 import sys
 import time
 
-from bus import BusConfig, Service, setup_logging
-from bus.topics import TOPICS
+from livepipe.bus import BusConfig, Service, setup_logging
+from livepipe.bus.topics import TOPICS
 
 
 def emit(**fields) -> None:

@@ -16,10 +16,12 @@ settings.register_profile("deterministic", derandomize=True, database=None, prin
 settings.register_profile("explore", derandomize=False, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
-from bus import harness
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.harness import ROOT, free_port  # noqa: F401  (imported by test files)
+from livepipe.services.dev import harness
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.services.dev.harness import free_port  # noqa: F401  (imported by test files)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def livepipe_cmd(*args: str) -> list[str]:

@@ -15,7 +15,7 @@ OUT_RATE = 24000
 
 
 def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    from bus.audio import read_wav_int16
+    from livepipe.services.lib.audio import read_wav_int16
     return read_wav_int16(path)
 
 

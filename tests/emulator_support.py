@@ -115,7 +115,7 @@ class Emulator:
         return self.state / "emulator" / "timeline.jsonl"
 
     def start(self) -> "Emulator":
-        self.proc = subprocess.Popen([sys.executable, "-m", "services", "emulator", "--port", "0",
+        self.proc = subprocess.Popen([sys.executable, "-m", "livepipe.services", "emulator", "--port", "0",
                                       "--state-dir", str(self.state), *self.args],
                                      cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return self

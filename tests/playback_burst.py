@@ -15,11 +15,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from bus.audio import OUT_RATE, tone
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.message import Message
-from bus.pulse import PulseDaemon
+from livepipe.services.lib.audio import OUT_RATE, tone
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message
+from livepipe.services.dev.pulse import PulseDaemon
 from tests.conftest import Broker, free_port, spawn, stop
 from tests.pulse_support import pulse, record_speaker  # noqa: F401
 

@@ -31,8 +31,8 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from bus.audio import StreamResampler, read_wav_int16, write_wav_int16
-from bus.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, play_wav
+from livepipe.services.lib.audio import StreamResampler, read_wav_int16, write_wav_int16
+from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, play_wav
 
 
 @pytest.fixture(scope="session")

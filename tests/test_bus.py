@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.message import decode, encode, make_header
-from bus.topics import BOOL, INT, LIST, MAP, NUM, STR, TOPICS, SchemaError
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import decode, encode, make_header
+from livepipe.bus.topics import BOOL, INT, LIST, MAP, NUM, STR, TOPICS, SchemaError
 from tests.conftest import ROOT, Broker, free_port
 
 SAMPLE = {INT: 7, NUM: 1.5, STR: "hello", BOOL: True, MAP: {"a": 1}, LIST: ["x"]}
@@ -221,7 +221,7 @@ def test_runtime_dispatch_survives_fuzzed_frames():
     """The service receive path itself (not only decode) swallows garbage and counts it."""
     import asyncio
 
-    from bus.runtime import Service
+    from livepipe.bus.runtime import Service
 
     svc = Service("fuzz", BusConfig())
     seen = []
@@ -340,7 +340,7 @@ def curve_env(bus_env: dict, keys: Path, name: str) -> dict:
 def test_curve_admits_listed_clients_and_shuts_out_others(tmp_path):
     keys, allow = tmp_path / "keys", tmp_path / "allow"
     base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-    out = subprocess.run([sys.executable, "-m", "services", "keys", str(keys), "server", "good", "evil"],
+    out = subprocess.run([sys.executable, "-m", "livepipe.services", "keys", str(keys), "server", "good", "evil"],
                          env=base, capture_output=True, text=True, check=True)
     assert "good" in out.stdout
     allow.mkdir()
@@ -371,7 +371,7 @@ def test_curve_admits_listed_clients_and_shuts_out_others(tmp_path):
 
 def test_broker_refuses_a_public_bind_without_curve():
     base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
-    out = subprocess.run([sys.executable, "-m", "services", "broker", "--pub-bind", f"tcp://0.0.0.0:{free_port()}"],
+    out = subprocess.run([sys.executable, "-m", "livepipe.services", "broker", "--pub-bind", f"tcp://0.0.0.0:{free_port()}"],
                          env=base, capture_output=True, text=True, timeout=20)
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()

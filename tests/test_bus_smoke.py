@@ -1,4 +1,4 @@
-from bus.client import BusClient
+from livepipe.bus.client import BusClient
 
 
 def test_client_roundtrip_through_broker(bus_cfg):

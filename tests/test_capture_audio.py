@@ -15,11 +15,11 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from bus.audio import (IN_RATE, OUT_RATE, StreamResampler, WavReader, dominant_frequency, float_to_int16,
+from livepipe.services.lib.audio import (IN_RATE, OUT_RATE, StreamResampler, WavReader, dominant_frequency, float_to_int16,
                        rms_dbfs, to_mono, tone, write_wav_int16)
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.message import Message
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message
 from tests.conftest import spawn, stop
 from tests.playback_burst import playback_burst  # noqa: F401  (its minute of playing overlaps these tests)
 from tests.pulse_support import (align, loud_spans, play_into_mic, pulse, pulse_devices,  # noqa: F401

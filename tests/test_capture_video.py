@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import pytest
 
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.message import Message
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message
 from tests.conftest import free_port, spawn, stop
 
 BITS = 16
@@ -499,7 +499,7 @@ def test_stream_that_disappears_is_reopened(bus_env):
 
 # ----------------------------------------------------------------------------- pure functions
 def test_fit_keeps_aspect_and_never_upscales():
-    from services.capture_video import FrameEncoder
+    from livepipe.services.processes.capture_video import FrameEncoder
 
     enc = FrameEncoder(768)
     assert enc.fitted_size(1280, 720) == (768, 432)
@@ -513,7 +513,7 @@ def test_fit_keeps_aspect_and_never_upscales():
 
 
 def test_source_forms():
-    from services.capture_video import SourceSpec, UsageError, parse_source
+    from livepipe.services.processes.capture_video import SourceSpec, UsageError, parse_source
 
     assert parse_source("0") == SourceSpec("camera", 0)
     assert parse_source("/dev/video2") == SourceSpec("camera", "/dev/video2")

@@ -50,7 +50,7 @@ def assert_sane(summary: dict) -> None:
 
 
 def test_demo_runs_a_conversation_with_barge_in(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "services", "demo", "--json"], cwd=ROOT, env=clean_env(tmp_path),
+    res = subprocess.run([sys.executable, "-m", "livepipe.services", "demo", "--json"], cwd=ROOT, env=clean_env(tmp_path),
                          capture_output=True, text=True, timeout=110)
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)           # exactly one JSON object on stdout
@@ -69,7 +69,7 @@ def test_demo_reports_a_refused_model_session_in_one_line(tmp_path: Path) -> Non
     and honcho and every process are gone."""
     env = clean_env(tmp_path)
     env["LIVEPIPE_EMULATOR_API_KEY"] = "the-only-key-accepted"
-    res = subprocess.run([sys.executable, "-m", "services", "demo", "--json", "--timeout", "40"], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, "-m", "livepipe.services", "demo", "--json", "--timeout", "40"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1, res.stderr
     summary = json.loads(res.stdout)
@@ -85,7 +85,7 @@ def test_demo_reports_a_refused_model_session_in_one_line(tmp_path: Path) -> Non
 def test_demo_rejects_a_user_file_that_is_not_audio(tmp_path: Path) -> None:
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"this is not a wav file")
-    res = subprocess.run([sys.executable, "-m", "services", "demo", "--user-wav", str(bad)], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "livepipe.services", "demo", "--user-wav", str(bad)], cwd=ROOT,
                          env=clean_env(tmp_path), capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"demo: failed: {bad} is not a WAV file (no RIFF/WAVE header)"]

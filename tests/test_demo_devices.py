@@ -28,7 +28,7 @@ def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, pulse_devi
     env.update(pulse_devices.playback_env())
     env.update(pulse_devices.capture_env())          # PULSE_SINK = our speaker, PULSE_SOURCE = our microphone
     with record_speaker(pulse_devices, OUT_RATE) as rec:
-        demo = subprocess.Popen([sys.executable, "-m", "services", "demo", "--devices", "--json", "--timeout", "80"],
+        demo = subprocess.Popen([sys.executable, "-m", "livepipe.services", "demo", "--devices", "--json", "--timeout", "80"],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
         stderr: list[str] = []

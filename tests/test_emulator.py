@@ -1,7 +1,7 @@
 """The Live API emulator driven by the real google-genai SDK over TLS, as the bridge will drive it.
 
 Every test asserts what the SDK's user sees: audio bytes, transcriptions, tool calls, close codes.
-Emulators run as real subprocesses (`python -m services emulator`), started once per module.
+Emulators run as real subprocesses (`python -m livepipe.services emulator`), started once per module.
 """
 from __future__ import annotations
 
@@ -861,7 +861,7 @@ def test_certificates_are_reused_and_port_in_use_is_one_line(tmp_path):
     assert (state / "emulator" / "server.pem").read_bytes() == server_pem
     # a second emulator on a taken port: one clear line, exit 1, no traceback
     port = int(second.url.rsplit(":", 1)[1])
-    busy = subprocess.run([sys.executable, "-m", "services", "emulator", "--port", str(port), "--state-dir",
+    busy = subprocess.run([sys.executable, "-m", "livepipe.services", "emulator", "--port", str(port), "--state-dir",
                            str(tmp_path / "other")], capture_output=True, text=True, timeout=20)
     assert busy.returncode == 1 and "in use" in busy.stderr and "Traceback" not in busy.stderr
     assert len(busy.stderr.strip().splitlines()) == 1, busy.stderr
@@ -869,7 +869,7 @@ def test_certificates_are_reused_and_port_in_use_is_one_line(tmp_path):
 
 
 def test_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "services", "emulator", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "livepipe.services", "emulator", "--help"], capture_output=True, text=True,
                          timeout=20).stdout
     for opt in ("--host", "--port", "--state-dir", "--api-key", "--latency", "--pace", "--chunk-ms", "--goaway-after",
                 "--goaway-grace", "--session-limit", "--drop-after", "--tool-trigger", "--timeline",

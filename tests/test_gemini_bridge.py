@@ -111,8 +111,8 @@ def test_interrupt_publishes_control_first_and_no_audio_of_that_turn_after(live_
 
 TOOL_RESPONDER = r"""
 import sys
-from bus.client import BusClient
-from bus.config import BusConfig
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
 with BusClient("tool-clock", BusConfig.from_env(), ["tool.call"]) as c:
     c.wait_ready()
     print("ready", flush=True)

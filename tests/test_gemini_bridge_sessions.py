@@ -99,8 +99,8 @@ def test_dropped_connection_reconnects_and_resumes(live_factory):
 
 SLOW_TOOL = r"""
 import time
-from bus.client import BusClient
-from bus.config import BusConfig
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
 with BusClient("tool-slow", BusConfig.from_env(), ["tool.call"]) as c:
     c.wait_ready()
     print("ready", flush=True)

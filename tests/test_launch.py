@@ -18,9 +18,9 @@ import numpy as np
 import psutil
 import pytest
 
-from bus.audio import write_wav_int16
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig
+from livepipe.services.lib.audio import write_wav_int16
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig
 from tests.conftest import free_port
 from tests.demo_audio import OUT_RATE, ROOT, USER_SCRIPT, USER_WAV, piecewise_match, read_wav, utterance_24k
 from tests.pulse_support import play_into_mic, pulse, pulse_devices, record_speaker  # noqa: F401
@@ -77,7 +77,7 @@ def test_every_procfile_command_parses(tmp_path: Path) -> None:
                 text = re.sub(r'"?\$(\w+)"?', lambda v: shlex.quote(fill.get(v.group(1), "x")), m.group(1).strip())
                 commands.add(tuple(shlex.split(text)))
     assert len(commands) >= 8
-    procs = {c: subprocess.Popen([sys.executable, "-m", "services", *c, "--help"], cwd=ROOT, env=base_env(tmp_path),
+    procs = {c: subprocess.Popen([sys.executable, "-m", "livepipe.services", *c, "--help"], cwd=ROOT, env=base_env(tmp_path),
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands}
     for c, p in procs.items():
         out, err = p.communicate(timeout=60)
@@ -163,7 +163,7 @@ def test_hub_and_edge_over_curve_answer_a_spoken_question(tmp_path: Path, pulse_
     emulator answer, the edge's speaker plays the answer; a key the hub does not list gets nothing."""
     keys, allow = tmp_path / "keys", tmp_path / "keys" / "allowed"
     env = base_env(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "services", "keys", str(keys), "server", "hub", "edge", "watcher",
+    res = subprocess.run([sys.executable, "-m", "livepipe.services", "keys", str(keys), "server", "hub", "edge", "watcher",
                           "stranger"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     allow.mkdir()

@@ -13,10 +13,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from bus.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
-from bus.client import BusClient
-from bus.config import BusConfig
-from services.playback import JitterBuffer
+from livepipe.services.lib.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.services.processes.playback import JitterBuffer
 from tests.conftest import spawn, stop
 from tests.playback_burst import BURST_S, playback_burst, publish_turn, start_playback, wait_event  # noqa: F401
 from tests.pulse_support import (align, loud_spans, pulse, pulse_devices, record_speaker,  # noqa: F401

@@ -1,7 +1,7 @@
 """README.md's topic table is the contract users read: it must match bus/topics.py."""
 from pathlib import Path
 
-from bus.topics import TOPICS
+from livepipe.bus.topics import TOPICS
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import msgpack
 
-from bus.client import BusClient
-from bus.message import decode, encode, make_header
-from bus.recording import MAGIC, RecordingWriter, read_all
+from livepipe.bus.client import BusClient
+from livepipe.bus.message import decode, encode, make_header
+from livepipe.services.lib.recording import MAGIC, RecordingWriter, read_all
 from tests.conftest import ROOT, spawn, stop
 from tests.tool_publisher import sine_chunk
 
@@ -210,7 +210,7 @@ def test_export_places_chunks_at_their_timestamps(tmp_path):
     def export(*extra: str) -> tuple[subprocess.CompletedProcess, bytes]:
         out = tmp_path / "out.wav"
         out.unlink(missing_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "services", "export", str(rec), *extra, str(out)],
+        proc = subprocess.run([sys.executable, "-m", "livepipe.services", "export", str(rec), *extra, str(out)],
                               cwd=ROOT, capture_output=True, text=True, timeout=30)
         data = b""
         if out.exists():
@@ -299,7 +299,7 @@ def test_recording_format_is_magic_line_and_msgpack_stream(tmp_path):
     assert meta["session"] == "s1" and meta["topics"] == ["text.in"] and record == [123, [b"s1/text.in", b"\x80", b"x"]]
     bad = tmp_path / "bad.lprec"
     bad.write_bytes(b"RIFF....WAVE")
-    proc = subprocess.run([sys.executable, "-m", "services", "replay", str(bad)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "livepipe.services", "replay", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1 and "not a livepipe recording" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -347,13 +347,13 @@ def test_say_publishes_one_text_in_message(bus_env, bus_cfg):
 def test_tools_never_import_genai_sounddevice_or_opencv():
     heavy = ("google.genai", "sounddevice", "cv2")
     code = ("import importlib, sys\n"
-            f"for m in {[f'services.{t}' for t in TOOLS] + ['services.bench_bus', 'bus.recording', 'bus.toolkit']}:\n"
+            f"for m in {[f'livepipe.services.tools.{t}' for t in TOOLS] + ['livepipe.services.bench.bus', 'livepipe.services.lib.recording', 'livepipe.services.lib.toolkit']}:\n"
             "    importlib.import_module(m)\n"
             f"print([m for m in sys.modules if m.startswith({heavy})])")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-    procs = {t: subprocess.Popen([sys.executable, "-X", "importtime", "-m", "services", t, "--help"], cwd=ROOT,
+    procs = {t: subprocess.Popen([sys.executable, "-X", "importtime", "-m", "livepipe.services", t, "--help"], cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for t in TOOLS}
     for tool, p in procs.items():
         out, err = p.communicate(timeout=60)
@@ -364,7 +364,7 @@ def test_tools_never_import_genai_sounddevice_or_opencv():
 
 def test_bench_bus_runs_end_to_end():
     """The benchmark's plumbing (real broker, four processes, JSON out); figures are not asserted."""
-    proc = subprocess.run([sys.executable, "-m", "services", "bench", "bus", "--json", "--audio-count", "40",
+    proc = subprocess.run([sys.executable, "-m", "livepipe.services", "bench", "bus", "--json", "--audio-count", "40",
                            "--jpeg-count", "8", "--warmup", "5", "--rounds", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr

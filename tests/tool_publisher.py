@@ -13,8 +13,8 @@ import struct
 import sys
 import time
 
-from bus import Service, setup_logging
-from bus.config import BusConfig
+from livepipe.bus import Service, setup_logging
+from livepipe.bus.config import BusConfig
 
 RATE = 16000
 FRAMES = 320   # 20 ms at 16 kHz

@@ -11,11 +11,11 @@ import argparse
 import sys
 import time
 
-from bus.client import BusTimeout
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.recording import RecordingWriter
-from bus.toolkit import StopFlag, check_topics, connect, human_bytes
-from bus.topics import TOPICS
+from livepipe.bus.client import BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.services.lib.recording import RecordingWriter
+from livepipe.services.lib.toolkit import StopFlag, check_topics, connect, human_bytes
+from livepipe.bus.topics import TOPICS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -144,13 +144,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    from bus.runtime import setup_logging
+    from livepipe.bus.runtime import setup_logging
     setup_logging("emulator")
     logging.getLogger("websockets").setLevel(logging.CRITICAL)   # handshake noise: we count and log our own
 
-    from services.emulator.certs import ensure_certificates
-    from services.emulator.server import ServerConfig, run_server
-    from services.emulator.session import Options
+    from livepipe.services.processes.emulator.certs import ensure_certificates
+    from livepipe.services.processes.emulator.server import ServerConfig, run_server
+    from livepipe.services.processes.emulator.session import Options
 
     state_dir = (args.state_dir or default_state_dir()).expanduser() / "emulator"
     try:

@@ -21,12 +21,12 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.message import decode, encode
-from bus.recording import RecordingError, RecordingReader
-from bus.toolkit import StopFlag, check_topics
-from bus.topics import TOPICS, SchemaError
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.message import decode, encode
+from livepipe.services.lib.recording import RecordingError, RecordingReader
+from livepipe.services.lib.toolkit import StopFlag, check_topics
+from livepipe.bus.topics import TOPICS, SchemaError
 
 NOT_REPLAYED_BY_DEFAULT = {"status"}
 

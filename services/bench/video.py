@@ -3,7 +3,7 @@
 1. Fit + encode, per frame, in this process (interleaved round-robin so both see the same load):
    livepipe:   capture-video's own FrameEncoder: 1280x720 fitted inside 768x768 (-> 768x432,
                INTER_AREA), JPEG q80; also with --pad (-> 768x768);
-   reference:  the seed document's client: cv2.resize(frame, (768, 768)) (distorts 16:9) and
+   reference:  the usual quick-start client: cv2.resize(frame, (768, 768)) (distorts 16:9) and
                cv2.imencode(".jpg", frame) at OpenCV's default quality 95; also at q80, to
                separate the effect of the quality from the effect of the fit.
    Frames are synthetic 1280x720 pictures with camera-like content (smooth shapes, edges, text,
@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from bus.harness import spawn_livepipe, start_broker
+from livepipe.services.dev.harness import spawn_livepipe, start_broker
 
 COUNTER_BITS = 16
 
@@ -78,7 +78,7 @@ def camera_like_frames(count: int, width: int = 1280, height: int = 720) -> list
 
 
 def bench_encode(n: int) -> dict[str, Any]:
-    from services.capture_video import FrameEncoder   # measure the service's own code, not a copy
+    from livepipe.services.processes.capture_video import FrameEncoder   # measure the service's own code, not a copy
 
     frames = camera_like_frames(8)
     fit = FrameEncoder(768, 80)
@@ -152,8 +152,8 @@ def read_counter(img: np.ndarray) -> int:
 
 
 def live_run(env: dict[str, str], source_args: list[str], seconds: float, counter: bool) -> dict[str, Any]:
-    from bus.client import BusClient
-    from bus.config import BusConfig
+    from livepipe.bus.client import BusClient
+    from livepipe.bus.config import BusConfig
 
     with BusClient("bench-video", BusConfig.from_env(env), ["video.in"]) as client:
         client.wait_ready()

@@ -23,12 +23,12 @@ import soxr
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from bus.runtime import RateLimitedLog
-from services.emulator import wire
-from services.emulator.timeline import Timeline
-from services.emulator.turns import (FRAME, RATE, HeldAudio, HeldInput, InputResampler, SpeechEnd, SpeechStart,
+from livepipe.bus.runtime import RateLimitedLog
+from livepipe.services.processes.emulator import wire
+from livepipe.services.processes.emulator.timeline import Timeline
+from livepipe.services.processes.emulator.turns import (FRAME, RATE, HeldAudio, HeldInput, InputResampler, SpeechEnd, SpeechStart,
                                      TurnDetector, VadSettings)
-from services.emulator.wire import ProtocolError
+from livepipe.services.processes.emulator.wire import ProtocolError
 
 log = logging.getLogger("emulator")
 ratelog = RateLimitedLog(log)          # a storm of bad clients must not flood the log

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import re
@@ -45,12 +46,19 @@ from typing import Any
 
 import numpy as np
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError
-from bus.message import Message
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError
+from livepipe.bus.message import Message
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = ROOT / "launch"
+def _launch_dir() -> Path:
+    """launch/ of a checkout, or its copy installed with the package, both importable as livepipe.launch."""
+    spec = importlib.util.find_spec("livepipe.launch")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("livepipe.launch is not installed: reinstall livepipe (pip install livepipe)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+LAUNCH = _launch_dir()
 PROCFILE = LAUNCH / "Procfile.demo"
 USER_WAV = LAUNCH / "assets" / "user.wav"
 USER_SCRIPT = LAUNCH / "assets" / "user.json"
@@ -452,7 +460,7 @@ def expected_utterances() -> int:
 
 def wav_frames_16k(path: str) -> int:
     """How many 16 kHz frames capture-audio will publish for this file."""
-    from bus.audio import AudioFileError, WavReader
+    from livepipe.services.lib.audio import AudioFileError, WavReader
     try:
         with WavReader(path) as r:
             return int(r.frames * IN_RATE // r.rate)
@@ -579,7 +587,7 @@ def render(summary: dict[str, Any]) -> str:
 
 
 def wav_seconds(path: Path) -> float:
-    from bus.audio import AudioFileError, WavReader
+    from livepipe.services.lib.audio import AudioFileError, WavReader
     try:
         with WavReader(path) as r:
             return r.duration_s

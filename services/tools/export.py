@@ -15,9 +15,9 @@ import wave
 from collections import Counter
 from pathlib import Path
 
-from bus.message import Message, decode
-from bus.recording import RecordingError, RecordingReader
-from bus.topics import TOPICS, SchemaError
+from livepipe.bus.message import Message, decode
+from livepipe.services.lib.recording import RecordingError, RecordingReader
+from livepipe.bus.topics import TOPICS, SchemaError
 
 
 def audio_topics() -> list[str]:

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from bus.client import BusClient
-from bus.config import BusConfig
-from bus.harness import HarnessError, ProcessExited, spawn_livepipe, start_broker, stop_process
-from bus.pulse import PulseDaemon, PulseError
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
+from livepipe.services.dev.harness import HarnessError, ProcessExited, spawn_livepipe, start_broker, stop_process
+from livepipe.services.dev.pulse import PulseDaemon, PulseError
 
 
 class BenchError(RuntimeError):

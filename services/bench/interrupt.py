@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from bus.audio import OUT_RATE, tone
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig
-from bus.harness import HarnessError, spawn_livepipe, start_broker, stop_process
-from bus.pulse import MonitorRecorder, PulseDaemon, PulseError
+from livepipe.services.lib.audio import OUT_RATE, tone
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig
+from livepipe.services.dev.harness import HarnessError, spawn_livepipe, start_broker, stop_process
+from livepipe.services.dev.pulse import MonitorRecorder, PulseDaemon, PulseError
 
 SILENT = 8            # |sample| <= 8 (-72 dBFS) counts as silence
 CHUNK = 960           # 40 ms audio.out chunks, as the bridge sends them

@@ -19,8 +19,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from bus.config import DEFAULT_PUB_PORT, DEFAULT_SUB_PORT
-from bus.runtime import setup_logging
+from livepipe.bus.config import DEFAULT_PUB_PORT, DEFAULT_SUB_PORT
+from livepipe.bus.runtime import setup_logging
 
 BROKER_HWM = 50_000   # per peer; at 20 ms chunks that is 16 minutes of audio for a stalled reader
 

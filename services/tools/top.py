@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.toolkit import StopFlag, connect
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.services.lib.toolkit import StopFlag, connect
 
 SILENT_AFTER_S = 3.0
 FORGET_AFTER_S = 60.0

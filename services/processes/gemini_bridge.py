@@ -32,9 +32,9 @@ from typing import Any, Callable, Awaitable
 
 import numpy as np
 
-from bus import Service, setup_logging
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.message import Message
+from livepipe.bus import Service, setup_logging
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.message import Message
 
 NAME = "gemini-bridge"
 DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"

@@ -24,14 +24,14 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from bus import Service, setup_logging
-from bus.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
+from livepipe.bus import Service, setup_logging
+from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
                        float_to_int16,
                        import_sounddevice, print_device_list, make_audio_thread_realtime, parse_device,
                        pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.message import Message
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.message import Message
 
 log = logging.getLogger("capture-audio")
 

@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any
 
-from bus.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
+from livepipe.services.dev.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
 
 AUDIO_BYTES = 640          # 20 ms of 16 kHz mono s16le
 JPEG_BYTES = 100_000
@@ -72,8 +72,8 @@ def jpeg_like(size: int) -> bytes:
 
 # ----------------------------------------------------------------- livepipe
 def lp_pub(args: argparse.Namespace) -> int:
-    from bus import Service, setup_logging
-    from bus.config import BusConfig
+    from livepipe.bus import Service, setup_logging
+    from livepipe.bus.config import BusConfig
 
     setup_logging("bench-pub", "WARNING")
     svc = Service("bench-pub", BusConfig.from_env(pub_endpoint=args.pub, sub_endpoint=args.sub))
@@ -107,8 +107,8 @@ def lp_pub(args: argparse.Namespace) -> int:
 
 
 def lp_sub(args: argparse.Namespace) -> int:
-    from bus import Service, setup_logging
-    from bus.config import BusConfig
+    from livepipe.bus import Service, setup_logging
+    from livepipe.bus.config import BusConfig
 
     setup_logging("bench-sub", "WARNING")
     svc = Service("bench-sub", BusConfig.from_env(pub_endpoint=args.pub, sub_endpoint=args.sub))

@@ -1,4 +1,4 @@
-"""`livepipe bench NAME [--json]`: dispatch to services/bench_NAME.py (each prints one JSON object)."""
+"""`livepipe bench NAME [--json]`: dispatch to services/bench/NAME.py (each prints one JSON object)."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,7 @@ import sys
 BENCHES = {
     "bus": "one-hop latency through the broker, against raw pyzmq in the same run",
     "interrupt": "interrupt -> silence at a real (PulseAudio null sink) device",
-    "video": "fit + JPEG encode cost per frame against the seed's reference client; frame age",
+    "video": "fit + JPEG encode cost per frame against a plain resize-to-768x768 client; frame age",
     "goaway": "audio.in delivery gap to the model across goAway switchovers",
     "capture": "capture chunk length vs latency and CPU (why 20 ms)",
 }
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
         return 0
     name = argv[0]
     try:
-        module = importlib.import_module(f"services.bench_{name.replace('-', '_')}")
+        module = importlib.import_module(f"livepipe.services.bench.{name.replace('-', '_')}")
     except ModuleNotFoundError:
         print(f"livepipe bench: unknown benchmark {name!r} (known: {', '.join(BENCHES)})", file=sys.stderr)
         return 2

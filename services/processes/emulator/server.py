@@ -18,9 +18,9 @@ from pathlib import Path
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from services.emulator.certs import CertPaths
-from services.emulator.session import LiveSession, Options, Registry
-from services.emulator.timeline import Timeline
+from livepipe.services.processes.emulator.certs import CertPaths
+from livepipe.services.processes.emulator.session import LiveSession, Options, Registry
+from livepipe.services.processes.emulator.timeline import Timeline
 
 log = logging.getLogger("emulator")
 

@@ -15,11 +15,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.message import Message, decode
-from bus.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes, percentile
-from bus.topics import AUDIO_FIELDS, COMMON_FIELDS, TOPICS, SchemaError
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.message import Message, decode
+from livepipe.services.lib.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes, percentile
+from livepipe.bus.topics import AUDIO_FIELDS, COMMON_FIELDS, TOPICS, SchemaError
 
 _SHOWN_ELSEWHERE = set(COMMON_FIELDS) | set(AUDIO_FIELDS)
 

@@ -47,8 +47,8 @@ os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # AV_LOG_QUIET
 import cv2  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
 
-from bus import Service, setup_logging  # noqa: E402
-from bus.config import BusConfig, ConfigError, add_bus_arguments  # noqa: E402
+from livepipe.bus import Service, setup_logging  # noqa: E402
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments  # noqa: E402
 
 NAME = "capture-video"
 log = logging.getLogger(NAME)

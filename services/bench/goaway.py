@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bus.harness import spawn_livepipe, start_broker, stop_process
+from livepipe.services.dev.harness import spawn_livepipe, start_broker, stop_process
 
 
 def _speech(text: str) -> np.ndarray:
@@ -50,8 +50,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--every", type=float, default=1.0, help="goAway this long after each connection (default 1)")
     p.add_argument("--bridge-log", metavar="FILE", help="save the bridge's log there")
     args = p.parse_args(argv)
-    from bus.client import BusClient
-    from bus.config import BusConfig
+    from livepipe.bus.client import BusClient
+    from livepipe.bus.config import BusConfig
 
     state = tempfile.mkdtemp(prefix="livepipe-bench-goaway-")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API"))}

@@ -10,9 +10,9 @@ import signal
 import time
 from typing import Any, Sequence
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError
-from bus.topics import TOPICS
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError
+from livepipe.bus.topics import TOPICS
 
 
 class StopFlag:

@@ -13,10 +13,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 
-__all__ = ["ROOT", "HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
+__all__ = ["HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
            "spawn_livepipe", "stop_process", "wait_for_port", "wait_for_ports", "start_broker"]
 
 
@@ -49,16 +48,15 @@ def free_port() -> int:
 
 def livepipe_cmd(*args: str) -> list[str]:
     """The command line of `livepipe ARGS...` run with this interpreter."""
-    return [sys.executable, "-m", "services", *args]
+    return [sys.executable, "-m", "livepipe.services", *args]
 
 
 def spawn_livepipe(args: list[str], env: Mapping[str, str] | None = None, log: Path | None = None,
                    **popen_kw: Any) -> subprocess.Popen:
-    """Start `python -m services ARGS...` (cwd = repo root unless given).
+    """Start `python -m livepipe.services ARGS...` (works from any directory: the package is installed).
 
     With `log`, stdout and stderr are appended to that file; otherwise `popen_kw` decides
     (stdout=, stderr=, stdin=, text=...)."""
-    popen_kw.setdefault("cwd", ROOT)
     env = dict(env) if env is not None else None
     if log is not None:
         with open(log, "ab") as f:

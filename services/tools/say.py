@@ -10,8 +10,8 @@ import argparse
 import sys
 import time
 
-from bus.client import BusClient, BusTimeout
-from bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.client import BusClient, BusTimeout
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

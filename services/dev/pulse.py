@@ -7,7 +7,7 @@ Used by the device tests (tests/pulse_support.py), `livepipe bench interrupt` an
     with MonitorRecorder("speaker.monitor", 24000, daemon.env) as rec: ...
     daemon.close()                           # stops the daemon only if we started it
 
-Facts this relies on (../shared/reference/headless-audio.md): system mode needs
+Facts this relies on (each checked on a headless Debian machine): system mode needs
 `auth-anonymous=1`; the daemon runs as user `pulse`, so its config file and every folder
 above it must be readable by that user; `pactl info` succeeding is the readiness check.
 A null sink with no low-latency client renders in 2 s blocks, so the first stream into it

@@ -31,12 +31,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from bus import Service, setup_logging
-from bus.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
+from livepipe.bus import Service, setup_logging
+from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
                        make_audio_thread_realtime,
                        print_device_list, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
-from bus.config import BusConfig, ConfigError, add_bus_arguments
-from bus.message import Message
+from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.message import Message
 
 log = logging.getLogger("playback")
 

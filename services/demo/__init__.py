@@ -1,0 +1,1 @@
+"""`livepipe demo`: a scripted conversation that runs anywhere."""

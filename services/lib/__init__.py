@@ -1,0 +1,1 @@
+"""The library the services share: audio (PCM, WAV, resampling, devices), recordings, verb helpers."""

@@ -1,0 +1,1 @@
+"""Debugging verbs on the bus: tap, top, record, replay, export, say, keys."""

@@ -1,0 +1,112 @@
+"""Packaging: one import root (`livepipe`), a wheel that runs the demo from anywhere, extras per process group."""
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import tomllib
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+CODE_FOLDERS = ("bus", "services", "tests", "launch")
+
+
+def _python_files() -> list[Path]:
+    return [p for folder in CODE_FOLDERS for p in (ROOT / folder).rglob("*.py") if "__pycache__" not in p.parts]
+
+
+def test_nothing_imports_bare_bus_or_services() -> None:
+    """Every import goes through `livepipe.`: a bare `bus`/`services` would collide with other packages."""
+    offenders = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module" \
+                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                names = [node.args[0].value]
+            offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ("bus", "services")]
+    for path in list((ROOT / "launch").glob("Procfile*")) + [ROOT / "README.md"]:
+        offenders += [f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"-m (?:bus|services)\b", path.read_text())]
+    assert offenders == []
+
+
+def test_declared_packages_are_the_folders_with_code() -> None:
+    """pyproject's explicit package list covers every folder holding an __init__.py, and nothing else."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {v: k for k, v in config["package-dir"].items()}
+    found = {"livepipe.launch"}
+    for top in ("bus", "services"):
+        for init in (ROOT / top).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / top).parts
+            found.add(".".join([roots[top], *rel]))
+    assert set(config["packages"]) == found
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    # --no-build-isolation: the machine's setuptools builds it, no index needed.
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (whl,) = out.glob("livepipe-*.whl")
+    return whl
+
+
+def test_wheel_has_one_top_level_name(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"livepipe"}
+    for needed in ("livepipe/bus/topics.py", "livepipe/services/cli.py", "livepipe/launch/Procfile.demo",
+                   "livepipe/launch/Procfile", "livepipe/launch/assets/user.wav", "livepipe/launch/assets/user.json"):
+        assert needed in names
+
+
+def test_wheel_installed_elsewhere_runs_the_demo(wheel: Path, tmp_path: Path) -> None:
+    """A non-editable install in a fresh virtualenv, run from an unrelated directory, passes the demo."""
+    env_dir = tmp_path / "venv"
+    # System site-packages provide the dependencies (no download); livepipe itself comes from the wheel.
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    py = env_dir / "bin" / "python"
+    res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", str(wheel)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API", "PYTHON"))}
+    env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}", LIVEPIPE_STATE_DIR=str(tmp_path / "state"))
+    where = subprocess.run([str(py), "-c", "import livepipe.bus, livepipe.services; "
+                            "print(livepipe.bus.__file__); print(livepipe.services.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(env_dir)) for line in where.stdout.split()), where.stdout
+    demo = subprocess.run([str(env_dir / "bin" / "livepipe"), "demo", "--json"], cwd=elsewhere, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    summary = json.loads(demo.stdout)
+    assert summary["ok"] and summary["turns"] >= 2 and summary["interrupts"] >= 1
+
+
+def test_a_verb_missing_its_library_names_the_extra() -> None:
+    """On a partial install, a verb whose library is absent says which extra to install, in one line."""
+    code = ("import sys\n"
+            "sys.modules['cv2'] = None   # as if livepipe[video] was not installed\n"
+            "from livepipe.services.cli import main\n"
+            "sys.exit(main(['capture-video', 'test']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "livepipe[video]" in lines[0] and "cv2" in lines[0], res.stderr
