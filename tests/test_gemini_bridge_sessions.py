@@ -146,3 +146,47 @@ def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
     assert events.index(("goaway", 1)) < events.index(("tool_response", 1))
     assert wait_for(lambda: ("session_start", 2) in [(e["event"], e["conn"]) for e in rig.emu.timeline()], 5,
                     "the second connection in the emulator timeline")
+
+
+def test_a_stalled_server_is_noticed_and_nothing_said_is_lost(live_factory):
+    # The emulator freezes (SIGSTOP) for 8 s while the user speaks, without closing anything, as a
+    # hung server or a dead network path would. The bridge notices within its --silent-server-s
+    # bound, reconnects with the handle once the server answers again, and every utterance,
+    # including those spoken into the frozen connection, gets its whole reply.
+    import signal
+    import threading
+    import time
+
+    rig = live_factory(emulator_args=("--pace", "4"), bridge_args=("--silent-server-s", "2",
+                                                                   "--connect-timeout", "30"))
+    pcm, spans = conversation()
+    speaker = threading.Thread(target=rig.say, args=(pcm,), kwargs={"pace": 1.0}, daemon=True)
+    speaker.start()
+    wait_for(lambda: rig.rec.pump() or rig.rec.select("transcript"), 10, "the first words to reach the model")
+    os.kill(rig.emu.proc.pid, signal.SIGSTOP)
+    stalled_at = time.monotonic()
+    try:
+        def reconnecting() -> bool:
+            rig.rec.pump()
+            return any(m["state"] == "reconnecting" for m in rig.rec.select("control", "session"))
+        wait_for(reconnecting, 7, "the bridge to notice the silent server")
+        noticed_s = time.monotonic() - stalled_at
+        time.sleep(max(0.0, 8.0 - noticed_s))   # the stall being simulated lasts 8 s
+    finally:
+        os.kill(rig.emu.proc.pid, signal.SIGCONT)
+    speaker.join(20)
+    # Every utterance reached the model whole: the emulator heard a speech segment as long as each one
+    # (its VAD trims up to ~0.3 s of the words' own leading and trailing silence). Replies may overlap
+    # the re-sent speech, as they would with a real model, so they are not what is checked here.
+    def heard_every_utterance() -> bool:
+        heard = [e["seconds"] for e in rig.emu.events("speech_end")]
+        return all(any(len(words) / 16000 - 0.35 <= d <= len(words) / 16000 for d in heard)
+                   for _, _, words in spans)
+    wait_for(heard_every_utterance, 30, "the model to hear every utterance whole")
+    metrics = wait_for(lambda: (m := rig.metrics()) and m.get("silent_server_detected", 0) >= 1 and m, 5,
+                       "the silent-server counter")
+    print(f"STALL noticed after {noticed_s:.2f} s (bound 2 s + one ping period)")
+    assert noticed_s < 2.0 + 0.7 + 1.5   # the bound, one ping period, and slack for a loaded machine
+    assert metrics["audio_in_dropped_ms"] == 0
+    out, err = rig.close()
+    assert "answered no ping for 2 s" in err and "Traceback" not in err

@@ -91,6 +91,7 @@ class Settings:
     buffer_seconds: float = 8.0
     connect_timeout: float = 15.0
     reconnect_max: float = 10.0
+    silent_server: float = 5.0
     emulator_wait: float = 30.0
     state_dir: Path = field(default_factory=state_dir)
 
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up one connection attempt after S seconds (env LIVEPIPE_CONNECT_TIMEOUT, default 15)")
     s.add_argument("--reconnect-max", default=_env("LIVEPIPE_RECONNECT_MAX", "10"), metavar="S",
                    help="longest backoff between reconnection attempts (env LIVEPIPE_RECONNECT_MAX, default 10)")
+    s.add_argument("--silent-server-s", default=_env("LIVEPIPE_SILENT_SERVER_S", "5"), metavar="S",
+                   help="a server that answers no websocket ping for S seconds is treated as gone: reconnect "
+                        "with the resumption handle and resend what it may not have heard "
+                        "(env LIVEPIPE_SILENT_SERVER_S, default 5)")
     add_bus_arguments(p)
     return p
 
@@ -285,6 +290,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     s.buffer_seconds = _number("--buffer-seconds", "LIVEPIPE_BUFFER_SECONDS", args.buffer_seconds, float, 0.5, 120)
     s.connect_timeout = _number("--connect-timeout", "LIVEPIPE_CONNECT_TIMEOUT", args.connect_timeout, float, 1, 300)
     s.reconnect_max = _number("--reconnect-max", "LIVEPIPE_RECONNECT_MAX", args.reconnect_max, float, 0.1, 600)
+    s.silent_server = _number("--silent-server-s", "LIVEPIPE_SILENT_SERVER_S", args.silent_server_s, float, 0.5, 300)
     s.emulator_wait = _number("--emulator-wait", "LIVEPIPE_EMULATOR_WAIT", args.emulator_wait, float, 0, 3600)
     if args.tools:
         s.tools, s.tools_file = load_tools(args.tools), args.tools
@@ -481,8 +487,14 @@ def _fatal_close(code: Any, reason: str) -> bool:
     return code in FATAL_CLOSE_CODES
 
 
+class SilentServer(Exception):
+    """The server stopped answering pings while the connection stayed open."""
+
+
 def describe_error(exc: BaseException, scrub: Callable[[str], str]) -> tuple[bool, str]:
     """(fatal, one line) for an exception from connecting, sending or receiving."""
+    if isinstance(exc, SilentServer):
+        return False, str(exc)
     from google.genai import errors as genai_errors
     import websockets.exceptions as wsx
     if isinstance(exc, genai_errors.APIError):
@@ -516,6 +528,7 @@ class Link:
         self.session = session
         self.stack = stack
         self.task: asyncio.Task | None = None
+        self.watchdog: asyncio.Task | None = None
         self.closed = asyncio.Event()
         self.error: BaseException | None = None
         self.go_away_ms: int | None = None
@@ -554,8 +567,9 @@ class Link:
             self.replay_bytes -= len(item)
 
     async def close(self, timeout: float = 1.0) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        for task in (self.task, self.watchdog):
+            if task is not None and not task.done():
+                task.cancel()
         with contextlib.suppress(Exception, asyncio.CancelledError):
             await asyncio.wait_for(self.stack.aclose(), timeout)
 
@@ -596,8 +610,9 @@ class Bridge:
                   "audio_out_dropped_interrupted", "video_frames_sent", "video_frames_skipped",
                   "video_frames_rejected", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
                   "tool_results_unknown", "turns", "interrupts", "connections", "reconnects", "go_aways",
-                  "resumption_handles"):
+                  "resumption_handles", "silent_server_detected"):
             svc.metrics[k] = 0
+        svc.metrics["server_ping_ms"] = None
         svc.metrics["backend"] = s.backend
         svc.metrics["state"] = "connecting"
 
@@ -946,6 +961,43 @@ class Bridge:
                     pending[0], call_id, self.s.tool_timeout)
         self._send_tool_response(call_id, pending[0], {"error": f"no result within {self.s.tool_timeout:g} s"})
 
+    async def _watch_server(self, link: Link) -> None:
+        """Detect a server that stops answering without closing the connection.
+
+        The SDK's websocket pings every 20 s and gives up 20 s later, so a stalled server went
+        unnoticed for up to 40 s while the audio written to it was lost. A ping every third of
+        --silent-server-s, each awaited for its pong, bounds that: past the bound the connection
+        is ended, the supervisor reconnects with the resumption handle and resends the audio the
+        handle does not cover."""
+        ws = getattr(link.session, "_ws", None)   # the SDK's websocket: it has no public accessor
+        if ws is None or not hasattr(ws, "ping"):
+            log.info("this google-genai version hides its websocket: a silent server is noticed only by the SDK")
+            return
+        period = min(2.0, self.s.silent_server / 3)
+        while not link.closed.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(link.closed.wait(), period)
+                return
+            t0 = time.monotonic()
+            try:
+                # ping() itself can block once a dead peer's socket buffers are full: bound both steps
+                async def ping_and_pong() -> None:
+                    await (await ws.ping())
+                await asyncio.wait_for(ping_and_pong(), self.s.silent_server)
+            except asyncio.TimeoutError:
+                if link.closed.is_set() or link.retired:
+                    return
+                self.svc.metrics["silent_server_detected"] += 1
+                link.error = SilentServer(f"the server answered no ping for {self.s.silent_server:g} s")
+                if link.task is not None:
+                    link.task.cancel()   # its finally marks the link closed and wakes the supervisor
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                return   # the connection is closing: the receive loop reports why
+            self.svc.metrics["server_ping_ms"] = round((time.monotonic() - t0) * 1000, 1)
+
     async def _receive_loop(self, link: Link) -> None:
         try:
             while True:
@@ -1025,6 +1077,7 @@ class Bridge:
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
         link.task = asyncio.create_task(self._receive_loop(link))
+        link.watchdog = asyncio.create_task(self._watch_server(link))
         self.svc.metrics["connections"] = self.links_opened
         return link
 
