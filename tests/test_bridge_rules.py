@@ -1,0 +1,203 @@
+"""The bridge's subtlest rules, fast and in-process, driven by the SDK's own message objects:
+turn numbering around interrupts and goAway, what is sent again after a switchover, tool timeouts.
+
+The bridge publishes through its real Service and ZeroMQ (inproc) sockets; what it publishes is
+decoded by the bus's own decoder, so every message also passes the topic schema. The end-to-end
+tests (test_gemini_bridge*.py) cover the same rules against the emulator over TLS."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, Iterator
+
+import pytest
+import zmq
+from google.genai import types
+
+from livepipe.bus import Service
+from livepipe.bus.config import BusConfig
+from livepipe.bus.message import Message, decode
+from livepipe.services.processes import gemini_bridge as gb
+
+PCM = b"\x01\x00" * 480   # 20 ms at 24 kHz
+_ids = itertools.count()
+
+
+class Published:
+    """What a bridge publishes, read back from inproc sockets in order."""
+
+    def __init__(self, svc: Service) -> None:
+        self.ctx = zmq.Context.instance()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        n = next(_ids)
+        for lane in ("control", "data"):
+            pub = self.ctx.socket(zmq.PUB)
+            pub.bind(f"inproc://bridge-rules-{n}-{lane}")
+            self.sub.connect(f"inproc://bridge-rules-{n}-{lane}")
+            svc._sync_pubs[lane] = pub
+        self.messages: list[Message] = []
+
+    def read(self) -> list[Message]:
+        while self.sub.poll(0):
+            self.messages.append(decode(self.sub.recv_multipart(), ""))
+        return self.messages
+
+    def select(self, topic: str, kind: str | None = None) -> list[Message]:
+        return [m for m in self.read() if m.topic == topic and (kind is None or m.kind == kind)]
+
+    def kinds(self) -> list[tuple[str, str, Any]]:
+        return [(m.topic, m.kind, m.get("turn")) for m in self.read() if m.topic != "status"]
+
+    def audio_turns(self) -> list[int]:
+        return [m["turn"] for m in self.select("audio.out")]
+
+    def control(self) -> list[tuple[str, Any]]:
+        """Control messages in order (their own lane: across lanes, control overtakes data by design)."""
+        return [(m.kind, m.get("turn")) for m in self.select("control")]
+
+    def close(self) -> None:
+        self.sub.close(0)
+
+
+@pytest.fixture
+def rig() -> Iterator[tuple[gb.Bridge, Published]]:
+    svc = Service(gb.NAME, BusConfig())
+    published = Published(svc)
+    settings = gb.Settings(backend="emulator", api_key="k", tool_timeout=0.05)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    bridge = loop.run_until_complete(_make(svc, settings))
+    yield bridge, published
+    published.close()
+    for sock in svc._sync_pubs.values():
+        sock.close(0)
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+async def _make(svc: Service, settings: gb.Settings) -> gb.Bridge:
+    return gb.Bridge(svc, settings, gb.KeyScrubber("k"))
+
+
+def link(number: int = 1) -> gb.Link:
+    return gb.Link(number, session=None, stack=None)
+
+
+def audio() -> types.LiveServerMessage:
+    blob = types.Blob(data=PCM, mime_type="audio/pcm;rate=24000")
+    return types.LiveServerMessage(server_content=types.LiveServerContent(
+        model_turn=types.Content(role="model", parts=[types.Part(inline_data=blob)])))
+
+
+def content(**fields: Any) -> types.LiveServerMessage:
+    return types.LiveServerMessage(server_content=types.LiveServerContent(**fields))
+
+
+def test_turns_are_numbered_from_one_and_close_on_turn_complete(rig) -> None:
+    bridge, pub = rig
+    lk = link()
+    for msg in (audio(), audio(), content(generation_complete=True), content(turn_complete=True), audio(),
+                content(turn_complete=True)):
+        bridge.on_server_message(lk, msg)
+    assert pub.audio_turns() == [1, 1, 2]
+    assert pub.control() == [("generation_complete", 1), ("turn_complete", 1), ("turn_complete", 2)]
+
+
+def test_an_interrupt_is_published_at_once_and_nothing_of_that_turn_follows(rig) -> None:
+    bridge, pub = rig
+    lk = link()
+    bridge.on_server_message(lk, audio())
+    bridge.on_server_message(lk, content(interrupted=True))
+    bridge.on_server_message(lk, audio())             # the service may still flush a chunk of that turn
+    bridge.on_server_message(lk, content(turn_complete=True))
+    bridge.on_server_message(lk, audio())             # the answer to what the user said over it
+    assert pub.audio_turns() == [1, 2]
+    assert pub.control() == [("interrupt", 1), ("turn_complete", 1)]
+    assert bridge.svc.metrics["audio_out_dropped_interrupted"] == 1
+    assert bridge.svc.metrics["interrupts"] == 1
+
+
+def test_an_interrupt_after_the_turn_ended_owns_the_turn_complete_that_follows(rig) -> None:
+    # The model's turn is complete but playback still plays its tail when the user barges in: the
+    # service says interrupted, then turnComplete. Both belong to that turn; no empty turn is opened.
+    bridge, pub = rig
+    lk = link()
+    for msg in (audio(), content(generation_complete=True), content(turn_complete=True),
+                content(interrupted=True), content(turn_complete=True), audio()):
+        bridge.on_server_message(lk, msg)
+    assert pub.control() == [("generation_complete", 1), ("turn_complete", 1), ("interrupt", 1),
+                             ("turn_complete", 1)]
+    assert pub.audio_turns() == [1, 2]
+
+
+def test_the_users_words_carry_the_turn_that_answers_them(rig) -> None:
+    bridge, pub = rig
+    lk = link()
+    said = types.Transcription(text="hello", finished=True)
+    bridge.on_server_message(lk, content(input_transcription=said))   # before any reply: turn 1
+    bridge.on_server_message(lk, audio())
+    bridge.on_server_message(lk, content(turn_complete=True))
+    bridge.on_server_message(lk, content(input_transcription=said))   # the next question: turn 2
+    users = [(m["turn"], m.get("final")) for m in pub.select("transcript") if m["role"] == "user"]
+    assert users == [(1, True), (2, True)]
+
+
+def test_go_away_holds_input_and_wakes_the_supervisor_once(rig) -> None:
+    bridge, pub = rig
+    lk = link()
+    bridge.link = lk
+    bridge.link_ready.set()
+    msg = types.LiveServerMessage(go_away=types.LiveServerGoAway(time_left="3s"))
+    bridge.on_server_message(lk, msg)
+    bridge.on_server_message(lk, msg)                  # a repeated goAway changes nothing
+    assert [m["time_left_ms"] for m in pub.select("control", "go_away")] == [3000]
+    assert lk.go_away_ms == 3000 and not bridge.link_ready.is_set() and bridge.wake.is_set()
+
+
+def test_a_retired_connection_publishes_nothing(rig) -> None:
+    # After a switchover the old connection's output would duplicate what the resumed one says.
+    bridge, pub = rig
+    old = link(1)
+    old.retired = True
+    bridge.on_server_message(old, audio())
+    bridge.on_server_message(old, content(turn_complete=True))
+    assert pub.kinds() == []
+
+
+def test_after_a_switchover_exactly_the_audio_the_handle_does_not_cover_is_sent_again_first(rig) -> None:
+    bridge, _ = rig
+    old = link(1)
+    limit = 10 * gb.BYTES_PER_SECOND_IN
+    chunks = [bytes([i]) * 640 for i in range(6)]
+    for chunk in chunks:
+        old.sent_audio(old.next_index(), chunk, limit)       # client messages 1..6
+    upd = types.LiveServerMessage(session_resumption_update=types.LiveServerSessionResumptionUpdate(
+        new_handle="h2", resumable=True, last_consumed_client_message_index=4))
+    bridge.link = old
+    bridge.on_server_message(old, upd)
+    assert bridge.handle == "h2"
+    bridge._enqueue_audio(b"\x09" * 640)                     # said while the next connection opened
+    bridge._replay_from(old)
+    assert list(bridge.audio_q) == [chunks[4], chunks[5], b"\x09" * 640]
+    assert bridge.svc.metrics["audio_in_replayed_ms"] == 2 * 640 * 1000 // gb.BYTES_PER_SECOND_IN
+
+
+def test_a_tool_call_without_a_handler_or_a_result_gets_an_error_response(rig) -> None:
+    bridge, pub = rig
+    lk = link()
+    call = types.LiveServerMessage(tool_call=types.LiveServerToolCall(function_calls=[
+        types.FunctionCall(id="c1", name="lookup", args={"q": "x"})]))
+
+    async def scenario() -> None:
+        bridge.on_server_message(lk, call)                   # nobody subscribes to tool.call
+        assert [w for w, _ in bridge.events_q] == ["tool"]
+        bridge.events_q.clear()
+        bridge.svc._subscribed.add(b"tool.call")             # as the broker reports a subscriber
+        bridge.on_server_message(lk, call)
+        assert [m["id"] for m in pub.select("tool.call", "call")] == ["c1"] and not bridge.events_q
+        await asyncio.sleep(0.1)                             # past --tool-timeout (0.05 s here)
+        assert [w for w, _ in bridge.events_q] == ["tool"] and "c1" not in bridge.pending_tools
+
+    asyncio.get_event_loop().run_until_complete(scenario())
+    assert bridge.svc.metrics["tool_timeouts"] == 1 and bridge.svc.metrics["tool_calls"] == 2
