@@ -1,0 +1,73 @@
+"""`livepipe gemini-bridge`: the Live API session on the bus.
+
+The one process that talks to the model (google-genai's `client.aio.live.connect`) and the only
+module that imports google-genai (lazily, so `--help` stays fast).
+
+    audio.in, video.in, text.in, tool.result  ->  model  ->  audio.out, transcript, control, tool.call
+
+Backend: the real Gemini Live API when GEMINI_API_KEY (or GOOGLE_API_KEY) is set, else the local
+emulator found through `<state>/emulator/emulator.json`; `--backend` forces either. Both go through
+the same SDK calls; only the address and the CA to trust differ.
+
+Long sessions: on goAway the next connection is opened with the latest resumption handle before
+the old one closes, and audio.in is held (bounded) until it is up; an abrupt close reconnects with
+the handle and backoff; a fatal error (bad key, policy close) is one line and exit 1.
+
+The package: settings.py, errors.py, media.py, link.py, and the Bridge in bridge.py with its
+input, output, tools and connection sides in their own modules."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from livepipe.bus import Service, setup_logging
+from livepipe.bus.config import BusConfig, ConfigError
+from livepipe.services.processes.gemini_bridge.bridge import Bridge
+from livepipe.services.processes.gemini_bridge.errors import KeyScrubber, install_scrubber
+from livepipe.services.processes.gemini_bridge.link import Link
+from livepipe.services.processes.gemini_bridge.settings import (
+    BYTES_PER_SECOND_IN,
+    NAME,
+    Settings,
+    build_parser,
+    live_config,
+    settings_from_args,
+)
+
+__all__ = ["BYTES_PER_SECOND_IN", "NAME", "Bridge", "KeyScrubber", "Link", "Settings", "main"]
+
+log = logging.getLogger(NAME)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        bus_cfg = BusConfig.from_args(args)
+    except ConfigError as exc:
+        print(f"{NAME}: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(NAME)
+    scrubber = install_scrubber(settings.api_key)
+    try:
+        live_config(settings, None)   # the SDK's own validation, before anything connects
+    except Exception as exc:
+        print(f"{NAME}: error: invalid session configuration: {scrubber.scrub(str(exc)).splitlines()[0]}",
+              file=sys.stderr)
+        return 2
+    svc = Service(NAME, bus_cfg, log)
+    bridge = Bridge(svc, settings, scrubber)
+    svc.on("audio.in", bridge.on_audio)
+    svc.on("video.in", bridge.on_video)
+    svc.on("text.in", bridge.on_text)
+    svc.on("tool.result", bridge.on_tool_result)
+    log.info("backend %s, model %s", settings.backend, settings.model)
+
+    async def run(_: Service) -> None:
+        await bridge.run()
+
+    return svc.main(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,85 @@
+"""The bridge: its state, and the tasks that run it (three senders and the connection supervisor)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+from livepipe.bus import Service
+from livepipe.bus.message import Message
+from livepipe.services.processes.gemini_bridge.connection import ConnectionSide
+from livepipe.services.processes.gemini_bridge.errors import FatalBridgeError, KeyScrubber
+from livepipe.services.processes.gemini_bridge.inputs import InputSide
+from livepipe.services.processes.gemini_bridge.link import Link
+from livepipe.services.processes.gemini_bridge.media import AudioNormalizer, SpeechMarker
+from livepipe.services.processes.gemini_bridge.output import OutputSide
+from livepipe.services.processes.gemini_bridge.settings import NAME, Settings
+from livepipe.services.processes.gemini_bridge.tools import ToolSide
+
+log = logging.getLogger(NAME)
+
+
+class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide):
+    """The Live API session on the bus; each side lives in its own module, sharing this state."""
+
+    def __init__(self, svc: Service, s: Settings, scrubber: KeyScrubber) -> None:
+        self.svc, self.s, self.scrub = svc, s, scrubber.scrub
+        self.link: Link | None = None
+        self.link_ready = asyncio.Event()       # set while self.link takes input
+        self.wake = asyncio.Event()             # supervisor: a link closed or got a goAway
+        self.links_opened = 0
+        self.handle: str | None = None
+        self.handle_event = asyncio.Event()     # set on every new resumption handle
+        self._gap_from = 0.0                    # last audio write on a replaced connection
+        self._clients: dict[tuple[str, str], Any] = {}
+        # input side
+        self.normalizer = AudioNormalizer()
+        self.audio_q: deque[bytes | str] = deque()   # PCM chunks, and ACTIVITY_* markers with --vad off
+        self.audio_q_bytes = 0
+        self.audio_event = asyncio.Event()
+        self.speech = SpeechMarker(s.vad_silence_ms or 800) if not s.vad else None
+        self.frame: Message | None = None
+        self.frame_event = asyncio.Event()
+        self.last_frame_sent = 0.0
+        self.events_q: deque[tuple[str, Callable[[Any], Awaitable[None]]]] = deque()
+        self.events_event = asyncio.Event()
+        self.pending_tools: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        # output side
+        self.turn = 0
+        self.turn_open = False
+        self.turn_interrupted = False
+        self.complete_owed = 0                  # turn an expected turnComplete belongs to
+        self.turn_done = asyncio.Event()
+        self.go_away_at = 0.0
+        self.totals = {"prompt_tokens": 0, "response_tokens": 0, "total_tokens": 0}
+        for k in ("audio_in_chunks", "audio_in_sent_ms", "audio_in_converted", "audio_in_rejected",
+                  "audio_in_dropped_ms", "audio_buffered_ms", "audio_out_chunks", "audio_out_ms",
+                  "audio_out_dropped_interrupted", "video_frames_sent", "video_frames_skipped",
+                  "video_frames_rejected", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
+                  "tool_results_unknown", "turns", "interrupts", "connections", "reconnects", "go_aways",
+                  "resumption_handles", "silent_server_detected"):
+            svc.metrics[k] = 0
+        svc.metrics["server_ping_ms"] = None
+        svc.metrics["backend"] = s.backend
+        svc.metrics["state"] = "connecting"
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender)]
+        try:
+            await self.supervise()
+        except FatalBridgeError as exc:
+            line = self.scrub(str(exc))
+            self.publish_state("error", line)
+            log.error("%s", line)
+            self.svc.stop(1)
+        finally:
+            for t in tasks:
+                t.cancel()
+            if self.link is not None:
+                await self.link.close(0.5)
+            if not self.svc.exit_code:
+                with contextlib.suppress(Exception):
+                    self.publish_state("closed")
+

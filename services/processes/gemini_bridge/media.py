@@ -1,0 +1,101 @@
+"""Input media made ready for the model: audio to 16 kHz mono s16, frames checked and fitted, client-side VAD."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from livepipe.bus.message import Message
+from livepipe.services.processes.gemini_bridge.settings import MODEL_RATE, NAME
+
+log = logging.getLogger(NAME)
+
+
+class AudioNormalizer:
+    """Make any audio.in chunk 16 kHz mono s16le, with one streaming resampler per source."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[str, int], Any] = {}
+
+    def convert(self, msg: Message) -> bytes:
+        rate, ch, width = msg["rate"], msg["channels"], msg["sample_width"]
+        data = msg.payload or b""
+        if (rate, ch, width) == (MODEL_RATE, 1, 2):
+            return data
+        if width == 1:      # unsigned 8-bit
+            x = (np.frombuffer(data, np.uint8).astype(np.int32) - 128) << 8
+        elif width == 2:
+            x = np.frombuffer(data, "<i2").astype(np.int32)
+        elif width == 3:    # packed 24-bit little-endian
+            b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
+            x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8) >> 16
+        elif width == 4:    # 32-bit signed integer PCM
+            x = np.frombuffer(data, "<i4") >> 16
+        else:
+            raise ValueError(f"sample width {width}")
+        x = x.reshape(-1, ch).mean(axis=1) if ch > 1 else x
+        mono = np.clip(x, -32768, 32767).astype(np.int16)
+        if rate != MODEL_RATE:
+            import soxr
+            key = (msg["inst"], rate)
+            stream = self._streams.get(key)
+            if stream is None:
+                if len(self._streams) > 32:   # bounded: sources come and go
+                    self._streams.pop(next(iter(self._streams)))
+                stream = self._streams[key] = soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="int16")
+            mono = stream.resample_chunk(mono)
+        return mono.astype("<i2").tobytes()
+
+
+def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, int]:
+    """Decode (which proves the frame is an image) and fit inside max_side x max_side as JPEG."""
+    import cv2
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"undecodable {mime} frame of {len(data)} bytes")
+    h, w = img.shape[:2]
+    if max(h, w) <= max_side and mime == "image/jpeg":
+        return data, w, h
+    scale = min(1.0, max_side / max(h, w))
+    if scale < 1.0:
+        w, h = max(1, round(w * scale)), max(1, round(h * scale))
+        img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return buf.tobytes(), w, h
+
+
+class SpeechMarker:
+    """Client-side activity detection for --vad off: sends activityStart/End around speech (webrtcvad)."""
+
+    FRAME = 480  # 30 ms at 16 kHz, in samples
+
+    def __init__(self, silence_ms: int) -> None:
+        import webrtcvad
+        self.vad = webrtcvad.Vad(2)
+        self.silence_frames = max(1, silence_ms // 30)
+        self.pending = b""
+        self.active = False
+        self.quiet = 0
+
+    def feed(self, pcm: bytes) -> list[str]:
+        """Events ('start' / 'end') the chunk causes, in order."""
+        events: list[str] = []
+        self.pending += pcm
+        n = self.FRAME * 2
+        while len(self.pending) >= n:
+            frame, self.pending = self.pending[:n], self.pending[n:]
+            speech = self.vad.is_speech(frame, MODEL_RATE)
+            if speech:
+                self.quiet = 0
+                if not self.active:
+                    self.active = True
+                    events.append("start")
+            elif self.active:
+                self.quiet += 1
+                if self.quiet >= self.silence_frames:
+                    self.active = False
+                    events.append("end")
+        return events
+

@@ -1,0 +1,150 @@
+"""The output side: one handler per field of a server message; model turns numbered and published."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import Any
+
+from livepipe.services.processes.gemini_bridge.link import Link, parse_duration_ms
+from livepipe.services.processes.gemini_bridge.settings import NAME
+
+log = logging.getLogger(NAME)
+
+
+class OutputSide:
+    """One handler per field of a server message; model turns numbered and published.
+
+    Mixed into Bridge (bridge.py), whose __init__ holds the state."""
+
+    def _open_turn(self) -> int:
+        if not self.turn_open:
+            self.turn += 1
+            self.turn_open, self.turn_interrupted = True, False
+            self.complete_owed = 0
+            self.turn_done.clear()
+            self.svc.metrics["turns"] = self.turn
+        return self.turn
+
+    def _close_turn(self) -> None:
+        self.turn_open = False
+        self.turn_done.set()
+
+    def on_server_message(self, link: Link, msg: Any) -> None:
+        """Dispatch one LiveServerMessage: one handler per field, the interruption first."""
+        if link.retired:
+            return   # replaced: its state is resumed elsewhere, its output would duplicate
+        sc = msg.server_content
+        if sc is not None and sc.interrupted:
+            self._on_interrupted()   # first: nothing of that turn may be published after it
+        if msg.session_resumption_update is not None:
+            self._on_resumption_update(link, msg.session_resumption_update)
+        if msg.go_away is not None:
+            self._on_go_away(link, msg.go_away)
+        if msg.tool_call is not None:
+            self._on_tool_calls(msg.tool_call)
+        if msg.tool_call_cancellation is not None:
+            self._on_tool_cancellation(msg.tool_call_cancellation)
+        usage = msg.usage_metadata
+        if sc is not None:
+            if sc.input_transcription is not None and sc.input_transcription.text:
+                self._on_input_transcription(sc.input_transcription)
+            if sc.model_turn is not None and sc.model_turn.parts:
+                self._on_model_turn(sc.model_turn)
+            if sc.output_transcription is not None and sc.output_transcription.text:
+                self._on_output_transcription(sc.output_transcription)
+            if sc.generation_complete:
+                self.svc.publish("control", "generation_complete", turn=self._open_turn())
+            if sc.turn_complete:
+                self._on_turn_complete(usage)
+                return   # the usage went with the turn_complete
+        if usage is not None:
+            self._usage(usage)
+
+    def _on_interrupted(self) -> None:
+        if not self.turn:
+            return
+        turn = self.turn
+        if not self.turn_interrupted:
+            self.svc.publish_interrupt(turn, "barge-in")
+            self.svc.metrics["interrupts"] += 1
+        self.turn_interrupted = True
+        if not self.turn_open:
+            # Generation had ended (playback may still be playing it): the turnComplete
+            # that follows belongs to this turn, not to a new one.
+            self.complete_owed = turn
+
+    def _on_resumption_update(self, link: Link, upd: Any) -> None:
+        if upd.resumable and upd.new_handle:
+            self.handle = upd.new_handle
+            link.covered(upd.last_consumed_client_message_index)
+            self.svc.metrics["resumption_handles"] += 1
+            self.handle_event.set()
+
+    def _on_go_away(self, link: Link, go_away: Any) -> None:
+        if link is not self.link or link.go_away_ms is not None:
+            return   # once per connection, and only for the current one
+        link.go_away_ms = parse_duration_ms(go_away.time_left)
+        self.go_away_at = time.monotonic()
+        self.svc.metrics["go_aways"] += 1
+        self.svc.publish("control", "go_away", time_left_ms=link.go_away_ms)
+        log.info("goAway on connection %d (%d ms left): opening the next one", link.number, link.go_away_ms)
+        self.link_ready.clear()      # hold audio.in until the next connection is up
+        self.wake.set()
+
+    def _on_input_transcription(self, tr: Any) -> None:
+        # The user's words carry the id of the model turn that answers them.
+        turn = self.turn if (self.turn_open and not self.turn_interrupted) else self.turn + 1
+        fields = {"final": True} if tr.finished else {}
+        self.svc.publish("transcript", "transcript", role="user", text=tr.text, turn=turn, **fields)
+
+    def _on_model_turn(self, content: Any) -> None:
+        for part in content.parts:
+            blob = part.inline_data
+            if blob is not None and blob.data and (blob.mime_type or "").startswith("audio/"):
+                self._model_audio(blob.data, blob.mime_type or "")
+            elif part.text and not part.thought:
+                turn = self._open_turn()
+                if not self.turn_interrupted:
+                    self.svc.publish("transcript", "transcript", role="model", text=part.text, turn=turn)
+
+    def _on_output_transcription(self, tr: Any) -> None:
+        if self.turn_open and self.turn_interrupted:
+            return   # words of a reply the user cut off were never heard
+        turn = self._open_turn()
+        fields = {"final": True} if tr.finished else {}
+        self.svc.publish("transcript", "transcript", role="model", text=tr.text, turn=turn, **fields)
+
+    def _on_turn_complete(self, usage: Any) -> None:
+        turn = self.complete_owed if (not self.turn_open and self.complete_owed) else self._open_turn()
+        self.complete_owed = 0
+        fields = {"usage": self._usage(usage)} if usage is not None else {}
+        self.svc.publish("control", "turn_complete", turn=turn, **fields)
+        self._close_turn()
+
+    def _model_audio(self, data: bytes, mime: str) -> None:
+        m = re.search(r"rate=(\d+)", mime)
+        rate = int(m.group(1)) if m else 24000
+        turn = self._open_turn()
+        if self.turn_interrupted:
+            self.svc.metrics["audio_out_dropped_interrupted"] += 1
+            return
+        if len(data) % 2:
+            data = data[:-1]   # a torn sample would shift every later one
+        frames = len(data) // 2
+        if self.svc.publish("audio.out", "audio", data, rate=rate, channels=1, sample_width=2, frames=frames,
+                            turn=turn):
+            self.svc.metrics["audio_out_chunks"] += 1
+            self.svc.metrics["audio_out_ms"] += frames * 1000 // rate
+
+    def _usage(self, um: Any) -> dict[str, int]:
+        usage = {k: v for k, v in {
+            "prompt_tokens": um.prompt_token_count, "response_tokens": um.response_token_count,
+            "total_tokens": um.total_token_count, "cached_tokens": um.cached_content_token_count,
+            "thoughts_tokens": um.thoughts_token_count, "tool_prompt_tokens": um.tool_use_prompt_token_count,
+        }.items() if isinstance(v, int)}
+        for k in self.totals:
+            self.totals[k] += usage.get(k, 0)
+            self.svc.metrics[k] = self.totals[k]
+        return usage
+
