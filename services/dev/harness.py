@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from livepipe.services.lib.verb import VerbError
+
 HOST = "127.0.0.1"
 
 __all__ = ["HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
            "spawn_livepipe", "stop_process", "wait_for_port", "wait_for_ports", "start_broker"]
 
 
-class HarnessError(RuntimeError):
+class HarnessError(VerbError, RuntimeError):
     """A helper process did not come up."""
 
 

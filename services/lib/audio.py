@@ -16,6 +16,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from livepipe.services.lib.verb import VerbError
+
 # The bus contract (bus/topics.py): audio.in is 16 kHz, audio.out 24 kHz, both mono s16le.
 IN_RATE = 16_000
 OUT_RATE = 24_000
@@ -26,11 +28,11 @@ _WAVE_FORMAT_FLOAT = 0x0003
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
-class AudioFileError(ValueError):
+class AudioFileError(VerbError, ValueError):
     """A WAV file we cannot read or write; the message is one line for the user."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(VerbError, RuntimeError):
     """No usable audio device; the message is one line for the user."""
 
 

@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 from livepipe.bus.message import Message, decode
-from livepipe.services.lib.recording import RecordingError, RecordingReader
+from livepipe.services.lib.recording import RecordingReader
+from livepipe.services.lib.verb import VerbError, VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS, SchemaError
 
 
@@ -25,7 +26,7 @@ def audio_topics() -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe export", description=__doc__,
+    p = VerbParser(prog="livepipe export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="a recording made by `livepipe record`")
     p.add_argument("out", metavar="OUT.wav", help="WAV file to write")
@@ -45,7 +46,7 @@ def fmt_name(fmt: tuple[int, int, int]) -> str:
     return f"{rate} Hz {layout} {8 * width}-bit"
 
 
-class ExportError(ValueError):
+class ExportError(VerbError, ValueError):
     """A one-line reason why the topic cannot be written as one WAV."""
 
 
@@ -127,23 +128,17 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
             "gaps": gap_count, "silence_seconds": round(silence / rate, 3)}
 
 
+@verb("export")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.topic not in audio_topics():
-        print(f"livepipe export: {args.topic} is not an audio topic (audio topics: {', '.join(audio_topics())})",
-              file=sys.stderr)
-        return 2
+        return fail("export", f"{args.topic} is not an audio topic (audio topics: {', '.join(audio_topics())})", 2)
     if not Path(args.file).is_file():
-        print(f"livepipe export: {args.file} does not exist", file=sys.stderr)
-        return 1
+        return fail("export", f"{args.file} does not exist")
     try:
         result = export(args.file, args.topic, args.out, args.src, not args.no_gaps, args.max_jitter_ms)
-    except (ExportError, RecordingError) as exc:
-        print(f"livepipe export: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"livepipe export: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:   # ExportError and RecordingError are VerbErrors: one line, exit 1
+        return fail("export", f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"livepipe export: wrote {result['out']}: {result['seconds']:.2f} s of {result['format']} from "
           f"{result['chunks']} {args.topic} chunks ({result['gaps']} gaps, {result['silence_seconds']:.2f} s "
           f"of silence)", file=sys.stderr)
