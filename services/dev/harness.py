@@ -17,12 +17,16 @@ from livepipe.services.lib.verb import VerbError
 
 HOST = "127.0.0.1"
 
-__all__ = ["HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
+__all__ = ["BenchError", "HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
            "spawn_livepipe", "stop_process", "wait_for_port", "wait_for_ports", "start_broker"]
 
 
 class HarnessError(VerbError, RuntimeError):
     """A helper process did not come up."""
+
+
+class BenchError(HarnessError):
+    """A benchmark could not measure what it measures; the message is one line for the user."""
 
 
 class ProcessExited(HarnessError):

@@ -55,14 +55,6 @@ def dbfs(payload: bytes, sample_width: int, channels: int = 1) -> float:
     return 20.0 * math.log10(rms) if rms > 0 else float("-inf")
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100, nearest rank) of already sorted values; None if empty."""
-    if not sorted_values:
-        return None
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
-    return sorted_values[rank]
-
-
 def clock(ns: int) -> str:
     """Local wall-clock time `HH:MM:SS.mmm` of an epoch-ns timestamp."""
     seconds, rest = divmod(ns, 1_000_000_000)

@@ -19,7 +19,8 @@ from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.bus.message import Message, decode
 from livepipe.services.lib.verb import VerbParser, verb
-from livepipe.services.lib.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes, percentile
+from livepipe.services.lib.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes
+from livepipe.services.lib.stats import percentile
 from livepipe.bus.topics import AUDIO_FIELDS, COMMON_FIELDS, TOPICS, SchemaError
 
 _SHOWN_ELSEWHERE = set(COMMON_FIELDS) | set(AUDIO_FIELDS)
