@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from livepipe.services.lib.verb import VerbError
+from livepipe.services.lib.verb import VerbError, fail
 
 # The bus contract (bus/topics.py): audio.in is 16 kHz, audio.out 24 kHz, both mono s16le.
 IN_RATE = 16_000
@@ -472,13 +472,13 @@ def list_devices_text() -> str:
 
 
 def print_device_list(log: logging.Logger) -> int:
-    """`--list-devices`: print the table, or one error line; the exit code."""
+    """`--list-devices`: print the table, or one error line (`livepipe VERB: ...`, VERB = the log's
+    name); the exit code."""
     try:
         print(list_devices_text())
         return 0
     except DeviceError as exc:
-        log.error("%s", exc)
-        return 1
+        return fail(log.name, exc)
 
 def make_audio_thread_realtime(priority: int = 10) -> bool:
     """Give the calling thread (a PortAudio callback thread) real-time scheduling if allowed.
