@@ -31,6 +31,7 @@ from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, Devic
                        pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
 from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import AudioSource
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
 
@@ -265,7 +266,7 @@ class PacedSource:
 
 
 class Capture:
-    def __init__(self, svc: Service, source: DeviceSource | PacedSource, publisher: Publisher, chunk_ms: int) -> None:
+    def __init__(self, svc: Service, source: AudioSource, publisher: Publisher, chunk_ms: int) -> None:
         self.svc, self.source, self.pub, self.chunk_ms = svc, source, publisher, chunk_ms
 
     def on_control(self, msg: Message) -> None:
@@ -353,7 +354,7 @@ def main(argv: list[str]) -> int:
     chunk_frames = IN_RATE * args.chunk_ms // 1000
     try:
         if args.file:
-            source: DeviceSource | PacedSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
+            source: AudioSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
                                                              hold=args.hold)
         elif args.tone is not None:
             source = PacedSource("tone", chunk_frames, tone_hz=args.tone, tone_dbfs=args.tone_dbfs)

@@ -49,6 +49,7 @@ import numpy as np  # noqa: E402
 
 from livepipe.bus import Service, setup_logging  # noqa: E402
 from livepipe.bus.config import BusConfig, add_bus_arguments  # noqa: E402
+from livepipe.services.lib.media import PullFrameSource, PushFrameSource  # noqa: E402
 from livepipe.services.lib.settings import env, number  # noqa: E402
 from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb  # noqa: E402
 
@@ -405,7 +406,7 @@ class Grabber:
     decoded, to whoever asks (`request`). Files are paced at their frame rate; a live source
     that fails is reopened with backoff; a file that ends loops or ends."""
 
-    def __init__(self, source: VideoSource, svc: Service, loop_file: bool) -> None:
+    def __init__(self, source: PushFrameSource, svc: Service, loop_file: bool) -> None:
         self.source, self.svc, self.loop_file = source, svc, loop_file
         self.counters = svc.counters
         self.state = "live"
@@ -539,7 +540,7 @@ class PullGrabber:
     """Screen and test pattern: grab at the tick (no buffer to drain, the freshest possible);
     a failing screen (X server gone) is reopened with backoff at later ticks."""
 
-    def __init__(self, source: ScreenSource | PatternSource, svc: Service) -> None:
+    def __init__(self, source: PullFrameSource, svc: Service) -> None:
         self.source, self.svc = source, svc
         self.state = "live"
         self.error: str | None = None
@@ -623,7 +624,7 @@ class CaptureVideo:
         self.encoder = FrameEncoder(args.size, args.quality, args.pad,
                                     args.skip_threshold if args.skip_unchanged else None)
         if spec.kind == "screen":
-            self.source: Any = ScreenSource(spec)
+            self.source: PullFrameSource | PushFrameSource = ScreenSource(spec)
         elif spec.kind == "pattern":
             self.source = PatternSource(*args.pattern_size)
         else:
@@ -663,7 +664,7 @@ class CaptureVideo:
 
     async def run(self, svc: Service) -> None:
         src = self.source
-        grabber: Grabber | PullGrabber = (PullGrabber(src, svc) if isinstance(src, (ScreenSource, PatternSource))
+        grabber: Grabber | PullGrabber = (PullGrabber(src, svc) if isinstance(src, PullFrameSource)
                                           else Grabber(src, svc, self.args.loop))
         self.grabber = grabber
         grabber.start()

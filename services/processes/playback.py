@@ -36,6 +36,7 @@ from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, 
                        make_audio_thread_realtime,
                        print_device_list, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
 from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import AudioSink
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
 
@@ -485,7 +486,7 @@ class ClockedSink:
 class Player:
     """Glue between the bus and the buffer/sink: handlers, interrupt, metrics."""
 
-    def __init__(self, svc: Service, jb: JitterBuffer, sink: DeviceSink | ClockedSink, device_reset: bool) -> None:
+    def __init__(self, svc: Service, jb: JitterBuffer, sink: AudioSink, device_reset: bool) -> None:
         self.svc, self.jb, self.sink, self.device_reset = svc, jb, sink, device_reset
         self._resamplers: dict[int, StreamResampler] = {}
         self.interrupts = 0
@@ -666,7 +667,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.file or args.null:
             jb = make_buffer(OUT_RATE)
-            sink: DeviceSink | ClockedSink = ClockedSink(jb, args.period_ms, args.file)
+            sink: AudioSink = ClockedSink(jb, args.period_ms, args.file)
         else:
             sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms)
             jb = sink.jb = make_buffer(sink.rate)
