@@ -268,8 +268,8 @@ class Watcher:
     """Everything the summary needs, from the bus only (no knowledge of which backend answers)."""
 
     def __init__(self, user_frames: int | None) -> None:
-        import webrtcvad
-        self.vad = webrtcvad.Vad(2)
+        from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
+        self.vad = VoiceFramer(IN_RATE, VAD_FRAME * 1000 // IN_RATE, 2, rms_of_dbfs(VAD_FLOOR_DBFS))
         self.user_frames = user_frames       # file mode: audio.in frames that make up the script
         self.turns: dict[int, Turn] = {}
         self.interrupts: list[tuple[int, int]] = []          # (turn, publish ts)
@@ -282,8 +282,6 @@ class Watcher:
         self.user_done_at: float | None = None               # monotonic time the script's audio was all sent
         self.voiced_ends: deque[int] = deque(maxlen=20000)   # capture ts (ns) where a voiced frame ends
         self.speech_segments: list[list[int]] = []           # [start_ns, end_ns] of user speech
-        self._pending = np.zeros(0, np.int16)
-        self._pending_ts = 0
         self.video_frames_seen = 0
         self.last_activity = time.monotonic()                # last model audio / playback event
         self.error: str | None = None
@@ -342,26 +340,16 @@ class Watcher:
         self.audio_in_frames += len(pcm)
         if self.user_frames is not None and self.user_done_at is None and self.audio_in_frames >= self.user_frames:
             self.user_done_at = time.monotonic()
-        # Keep 20 ms frames aligned across chunks, each with the capture time of its first sample.
-        if not len(self._pending):
-            self._pending_ts = ts
-        buf = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
-        n = len(buf) // VAD_FRAME
-        for i in range(n):
-            frame = buf[i * VAD_FRAME:(i + 1) * VAD_FRAME]
-            start_ns = self._pending_ts + i * VAD_FRAME * 1_000_000_000 // IN_RATE
-            end_ns = start_ns + VAD_FRAME * 1_000_000_000 // IN_RATE
-            level = 10 * np.log10(max(1e-12, float(np.mean((frame.astype(np.float64) / 32768.0) ** 2))))
-            if level > VAD_FLOOR_DBFS and self.vad.is_speech(frame.tobytes(), IN_RATE):
+        # 20 ms frames aligned across chunks, each with the capture time of its first sample.
+        for _frame, start_ns, voiced in self.vad.feed(pcm, ts):
+            if voiced:
+                end_ns = start_ns + VAD_FRAME * 1_000_000_000 // IN_RATE
                 self.voiced_ends.append(end_ns)
                 seg = self.speech_segments[-1] if self.speech_segments else None
                 if seg is not None and start_ns - seg[1] < 500_000_000:   # pauses inside a sentence
                     seg[1] = end_ns
                 else:
                     self.speech_segments.append([start_ns, end_ns])
-        rest = buf[n * VAD_FRAME:]
-        self._pending_ts = self._pending_ts + n * VAD_FRAME * 1_000_000_000 // IN_RATE
-        self._pending = rest.copy()
 
     # -------------------------------------------------------------- state
     def bridge_connected(self) -> bool:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 from livepipe.bus.message import Message
+from livepipe.services.lib.vad import VoiceFramer
 from livepipe.services.processes.gemini_bridge.settings import MODEL_RATE, NAME
 
 log = logging.getLogger(NAME)
@@ -69,24 +70,16 @@ def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, in
 class SpeechMarker:
     """Client-side activity detection for --vad off: sends activityStart/End around speech (webrtcvad)."""
 
-    FRAME = 480  # 30 ms at 16 kHz, in samples
-
     def __init__(self, silence_ms: int) -> None:
-        import webrtcvad
-        self.vad = webrtcvad.Vad(2)
+        self.vad = VoiceFramer(MODEL_RATE, 30, 2)   # 30 ms frames, no level floor
         self.silence_frames = max(1, silence_ms // 30)
-        self.pending = b""
         self.active = False
         self.quiet = 0
 
     def feed(self, pcm: bytes) -> list[str]:
         """Events ('start' / 'end') the chunk causes, in order."""
         events: list[str] = []
-        self.pending += pcm
-        n = self.FRAME * 2
-        while len(self.pending) >= n:
-            frame, self.pending = self.pending[:n], self.pending[n:]
-            speech = self.vad.is_speech(frame, MODEL_RATE)
+        for _frame, _ts, speech in self.vad.feed(np.frombuffer(pcm, "<i2")):
             if speech:
                 self.quiet = 0
                 if not self.active:
