@@ -16,24 +16,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 from livepipe.services.dev.harness import spawn_livepipe, start_broker, stop_process
+from livepipe.services.lib.audio import read_wav_int16
 from livepipe.services.lib.stats import percentile
 from livepipe.services.lib.verb import VerbParser, verb
 
 
 def _speech(text: str) -> np.ndarray:
-    import soxr
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "s.wav"
         subprocess.run(["espeak-ng", "-s", "190", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path)) as w:
-            rate, x = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    return np.clip(soxr.resample(x.astype(np.float32) / 32768, rate, 16000) * 32767, -32768, 32767).astype(np.int16)
+        return read_wav_int16(path, 16000)[0]
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:

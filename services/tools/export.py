@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import wave
 from collections import Counter
 from pathlib import Path
 
 from livepipe.bus.message import Message, decode
+from livepipe.services.lib.audio import WavWriter
 from livepipe.services.lib.recording import RecordingReader
 from livepipe.services.lib.verb import VerbError, VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS, SchemaError
@@ -95,10 +95,7 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
     prev_end_ns, prev_inst, prev_seq = 0, "", 0
     tmp = Path(out).with_name(Path(out).name + ".part")
     try:
-        with wave.open(str(tmp), "wb") as wav:
-            wav.setnchannels(channels)
-            wav.setsampwidth(width)
-            wav.setframerate(rate)
+        with WavWriter(tmp, rate, channels, width) as wav:
             for msg in chunks(path, topic, src):
                 t = chunk_time_ns(msg)
                 if start_ns is None:
@@ -112,11 +109,11 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
                     lost = msg["inst"] == prev_inst and msg["seq"] > prev_seq + 1
                     if lag > 0 and ((paused and lag > jitter_frames) or lost):
                         silence_byte = b"\x80" if width == 1 else b"\x00"   # 8-bit WAV is unsigned
-                        wav.writeframesraw(silence_byte * (lag * channels * width))
+                        wav.write_bytes(silence_byte * (lag * channels * width))
                         written += lag
                         silence += lag
                         gap_count += 1
-                wav.writeframesraw(msg.payload)
+                wav.write_bytes(msg.payload)
                 written += msg["frames"]
                 prev_end_ns = t + msg["frames"] * 1_000_000_000 // rate
                 prev_inst, prev_seq = msg["inst"], msg["seq"]
