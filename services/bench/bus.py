@@ -43,7 +43,7 @@ RAW_PREFIX = struct.Struct("<QQ")   # (seq, send time ns) at the start of a raw 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe bench bus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--audio-count", type=int, default=3000, help="measured audio messages (default 3000)")
     p.add_argument("--audio-interval-ms", type=float, default=2.0, help="audio pacing (default 2 ms)")

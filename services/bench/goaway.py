@@ -44,7 +44,7 @@ def _stop(proc: subprocess.Popen) -> str:
 @verb("bench goaway")
 def main(argv: list[str]) -> int:
     p = VerbParser(prog="livepipe bench goaway", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--seconds", type=float, default=20.0, help="how long to stream (default 20)")
     p.add_argument("--every", type=float, default=1.0, help="goAway this long after each connection (default 1)")

@@ -38,7 +38,7 @@ COUNTER_BITS = 16
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe bench video", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--frames", type=int, default=300, help="measured frames per encoder (default 300)")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each live run (default 6)")

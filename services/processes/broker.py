@@ -38,7 +38,7 @@ def is_loopback(endpoint: str) -> bool:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe broker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pub-bind", default=os.environ.get("LIVEPIPE_PUB_BIND", f"tcp://127.0.0.1:{DEFAULT_PUB_PORT}"),
                    help="endpoint publishers connect to (env LIVEPIPE_PUB_BIND, default %(default)s)")
     p.add_argument("--sub-bind", default=os.environ.get("LIVEPIPE_SUB_BIND", f"tcp://127.0.0.1:{DEFAULT_SUB_PORT}"),

@@ -27,7 +27,7 @@ def audio_topics() -> list[str]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="a recording made by `livepipe record`")
     p.add_argument("out", metavar="OUT.wav", help="WAV file to write")
     p.add_argument("--topic", default="audio.out", help=f"audio topic to export: {', '.join(audio_topics())} "

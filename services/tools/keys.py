@@ -18,7 +18,7 @@ from livepipe.services.lib.verb import VerbParser, fail, verb
 @verb("keys")
 def main(argv: list[str]) -> int:
     p = VerbParser(prog="livepipe keys", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="directory to write the key files into (created if missing)")
     p.add_argument("names", nargs="+", help="one key pair per name, e.g. server edge hub")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")

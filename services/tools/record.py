@@ -20,7 +20,7 @@ from livepipe.bus.topics import TOPICS
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe record", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="recording to write (overwritten)")
     p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to record (default: all): {', '.join(TOPICS)}")
     p.add_argument("--count", type=int, metavar="N", help="stop after N messages")

@@ -34,7 +34,7 @@ NOT_REPLAYED_BY_DEFAULT = {"status"}
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="a recording made by `livepipe record`")
     p.add_argument("--speed", type=float, default=1.0, metavar="X", help="playback speed factor (default 1)")
     p.add_argument("--loop", action="store_true", help="start over at the end, until stopped")

@@ -17,7 +17,7 @@ from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe say", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="+", help="the text (several words are joined by spaces); - reads lines from stdin")
     p.add_argument("--wait", type=float, default=5.0, metavar="S",
                    help="wait up to S seconds for a text.in subscriber (default 5)")

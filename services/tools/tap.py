@@ -28,7 +28,7 @@ _SHOWN_ELSEWHERE = set(COMMON_FIELDS) | set(AUDIO_FIELDS)
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe tap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to show (default: all): {', '.join(TOPICS)}")
     p.add_argument("--stats", action="store_true", help="a table per topic, refreshed every second")
     p.add_argument("--json", action="store_true", help="JSON lines (with --stats: one JSON object per refresh)")

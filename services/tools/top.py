@@ -25,7 +25,7 @@ FORGET_AFTER_S = 60.0
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe top", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--once", action="store_true",
                    help="listen for one heartbeat period (--window), print one table and exit "
                         "(exit 1 if no process was heard)")

@@ -88,7 +88,7 @@ discovery: once listening it writes <state>/emulator/emulator.json {"url", "ca_f
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe emulator", description=__doc__, epilog=HELP_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
     p.add_argument("--port", type=int, default=int(os.environ.get("LIVEPIPE_EMULATOR_PORT") or 7720),
                    help="port (env LIVEPIPE_EMULATOR_PORT, default 7720; 0 picks a free port)")
