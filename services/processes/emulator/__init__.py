@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from livepipe.services.lib.settings import non_negative, positive, state_dir
+from livepipe.services.lib.settings import env, non_negative, positive, state_dir
 from livepipe.services.lib.verb import VerbParser, fail, verb
 
 HELP_EPILOG = """\
@@ -90,7 +90,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe emulator", description=__doc__, epilog=HELP_EPILOG,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("LIVEPIPE_EMULATOR_PORT") or 7720),
+    p.add_argument("--port", type=int, default=env("LIVEPIPE_EMULATOR_PORT", "7720"),
                    help="port (env LIVEPIPE_EMULATOR_PORT, default 7720; 0 picks a free port)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="state directory; certificates, emulator.json and the timeline go in its emulator/ "
