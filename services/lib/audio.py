@@ -1,6 +1,6 @@
 """Audio helpers shared by capture-audio, playback and the audio benchmarks.
 
-Pure helpers: WAV reading/writing, sample-format conversion, streaming resampling,
+Pure helpers: WAV reading/writing, sample-format conversion (the one PCM decoder, `decode_pcm`), streaming resampling,
 fixed-size chunking, level/frequency measures, and opening a sounddevice stream with
 one clear error. sounddevice (PortAudio) is imported only by `import_sounddevice()`,
 so file and null runs never load PortAudio.
@@ -42,10 +42,6 @@ def float_to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
 
 
-def int16_to_float(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) / 32768.0
-
-
 def to_mono(x: np.ndarray) -> np.ndarray:
     """(frames, channels) -> (frames,) by averaging the channels (keeps float dtype)."""
     if x.ndim == 1:
@@ -79,12 +75,6 @@ def decode_pcm(data: bytes | memoryview, sample_width: int, channels: int = 1, i
     else:
         raise ValueError(f"sample width {w}")
     return x.astype(dtype, copy=False).reshape(-1, channels)
-
-
-def pcm16_from_bytes(data: bytes | memoryview, channels: int = 1) -> np.ndarray:
-    """s16le bytes -> int16 array (frames,) for mono or (frames, channels)."""
-    a = np.frombuffer(data, dtype="<i2")
-    return a if channels == 1 else a.reshape(-1, channels)
 
 
 # ----------------------------------------------------------------- measures
