@@ -1,8 +1,8 @@
-"""Audio helpers shared by capture-audio, playback and the audio benchmarks.
+"""Audio helpers shared by capture-audio, playback, the bridge, the tools and the audio benchmarks.
 
-Pure helpers: WAV reading/writing, sample-format conversion (the one PCM decoder, `decode_pcm`), streaming resampling,
-fixed-size chunking, level/frequency measures, and opening a sounddevice stream with
-one clear error. sounddevice (PortAudio) is imported only by `import_sounddevice()`,
+Pure helpers: WAV reading/writing, sample-format conversion (`decode_pcm`, the one PCM decoder),
+streaming resampling, fixed-size chunking, level/frequency measures, and opening a sounddevice
+stream with one clear error. sounddevice (PortAudio) is imported only by `import_sounddevice()`,
 so file and null runs never load PortAudio.
 """
 from __future__ import annotations
