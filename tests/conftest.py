@@ -19,7 +19,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 from livepipe.services.dev import harness
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
-from livepipe.services.dev.harness import free_port  # noqa: F401  (imported by test files)
+from livepipe.services.lib.net import free_port  # noqa: F401  (imported by test files)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -74,8 +74,8 @@ def test_demo_reports_a_refused_model_session_in_one_line(tmp_path: Path) -> Non
     assert res.returncode == 1, res.stderr
     summary = json.loads(res.stdout)
     assert not summary["ok"] and "API key not valid" in summary["error"], summary["error"]
-    failed = [line for line in res.stderr.splitlines() if "failed:" in line]
-    assert len(failed) == 1 and "API key not valid" in failed[0], res.stderr
+    failed = [line for line in res.stderr.splitlines() if "API key not valid" in line]
+    assert len(failed) == 1 and failed[0].startswith("livepipe demo: the model session failed: "), res.stderr
     assert "Traceback" not in res.stderr
     assert summary["orphans_killed"] == []
     for pid in summary["processes"].values():
@@ -88,4 +88,4 @@ def test_demo_rejects_a_user_file_that_is_not_audio(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "livepipe.services", "demo", "--user-wav", str(bad)], cwd=ROOT,
                          env=clean_env(tmp_path), capture_output=True, text=True, timeout=30)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines() == [f"demo: failed: {bad} is not a WAV file (no RIFF/WAVE header)"]
+    assert res.stderr.strip().splitlines() == [f"livepipe demo: {bad} is not a WAV file (no RIFF/WAVE header)"]

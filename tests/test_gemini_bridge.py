@@ -203,7 +203,7 @@ def test_bad_settings_are_refused_before_connecting(tmp_path, bus_env):
         out, err = proc.communicate(timeout=20)
         assert proc.returncode == 2, err
         lines = [line for line in err.splitlines() if line.strip()]
-        assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("gemini-bridge: error:"), err
+        assert len(lines) == 1 and expected in lines[0] and lines[0].startswith("livepipe gemini-bridge: "), err
 
 
 def test_vad_off_marks_activity_itself(live_factory):

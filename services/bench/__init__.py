@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import importlib
-import sys
+
+from livepipe.services.lib.verb import fail
 
 BENCHES = {
     "bus": "one-hop latency through the broker, against raw pyzmq in the same run",
@@ -20,9 +21,8 @@ def main(argv: list[str]) -> int:
             print(f"  {name:<10} {text}")
         return 0
     name = argv[0]
-    try:
-        module = importlib.import_module(f"livepipe.services.bench.{name.replace('-', '_')}")
-    except ModuleNotFoundError:
-        print(f"livepipe bench: unknown benchmark {name!r} (known: {', '.join(BENCHES)})", file=sys.stderr)
-        return 2
+    if name not in BENCHES:
+        return fail("bench", f"unknown benchmark {name!r} (known: {', '.join(BENCHES)})", 2)
+    # a missing library (cv2, psutil...) propagates: cli.py names the extra that brings it
+    module = importlib.import_module(f"livepipe.services.bench.{name.replace('-', '_')}")
     return int(module.main(argv[1:]) or 0)

@@ -33,6 +33,8 @@ import time
 from typing import Any
 
 from livepipe.services.dev.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
+from livepipe.services.lib.stats import percentile
+from livepipe.services.lib.verb import VerbParser, fail, verb
 
 AUDIO_BYTES = 640          # 20 ms of 16 kHz mono s16le
 JPEG_BYTES = 100_000
@@ -40,8 +42,8 @@ RAW_PREFIX = struct.Struct("<QQ")   # (seq, send time ns) at the start of a raw 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe bench bus", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe bench bus", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--audio-count", type=int, default=3000, help="measured audio messages (default 3000)")
     p.add_argument("--audio-interval-ms", type=float, default=2.0, help="audio pacing (default 2 ms)")
@@ -255,11 +257,8 @@ class Pair:
 
 
 def pct_us(values_ns: list[int], q: float) -> float | None:
-    if not values_ns:
-        return None
-    s = sorted(values_ns)
-    rank = max(0, min(len(s) - 1, -(-len(s) * q // 100) - 1))
-    return round(s[int(rank)] / 1000, 1)
+    value = percentile(values_ns, q)
+    return None if value is None else round(value / 1000, 1)
 
 
 def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
@@ -321,6 +320,7 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+@verb("bench bus")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.role:
@@ -328,8 +328,7 @@ def main(argv: list[str]) -> int:
     try:
         result = orchestrate(args)
     except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
-        print(f"livepipe bench bus: {exc}", file=sys.stderr)
-        return 1
+        return fail("bench bus", exc)
     if args.json:
         print(json.dumps(result))
     else:

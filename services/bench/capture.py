@@ -10,12 +10,10 @@ of audio, from psutil). The subscriber stands in for the bridge, whose per-messa
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import threading
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +23,10 @@ import psutil
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
-from livepipe.services.dev.harness import HarnessError, ProcessExited, spawn_livepipe, start_broker, stop_process
-from livepipe.services.dev.pulse import PulseDaemon, PulseError
-
-
-class BenchError(RuntimeError):
-    pass
+from livepipe.services.dev.harness import BenchError, HarnessError, ProcessExited, spawn_livepipe, start_broker, stop_process
+from livepipe.services.lib.stats import percentile
+from livepipe.services.lib.verb import VerbParser, verb
+from livepipe.services.dev.pulse import PulseDaemon
 
 
 def measure(env: dict[str, str], chunk_ms: int, seconds: float, workdir: Path, ps_broker: psutil.Process) -> dict:
@@ -56,25 +52,22 @@ def measure(env: dict[str, str], chunk_ms: int, seconds: float, workdir: Path, p
     finally:
         stop_process(proc)
     return {"chunk_ms": chunk_ms, "messages_per_s": round(n / wall, 1),
-            "age_at_subscriber_p50_ms": round(float(np.percentile(ages, 50)), 2),
-            "age_at_subscriber_p99_ms": round(float(np.percentile(ages, 99)), 2),
+            "age_at_subscriber_p50_ms": round(float(percentile(ages, 50)), 2),
+            "age_at_subscriber_p99_ms": round(float(percentile(ages, 99)), 2),
             "capture_cpu_ms_per_s": round((cpu1[0] - cpu0[0]) * 1000 / wall, 2),
             "subscriber_cpu_ms_per_s": round((cpu1[1] - cpu0[1]) * 1000 / wall, 2),
             "broker_cpu_ms_per_s": round((cpu1[2] - cpu0[2]) * 1000 / wall, 2)}
 
 
+@verb("bench capture")
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="livepipe bench capture", description=__doc__.split("\n\n")[0])
+    p = VerbParser(prog="livepipe bench capture", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--chunks", default="10,20,30,40", help="chunk lengths in ms (default 10,20,30,40)")
     p.add_argument("--seconds", type=float, default=8.0, help="measuring time per length (default 8)")
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="livepipe-bench-capture-"))
-    try:
-        daemon = PulseDaemon.ensure()
-    except PulseError as exc:
-        print(f"livepipe bench capture: {exc}", file=sys.stderr)
-        return 1
+    daemon = PulseDaemon.ensure()   # PulseError: one line from @verb
     devices = daemon.private_devices()
     feeder = None
     broker = None
@@ -98,9 +91,6 @@ def main(argv: list[str]) -> int:
         ps_broker = psutil.Process(broker.pid)
         for chunk_ms in [int(x) for x in args.chunks.split(",")]:
             results.append(measure(env, chunk_ms, args.seconds, workdir, ps_broker))
-    except (BenchError, PulseError) as exc:
-        print(f"livepipe bench capture: {exc}", file=sys.stderr)
-        return 1
     finally:
         if feeder is not None:
             feeder.kill()

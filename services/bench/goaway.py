@@ -16,22 +16,21 @@ import subprocess
 import sys
 import tempfile
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 
 from livepipe.services.dev.harness import spawn_livepipe, start_broker, stop_process
+from livepipe.services.lib.audio import read_wav_int16
+from livepipe.services.lib.stats import percentile
+from livepipe.services.lib.verb import VerbParser, verb
 
 
 def _speech(text: str) -> np.ndarray:
-    import soxr
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "s.wav"
         subprocess.run(["espeak-ng", "-s", "190", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path)) as w:
-            rate, x = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), "<i2")
-    return np.clip(soxr.resample(x.astype(np.float32) / 32768, rate, 16000) * 32767, -32768, 32767).astype(np.int16)
+        return read_wav_int16(path, 16000)[0]
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -42,9 +41,10 @@ def _stop(proc: subprocess.Popen) -> str:
     return stop_process(proc)[1]
 
 
+@verb("bench goaway")
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="livepipe bench goaway", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe bench goaway", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print only the JSON object")
     p.add_argument("--seconds", type=float, default=20.0, help="how long to stream (default 20)")
     p.add_argument("--every", type=float, default=1.0, help="goAway this long after each connection (default 1)")
@@ -94,13 +94,13 @@ def main(argv: list[str]) -> int:
               "switchovers": len(gaps), "audio_lost": dropped, "baseline_chunk_cadence_ms": 20.0}
     if gaps:
         result.update(gap_ms_median=round(float(np.median(gaps)), 1),
-                      gap_ms_p90=round(float(np.percentile(gaps, 90)), 1),
-                      gap_ms_p99=round(float(np.percentile(gaps, 99)), 1), gap_ms_max=max(gaps),
+                      gap_ms_p90=round(float(percentile(gaps, 90)), 1),
+                      gap_ms_p99=round(float(percentile(gaps, 99)), 1), gap_ms_max=max(gaps),
                       median_vs_cadence=round(float(np.median(gaps)) / 20.0, 2),
                       switchovers_waiting_for_a_turn=sum(1 for w in waits if w >= 1.0))
     if quick:
         result.update(no_turn_gap_ms_median=round(float(np.median(quick)), 1),
-                      no_turn_gap_ms_p99=round(float(np.percentile(quick, 99)), 1), no_turn_gap_ms_max=max(quick))
+                      no_turn_gap_ms_p99=round(float(percentile(quick, 99)), 1), no_turn_gap_ms_max=max(quick))
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
     return 0 if gaps else 1
 

@@ -12,11 +12,9 @@ the device buffer play out), i.e. what an interrupt costs without resetting the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 import uuid
@@ -28,15 +26,13 @@ import numpy as np
 from livepipe.services.lib.audio import OUT_RATE, tone
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig
-from livepipe.services.dev.harness import HarnessError, spawn_livepipe, start_broker, stop_process
-from livepipe.services.dev.pulse import MonitorRecorder, PulseDaemon, PulseError
+from livepipe.services.dev.harness import BenchError, HarnessError, spawn_livepipe, start_broker, stop_process
+from livepipe.services.lib.stats import percentile
+from livepipe.services.lib.verb import VerbParser, verb
+from livepipe.services.dev.pulse import MonitorRecorder, PulseDaemon
 
 SILENT = 8            # |sample| <= 8 (-72 dBFS) counts as silence
 CHUNK = 960           # 40 ms audio.out chunks, as the bridge sends them
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 def _wait_event(client: BusClient, kind: str, turn: int, timeout: float = 10.0) -> Any:
@@ -119,7 +115,7 @@ def _silence_after(rec: MonitorRecorder, t_publish: int) -> tuple[float, float]:
 
 
 def _pct(values: list[float], q: float) -> float:
-    return round(float(np.percentile(values, q)), 2)
+    return round(float(percentile(values, q)), 2)
 
 
 def bench(runs: int, baseline_runs: int, period_ms: float, seed: int) -> dict:
@@ -143,7 +139,7 @@ def bench(runs: int, baseline_runs: int, period_ms: float, seed: int) -> dict:
             base, base_observed, _ = (run_series(env, rec, baseline_runs, period_ms, False, workdir, rng)
                                       if baseline_runs else ([], [], {}))
             # How tightly the monitor's sample clock is pinned to the wall clock.
-            jitter_ms = float(np.percentile(rec.clock_offsets_ns(), 99)) / 1e6
+            jitter_ms = float(percentile(rec.clock_offsets_ns(), 99)) / 1e6
     finally:
         if broker is not None:
             stop_process(broker)
@@ -177,8 +173,9 @@ def bench(runs: int, baseline_runs: int, period_ms: float, seed: int) -> dict:
     return result
 
 
+@verb("bench interrupt")
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="livepipe bench interrupt", description=__doc__.split("\n\n")[0])
+    p = VerbParser(prog="livepipe bench interrupt", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--runs", type=int, default=50, help="interrupts mid-reply (default 50)")
     p.add_argument("--baseline-runs", type=int, default=20,
@@ -187,13 +184,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=1, help="random seed for reply pitch and interrupt moment")
     args = p.parse_args(argv)
     if args.runs < 1:
-        print("livepipe bench interrupt: --runs must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        result = bench(args.runs, args.baseline_runs, args.period_ms, args.seed)
-    except (PulseError, BenchError) as exc:
-        print(f"livepipe bench interrupt: {exc}", file=sys.stderr)
-        return 1
+        p.error("--runs must be >= 1")
+    result = bench(args.runs, args.baseline_runs, args.period_ms, args.seed)   # PulseError, BenchError: @verb
     if args.json:
         print(json.dumps(result))
     else:

@@ -30,13 +30,15 @@ import cv2
 import numpy as np
 
 from livepipe.services.dev.harness import spawn_livepipe, start_broker
+from livepipe.services.lib.stats import percentile
+from livepipe.services.lib.verb import VerbParser, verb
 
 COUNTER_BITS = 16
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe bench video", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe bench video", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--frames", type=int, default=300, help="measured frames per encoder (default 300)")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each live run (default 6)")
@@ -45,13 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, int(round(q / 100 * (len(s) - 1)))))]
-
-
 def summary(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "p99": round(pct(values, 99), 3),
+    return {"median": round(statistics.median(values), 3), "p99": round(percentile(values, 99), 3),
             "n": len(values)}
 
 
@@ -201,6 +198,7 @@ def bench_age(seconds: float, fps: float) -> dict[str, Any]:
     return {"send_fps": fps, "seconds": seconds, "file": file_run, "test_pattern": pattern_run}
 
 
+@verb("bench video")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     result = {"bench": "video", "cpus": os.cpu_count(), "fit_encode": bench_encode(args.frames),

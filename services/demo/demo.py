@@ -33,7 +33,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -50,6 +49,9 @@ from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError
 from livepipe.bus.message import Message
 
+from livepipe.services.lib.net import free_port
+from livepipe.services.lib.settings import state_dir
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 def _launch_dir() -> Path:
     """launch/ of a checkout, or its copy installed with the package, both importable as livepipe.launch."""
     spec = importlib.util.find_spec("livepipe.launch")
@@ -71,7 +73,7 @@ VAD_FLOOR_DBFS = -50.0         # quieter frames never count as speech (noise, di
 
 
 def log(text: str) -> None:
-    print(f"demo: {text}", file=sys.stderr, flush=True)
+    print(f"livepipe demo: {text}", file=sys.stderr, flush=True)
 
 
 class DemoError(Exception):
@@ -79,16 +81,6 @@ class DemoError(Exception):
 
 
 # ----------------------------------------------------------------------------- setup
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def state_base() -> Path:
-    return Path(os.environ.get("LIVEPIPE_STATE_DIR") or Path.home() / ".local" / "state" / "livepipe").expanduser()
-
-
 def prune_old_runs(base: Path, keep: int) -> None:
     """Remove all but the newest `keep` demo runs (only directories a demo made: they hold demo.env)."""
     runs = sorted((d for d in base.glob("demo-*") if (d / "demo.env").is_file()), key=lambda d: d.stat().st_mtime)
@@ -114,7 +106,7 @@ class Run:
 
 def prepare_run(args: argparse.Namespace) -> Run:
     session = f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    base = Path(args.out_dir).expanduser() if args.out_dir else state_base() / "demo"
+    base = Path(args.out_dir).expanduser() if args.out_dir else state_dir() / "demo"
     base.mkdir(parents=True, exist_ok=True)
     prune_old_runs(base, KEEP_RUNS - 1)
     run_dir = base / session
@@ -276,8 +268,8 @@ class Watcher:
     """Everything the summary needs, from the bus only (no knowledge of which backend answers)."""
 
     def __init__(self, user_frames: int | None) -> None:
-        import webrtcvad
-        self.vad = webrtcvad.Vad(2)
+        from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
+        self.vad = VoiceFramer(IN_RATE, VAD_FRAME * 1000 // IN_RATE, 2, rms_of_dbfs(VAD_FLOOR_DBFS))
         self.user_frames = user_frames       # file mode: audio.in frames that make up the script
         self.turns: dict[int, Turn] = {}
         self.interrupts: list[tuple[int, int]] = []          # (turn, publish ts)
@@ -290,8 +282,6 @@ class Watcher:
         self.user_done_at: float | None = None               # monotonic time the script's audio was all sent
         self.voiced_ends: deque[int] = deque(maxlen=20000)   # capture ts (ns) where a voiced frame ends
         self.speech_segments: list[list[int]] = []           # [start_ns, end_ns] of user speech
-        self._pending = np.zeros(0, np.int16)
-        self._pending_ts = 0
         self.video_frames_seen = 0
         self.last_activity = time.monotonic()                # last model audio / playback event
         self.error: str | None = None
@@ -350,26 +340,16 @@ class Watcher:
         self.audio_in_frames += len(pcm)
         if self.user_frames is not None and self.user_done_at is None and self.audio_in_frames >= self.user_frames:
             self.user_done_at = time.monotonic()
-        # Keep 20 ms frames aligned across chunks, each with the capture time of its first sample.
-        if not len(self._pending):
-            self._pending_ts = ts
-        buf = np.concatenate([self._pending, pcm]) if len(self._pending) else pcm
-        n = len(buf) // VAD_FRAME
-        for i in range(n):
-            frame = buf[i * VAD_FRAME:(i + 1) * VAD_FRAME]
-            start_ns = self._pending_ts + i * VAD_FRAME * 1_000_000_000 // IN_RATE
-            end_ns = start_ns + VAD_FRAME * 1_000_000_000 // IN_RATE
-            level = 10 * np.log10(max(1e-12, float(np.mean((frame.astype(np.float64) / 32768.0) ** 2))))
-            if level > VAD_FLOOR_DBFS and self.vad.is_speech(frame.tobytes(), IN_RATE):
+        # 20 ms frames aligned across chunks, each with the capture time of its first sample.
+        for _frame, start_ns, voiced in self.vad.feed(pcm, ts):
+            if voiced:
+                end_ns = start_ns + VAD_FRAME * 1_000_000_000 // IN_RATE
                 self.voiced_ends.append(end_ns)
                 seg = self.speech_segments[-1] if self.speech_segments else None
                 if seg is not None and start_ns - seg[1] < 500_000_000:   # pauses inside a sentence
                     seg[1] = end_ns
                 else:
                     self.speech_segments.append([start_ns, end_ns])
-        rest = buf[n * VAD_FRAME:]
-        self._pending_ts = self._pending_ts + n * VAD_FRAME * 1_000_000_000 // IN_RATE
-        self._pending = rest.copy()
 
     # -------------------------------------------------------------- state
     def bridge_connected(self) -> bool:
@@ -428,8 +408,8 @@ class Watcher:
 
 # ----------------------------------------------------------------------------- the run
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe demo", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.add_argument("--devices", action="store_true",
                    help="use the default microphone and speaker instead of the WAV files: speak the script "
@@ -595,23 +575,20 @@ def wav_seconds(path: Path) -> float:
         return 0.0
 
 
+@verb("demo")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.devices and not Path(args.user_wav).is_file():
-        log(f"failed: the user's WAV {args.user_wav} does not exist")
-        return 2
+        raise UsageError(f"the user's WAV {args.user_wav} does not exist")
     if not PROCFILE.is_file():
-        log(f"failed: {PROCFILE} is missing (run the demo from a livepipe checkout: pip install -e .)")
-        return 2
+        return fail("demo", f"{PROCFILE} is missing (run the demo from a livepipe checkout: pip install -e .)", 2)
     if shutil.which("sh") is None:
-        log("failed: no /bin/sh: honcho needs a POSIX shell")
-        return 2
+        return fail("demo", "no /bin/sh: honcho needs a POSIX shell", 2)
     try:
         user_frames = None if args.devices else wav_frames_16k(args.user_wav)
         run = prepare_run(args)
     except (OSError, DemoError, ConfigError) as exc:
-        log(f"failed: {exc}")
-        return 2
+        return fail("demo", exc, 2)
     backend = "the Live API" if (os.environ.get("GEMINI_API_KEY") or os.environ.get("GOOGLE_API_KEY")) \
         else "the local emulator"
     log(f"run {run.session}: starting broker, model bridge, {backend}, camera (test pattern), "
@@ -653,7 +630,7 @@ def main(argv: list[str]) -> int:
     elif summary["turns"]:
         print(render(summary), flush=True)
     if error:
-        log(f"failed: {error} (logs: {honcho.log_path})")
+        log(f"{error} (logs: {honcho.log_path})")
     return code
 
 

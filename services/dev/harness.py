@@ -13,14 +13,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from livepipe.services.lib.net import free_port
+from livepipe.services.lib.verb import VerbError
+
 HOST = "127.0.0.1"
 
-__all__ = ["HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
+__all__ = ["BenchError", "HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
            "spawn_livepipe", "stop_process", "wait_for_port", "wait_for_ports", "start_broker"]
 
 
-class HarnessError(RuntimeError):
+class HarnessError(VerbError, RuntimeError):
     """A helper process did not come up."""
+
+
+class BenchError(HarnessError):
+    """A benchmark could not measure what it measures; the message is one line for the user."""
 
 
 class ProcessExited(HarnessError):
@@ -37,13 +44,6 @@ class PortTimeout(HarnessError):
     def __init__(self, name: str, port: int) -> None:
         super().__init__(f"{name} not listening on {port}")
         self.name, self.port = name, port
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def livepipe_cmd(*args: str) -> list[str]:

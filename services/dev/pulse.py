@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from livepipe.services.lib.verb import VerbError
+
 SYSTEM_SOCKET = "/var/run/pulse/native"
 SYSTEM_PIDFILE = "/var/run/pulse/pid"
 
@@ -43,7 +45,7 @@ set-default-source virtual_mic
 """
 
 
-class PulseError(RuntimeError):
+class PulseError(VerbError, RuntimeError):
     """PulseAudio could not be reached or started; one line for the user."""
 
 

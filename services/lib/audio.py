@@ -1,8 +1,8 @@
-"""Audio helpers shared by capture-audio, playback and the audio benchmarks.
+"""Audio helpers shared by capture-audio, playback, the bridge, the tools and the audio benchmarks.
 
-Pure helpers: WAV reading/writing, sample-format conversion, streaming resampling,
-fixed-size chunking, level/frequency measures, and opening a sounddevice stream with
-one clear error. sounddevice (PortAudio) is imported only by `import_sounddevice()`,
+Pure helpers: WAV reading/writing, sample-format conversion (`decode_pcm`, the one PCM decoder),
+streaming resampling, fixed-size chunking, level/frequency measures, and opening a sounddevice
+stream with one clear error. sounddevice (PortAudio) is imported only by `import_sounddevice()`,
 so file and null runs never load PortAudio.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from livepipe.services.lib.verb import VerbError, fail
+
 # The bus contract (bus/topics.py): audio.in is 16 kHz, audio.out 24 kHz, both mono s16le.
 IN_RATE = 16_000
 OUT_RATE = 24_000
@@ -26,11 +28,11 @@ _WAVE_FORMAT_FLOAT = 0x0003
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 
 
-class AudioFileError(ValueError):
+class AudioFileError(VerbError, ValueError):
     """A WAV file we cannot read or write; the message is one line for the user."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(VerbError, RuntimeError):
     """No usable audio device; the message is one line for the user."""
 
 
@@ -38,10 +40,6 @@ class DeviceError(RuntimeError):
 def float_to_int16(x: np.ndarray) -> np.ndarray:
     """[-1, 1] floats -> int16 with clipping (no wrap-around on overs)."""
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(np.int16)
-
-
-def int16_to_float(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) / 32768.0
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -53,10 +51,30 @@ def to_mono(x: np.ndarray) -> np.ndarray:
     return x.mean(axis=1, dtype=np.float32)
 
 
-def pcm16_from_bytes(data: bytes | memoryview, channels: int = 1) -> np.ndarray:
-    """s16le bytes -> int16 array (frames,) for mono or (frames, channels)."""
-    a = np.frombuffer(data, dtype="<i2")
-    return a if channels == 1 else a.reshape(-1, channels)
+def decode_pcm(data: bytes | memoryview, sample_width: int, channels: int = 1, is_float: bool = False,
+               dtype: Any = np.float32) -> np.ndarray:
+    """Little-endian PCM -> floats in [-1, 1] shaped (frames, channels): unsigned 8-bit (the WAV
+    convention), signed 16/24/32-bit, or IEEE float 32/64 with `is_float` (clipped, NaN -> 0).
+    A trailing partial frame is ignored. The one decoder for WAV files, levels and the bridge."""
+    w = sample_width
+    n = len(data) // (w * channels) * channels        # whole frames only
+    if is_float:
+        if w not in (4, 8):
+            raise ValueError(f"float sample width {w}")
+        x = np.nan_to_num(np.clip(np.frombuffer(data, dtype="<f4" if w == 4 else "<f8", count=n), -1.0, 1.0))
+    elif w == 1:
+        x = (np.frombuffer(data, dtype=np.uint8, count=n).astype(np.float64) - 128.0) / 128.0
+    elif w == 2:
+        x = np.frombuffer(data, dtype="<i2", count=n) / 32768.0
+    elif w == 3:
+        b = np.frombuffer(data, dtype=np.uint8, count=n * 3).reshape(-1, 3).astype(np.int32)
+        v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        x = np.where(v >= 1 << 23, v - (1 << 24), v) / float(1 << 23)
+    elif w == 4:
+        x = np.frombuffer(data, dtype="<i4", count=n) / float(1 << 31)
+    else:
+        raise ValueError(f"sample width {w}")
+    return x.astype(dtype, copy=False).reshape(-1, channels)
 
 
 # ----------------------------------------------------------------- measures
@@ -269,25 +287,9 @@ class WavReader:
         if n <= 0:
             return np.zeros((0, self.channels), dtype=np.float32)
         raw = self._f.read(n * self.channels * self.sample_width)
-        n = len(raw) // (self.channels * self.sample_width)
-        raw = raw[:n * self.channels * self.sample_width]
-        self._pos += n
-        w = self.sample_width
-        if self.is_float:
-            x = np.frombuffer(raw, dtype="<f4" if w == 4 else "<f8").astype(np.float32)
-            x = np.nan_to_num(np.clip(x, -1.0, 1.0))
-        elif w == 1:
-            x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
-        elif w == 2:
-            x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-        elif w == 3:
-            b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-            v = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-            v = np.where(v >= 1 << 23, v - (1 << 24), v)
-            x = v.astype(np.float32) / float(1 << 23)
-        else:
-            x = np.frombuffer(raw, dtype="<i4").astype(np.float32) / float(1 << 31)
-        return x.reshape(-1, self.channels)
+        x = decode_pcm(raw, self.sample_width, self.channels, self.is_float)
+        self._pos += len(x)
+        return x
 
     def rewind(self) -> None:
         self._f.seek(self._data_start)
@@ -315,37 +317,44 @@ def read_wav_int16(path: str | os.PathLike, rate: int | None = None) -> tuple[np
 
 
 class WavWriter:
-    """Mono/any-channel s16le WAV writer that keeps the header valid as it goes.
+    """PCM WAV writer (s16le by default; 8/24/32-bit with `sample_width` and `write_bytes`) that
+    keeps the header valid as it goes.
 
     The RIFF and data sizes are patched on `flush()` (and on close), so a process that is
     killed leaves a playable file holding everything flushed so far.
     """
 
-    def __init__(self, path: str | os.PathLike, rate: int, channels: int = 1) -> None:
-        self.path, self.rate, self.channels = str(path), rate, channels
+    def __init__(self, path: str | os.PathLike, rate: int, channels: int = 1, sample_width: int = SAMPLE_WIDTH) -> None:
+        self.path, self.rate, self.channels, self.sample_width = str(path), rate, channels, sample_width
         try:
             self._f: BinaryIO = open(self.path, "wb")
         except OSError as exc:
             raise AudioFileError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.frames = 0
-        align = channels * SAMPLE_WIDTH
+        self._align = align = channels * sample_width
         self._f.write(b"RIFF" + struct.pack("<I", 36) + b"WAVE")
         self._f.write(b"fmt " + struct.pack("<IHHIIHH", 16, _WAVE_FORMAT_PCM, channels, rate,
-                                            rate * align, align, 16))
+                                            rate * align, align, 8 * sample_width))
         self._f.write(b"data" + struct.pack("<I", 0))
         self._dirty = True
         self.flush()
 
     def write(self, x: np.ndarray) -> None:
-        data = np.ascontiguousarray(x, dtype="<i2").tobytes()
+        """int16 samples, (frames,) or (frames, channels), for an s16le file."""
+        if self.sample_width != SAMPLE_WIDTH:
+            raise ValueError("write() takes int16 samples: use write_bytes() for another sample width")
+        self.write_bytes(np.ascontiguousarray(x, dtype="<i2").tobytes())
+
+    def write_bytes(self, data: bytes | memoryview) -> None:
+        """Frames already in the file's format (little-endian, interleaved; 8-bit unsigned)."""
         self._f.write(data)
-        self.frames += len(data) // (self.channels * SAMPLE_WIDTH)
+        self.frames += len(data) // self._align
         self._dirty = True
 
     def flush(self) -> None:
         if not self._dirty:
             return
-        nbytes = self.frames * self.channels * SAMPLE_WIDTH
+        nbytes = self.frames * self._align
         end = self._f.tell()
         self._f.seek(4)
         self._f.write(struct.pack("<I", 36 + nbytes))
@@ -470,13 +479,13 @@ def list_devices_text() -> str:
 
 
 def print_device_list(log: logging.Logger) -> int:
-    """`--list-devices`: print the table, or one error line; the exit code."""
+    """`--list-devices`: print the table, or one error line (`livepipe VERB: ...`, VERB = the log's
+    name); the exit code."""
     try:
         print(list_devices_text())
         return 0
     except DeviceError as exc:
-        log.error("%s", exc)
-        return 1
+        return fail(log.name, exc)
 
 def make_audio_thread_realtime(priority: int = 10) -> bool:
     """Give the calling thread (a PortAudio callback thread) real-time scheduling if allowed.

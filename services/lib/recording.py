@@ -24,11 +24,13 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import msgpack
 
+from livepipe.services.lib.verb import VerbError
+
 MAGIC = b"LIVEPIPE-RECORDING 1\n"
 FORMAT_VERSION = 1
 
 
-class RecordingError(ValueError):
+class RecordingError(VerbError, ValueError):
     """The file is not a livepipe recording, or is damaged before its last record."""
 
 

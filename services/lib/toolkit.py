@@ -35,32 +35,13 @@ def dbfs(payload: bytes, sample_width: int, channels: int = 1) -> float:
     """RMS level of little-endian PCM relative to full scale, in dB (a full-scale square wave is
     0 dBFS, a full-scale sine -3 dBFS). -inf for digital silence or an empty chunk."""
     import numpy as np   # only when audio shows up: `livepipe tap text.in` stays light
+    from livepipe.services.lib.audio import decode_pcm
 
-    if sample_width == 2:
-        x = np.frombuffer(payload, dtype="<i2", count=len(payload) // 2).astype(np.float64) / 32768.0
-    elif sample_width == 1:   # WAV convention: unsigned 8-bit
-        x = (np.frombuffer(payload, dtype=np.uint8).astype(np.float64) - 128.0) / 128.0
-    elif sample_width == 3:
-        raw = np.frombuffer(payload, dtype=np.uint8, count=len(payload) // 3 * 3).reshape(-1, 3)
-        wide = np.zeros((len(raw), 4), dtype=np.uint8)
-        wide[:, 1:] = raw     # left-align the 24-bit sample in an int32
-        x = wide.view("<i4").ravel().astype(np.float64) / 2147483648.0
-    elif sample_width == 4:
-        x = np.frombuffer(payload, dtype="<i4", count=len(payload) // 4).astype(np.float64) / 2147483648.0
-    else:
-        raise ValueError(f"sample width {sample_width}")
+    x = decode_pcm(payload, sample_width, dtype=np.float64)   # every sample of every channel
     if x.size == 0:
         return float("-inf")
     rms = math.sqrt(float(np.mean(x * x)))
     return 20.0 * math.log10(rms) if rms > 0 else float("-inf")
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0..100, nearest rank) of already sorted values; None if empty."""
-    if not sorted_values:
-        return None
-    rank = max(0, min(len(sorted_values) - 1, math.ceil(q / 100.0 * len(sorted_values)) - 1))
-    return sorted_values[rank]
 
 
 def clock(ns: int) -> str:

@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from livepipe.bus.config import DEFAULT_PUB_PORT, DEFAULT_SUB_PORT
 from livepipe.bus.runtime import setup_logging
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
 BROKER_HWM = 50_000   # per peer; at 20 ms chunks that is 16 minutes of audio for a stalled reader
 
@@ -36,8 +37,8 @@ def is_loopback(endpoint: str) -> bool:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe broker", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe broker", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pub-bind", default=os.environ.get("LIVEPIPE_PUB_BIND", f"tcp://127.0.0.1:{DEFAULT_PUB_PORT}"),
                    help="endpoint publishers connect to (env LIVEPIPE_PUB_BIND, default %(default)s)")
     p.add_argument("--sub-bind", default=os.environ.get("LIVEPIPE_SUB_BIND", f"tcp://127.0.0.1:{DEFAULT_SUB_PORT}"),
@@ -52,17 +53,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@verb("broker")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     setup_logging("broker")
     public = [ep for ep in (args.pub_bind, args.sub_bind) if not is_loopback(ep)]
     if bool(args.server_key) != bool(args.allow):
-        log.error("CURVE needs both --server-key and --allow")
-        return 2
+        raise UsageError("CURVE needs both --server-key and --allow")
     if public and not args.server_key and not args.insecure:
-        log.error("refusing to bind %s without CURVE: give --server-key and --allow "
-                  "(see `livepipe keys`), or --insecure", ", ".join(public))
-        return 2
+        raise UsageError(f"refusing to bind {', '.join(public)} without CURVE: give --server-key and --allow "
+                         "(see `livepipe keys`), or --insecure")
     ctx = zmq.Context()
     auth = None
     try:
@@ -74,14 +74,11 @@ def main(argv: list[str]) -> int:
             try:
                 server_public, server_secret = zmq.auth.load_certificate(args.server_key)
             except Exception as exc:
-                log.error("cannot read the server key %s: %s", args.server_key, exc)
-                return 2
+                raise UsageError(f"cannot read the server key {args.server_key}: {exc}") from None
             if server_secret is None:
-                log.error("%s holds no secret key: give the .key_secret file", args.server_key)
-                return 2
+                raise UsageError(f"{args.server_key} holds no secret key: give the .key_secret file")
             if not Path(args.allow).is_dir():
-                log.error("allow-list directory %s does not exist", args.allow)
-                return 2
+                raise UsageError(f"allow-list directory {args.allow} does not exist")
             auth = ThreadAuthenticator(ctx, log=logging.getLogger("broker.auth"))
             auth.start()
             auth.configure_curve(domain="*", location=str(args.allow))
@@ -92,8 +89,7 @@ def main(argv: list[str]) -> int:
             xsub.bind(args.pub_bind)
             xpub.bind(args.sub_bind)
         except zmq.ZMQError as exc:
-            log.error("cannot bind %s / %s: %s", args.pub_bind, args.sub_bind, exc)
-            return 1
+            return fail("broker", f"cannot bind {args.pub_bind} / {args.sub_bind}: {exc}")
         log.info("publishers -> %s, subscribers -> %s%s", args.pub_bind, args.sub_bind,
                  " (CURVE)" if args.server_key else "")
         return run_proxy(ctx, xsub, xpub)

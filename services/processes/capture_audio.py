@@ -30,7 +30,9 @@ from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, Devic
                        import_sounddevice, print_device_list, make_audio_thread_realtime, parse_device,
                        pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import AudioSource
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
 
 log = logging.getLogger("capture-audio")
@@ -264,7 +266,7 @@ class PacedSource:
 
 
 class Capture:
-    def __init__(self, svc: Service, source: DeviceSource | PacedSource, publisher: Publisher, chunk_ms: int) -> None:
+    def __init__(self, svc: Service, source: AudioSource, publisher: Publisher, chunk_ms: int) -> None:
         self.svc, self.source, self.pub, self.chunk_ms = svc, source, publisher, chunk_ms
 
     def on_control(self, msg: Message) -> None:
@@ -314,7 +316,7 @@ class Capture:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livepipe capture-audio", description=__doc__.split("\n\n")[0])
+    p = VerbParser(prog="livepipe capture-audio", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
     src.add_argument("--device", metavar="NAME|INDEX", help="input device (default: the system default)")
     src.add_argument("--file", metavar="PATH.wav", help="read a WAV file (any rate and channel count) "
@@ -336,29 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@verb("capture-audio")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("capture-audio")
     if args.list_devices:
         return print_device_list(log)
     if not 5 <= args.chunk_ms <= 1000:
-        log.error("--chunk-ms must be within 5..1000")
-        return 2
+        raise UsageError("--chunk-ms must be within 5..1000")
     if (args.loop or args.hold) and not args.file:
-        log.error("--loop and --hold apply to --file")
-        return 2
+        raise UsageError("--loop and --hold apply to --file")
     if args.tone is not None and not 0 < args.tone < IN_RATE / 2:
-        log.error("--tone must be between 0 and %d Hz", IN_RATE // 2)
-        return 2
-    try:
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        raise UsageError(f"--tone must be between 0 and {IN_RATE // 2} Hz")
+    cfg = BusConfig.from_args(args)
     chunk_frames = IN_RATE * args.chunk_ms // 1000
     try:
         if args.file:
-            source: DeviceSource | PacedSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
+            source: AudioSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
                                                              hold=args.hold)
         elif args.tone is not None:
             source = PacedSource("tone", chunk_frames, tone_hz=args.tone, tone_dbfs=args.tone_dbfs)
@@ -368,8 +364,7 @@ def main(argv: list[str]) -> int:
             # Opened before the bus is up: the first words are captured while we connect.
             source = DeviceSource(args.device, args.device_rate, chunk_frames)
     except (DeviceError, AudioFileError) as exc:
-        log.error("%s", exc)
-        return 1
+        return fail("capture-audio", exc)
     svc = Service("capture-audio", cfg)
     capture = Capture(svc, source, Publisher(svc, args.backlog_s), args.chunk_ms)
     svc.on("control", capture.on_control)

@@ -48,7 +48,10 @@ import cv2  # noqa: E402  (after the environment above)
 import numpy as np  # noqa: E402
 
 from livepipe.bus import Service, setup_logging  # noqa: E402
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments  # noqa: E402
+from livepipe.bus.config import BusConfig, add_bus_arguments  # noqa: E402
+from livepipe.services.lib.media import PullFrameSource, PushFrameSource  # noqa: E402
+from livepipe.services.lib.settings import env, number  # noqa: E402
+from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb  # noqa: E402
 
 NAME = "capture-video"
 log = logging.getLogger(NAME)
@@ -67,12 +70,8 @@ COUNTERS = ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "
 STREAM_SCHEMES = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-class SourceError(Exception):
+class SourceError(VerbError):
     """A source that cannot be used; the message is one line for the user."""
-
-
-class UsageError(Exception):
-    """A bad flag or environment value (exit 2)."""
 
 
 # ----------------------------------------------------------------------------- source specs
@@ -407,7 +406,7 @@ class Grabber:
     decoded, to whoever asks (`request`). Files are paced at their frame rate; a live source
     that fails is reopened with backoff; a file that ends loops or ends."""
 
-    def __init__(self, source: VideoSource, svc: Service, loop_file: bool) -> None:
+    def __init__(self, source: PushFrameSource, svc: Service, loop_file: bool) -> None:
         self.source, self.svc, self.loop_file = source, svc, loop_file
         self.counters = svc.counters
         self.state = "live"
@@ -541,7 +540,7 @@ class PullGrabber:
     """Screen and test pattern: grab at the tick (no buffer to drain, the freshest possible);
     a failing screen (X server gone) is reopened with backoff at later ticks."""
 
-    def __init__(self, source: ScreenSource | PatternSource, svc: Service) -> None:
+    def __init__(self, source: PullFrameSource, svc: Service) -> None:
         self.source, self.svc = source, svc
         self.state = "live"
         self.error: str | None = None
@@ -625,7 +624,7 @@ class CaptureVideo:
         self.encoder = FrameEncoder(args.size, args.quality, args.pad,
                                     args.skip_threshold if args.skip_unchanged else None)
         if spec.kind == "screen":
-            self.source: Any = ScreenSource(spec)
+            self.source: PullFrameSource | PushFrameSource = ScreenSource(spec)
         elif spec.kind == "pattern":
             self.source = PatternSource(*args.pattern_size)
         else:
@@ -665,7 +664,7 @@ class CaptureVideo:
 
     async def run(self, svc: Service) -> None:
         src = self.source
-        grabber: Grabber | PullGrabber = (PullGrabber(src, svc) if isinstance(src, (ScreenSource, PatternSource))
+        grabber: Grabber | PullGrabber = (PullGrabber(src, svc) if isinstance(src, PullFrameSource)
                                           else Grabber(src, svc, self.args.loop))
         self.grabber = grabber
         grabber.start()
@@ -739,29 +738,8 @@ class CaptureVideo:
 
 
 # ----------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:   # one line, not usage + error
-        print(f"{NAME}: ERROR {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-def _env_default(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
-
-def _number(kind: type, flag: str, value: str | None, env: str, default: float) -> Any:
-    """The flag's value, else the environment's, else the default, as `kind`."""
-    text, origin = (value, flag) if value is not None else (os.environ.get(env), env)
-    if not text:
-        return kind(default)
-    try:
-        return kind(text)
-    except ValueError:
-        raise UsageError(f"{origin} {text!r} is not {'an integer' if kind is int else 'a number'}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=f"livepipe {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog=f"livepipe {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", nargs="?", default=None, metavar="SOURCE",
                    help="camera index/path, video file, stream URL, screen[:N|:L,T,W,H] or test "
                         "(env LIVEPIPE_VIDEO_SOURCE, default 0)")
@@ -785,41 +763,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SourceSpec]:
     args = build_parser().parse_args(argv)
-    fps = _number(float, "--fps", args.fps, "LIVEPIPE_VIDEO_FPS", DEFAULT_FPS)
-    size = _number(int, "--size", args.size, "LIVEPIPE_VIDEO_SIZE", DEFAULT_SIZE)
-    quality = _number(int, "--quality", args.quality, "LIVEPIPE_VIDEO_QUALITY", DEFAULT_QUALITY)
-    if not 0 < fps <= 60:
+    fps = number("--fps", "LIVEPIPE_VIDEO_FPS", args.fps, float, 0, 60, default=DEFAULT_FPS)
+    size = number("--size", "LIVEPIPE_VIDEO_SIZE", args.size, int, 16, 4096, default=DEFAULT_SIZE)
+    quality = number("--quality", "LIVEPIPE_VIDEO_QUALITY", args.quality, int, 1, 100, default=DEFAULT_QUALITY)
+    if not fps > 0:
         raise UsageError(f"--fps {fps:g}: use a rate above 0 and at most 60")
-    if not 16 <= size <= 4096:
-        raise UsageError(f"--size {size}: use 16..4096 pixels")
-    if not 1 <= quality <= 100:
-        raise UsageError(f"--quality {quality}: use 1..100")
     if not 0 <= args.skip_threshold <= 100:
         raise UsageError(f"--skip-threshold {args.skip_threshold:g}: use a percentage 0..100")
     args.fps, args.size, args.quality = fps, size, quality
     args.pattern_size = parse_wxh(args.pattern_size, "--pattern-size")
     args.camera_size = parse_wxh(args.camera_size, "--camera-size") if args.camera_size else None
-    spec = parse_source(args.source or _env_default("LIVEPIPE_VIDEO_SOURCE", "0"))
+    spec = parse_source(args.source or env("LIVEPIPE_VIDEO_SOURCE", "0"))
     if args.loop and spec.kind != "file":
         raise UsageError("--loop applies to video files only")
     return args, spec
 
 
+@verb(NAME)
 def main(argv: list[str]) -> int:
     setup_logging(NAME)
-    try:
-        args, spec = parse_args(argv)
-        cfg = BusConfig.from_args(args)
-    except (UsageError, ConfigError) as exc:
-        log.error("%s", exc)
-        return 2
+    args, spec = parse_args(argv)     # UsageError, ConfigError: one line, exit 2 (@verb)
+    cfg = BusConfig.from_args(args)
     capture = CaptureVideo(args, spec)
     # Open before joining the bus: a missing file or camera is reported at once, broker or not.
-    try:
-        capture.open()
-    except SourceError as exc:
-        log.error("%s", exc)
-        return 1
+    capture.open()                    # SourceError: one line, exit 1 (@verb)
     svc = Service(NAME, cfg, log)
     for key in COUNTERS:
         svc.counters[key] = 0     # every heartbeat has them; created before the grabber thread runs

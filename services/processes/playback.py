@@ -35,7 +35,9 @@ from livepipe.bus import Service, setup_logging
 from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, StreamResampler, WavWriter, import_sounddevice,
                        make_audio_thread_realtime,
                        print_device_list, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import AudioSink
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
 
 log = logging.getLogger("playback")
@@ -484,7 +486,7 @@ class ClockedSink:
 class Player:
     """Glue between the bus and the buffer/sink: handlers, interrupt, metrics."""
 
-    def __init__(self, svc: Service, jb: JitterBuffer, sink: DeviceSink | ClockedSink, device_reset: bool) -> None:
+    def __init__(self, svc: Service, jb: JitterBuffer, sink: AudioSink, device_reset: bool) -> None:
         self.svc, self.jb, self.sink, self.device_reset = svc, jb, sink, device_reset
         self._resamplers: dict[int, StreamResampler] = {}
         self.interrupts = 0
@@ -617,7 +619,7 @@ class Player:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livepipe playback", description=__doc__.split("\n\n")[0])
+    p = VerbParser(prog="livepipe playback", description=__doc__.split("\n\n")[0])
     out = p.add_mutually_exclusive_group()
     out.add_argument("--device", metavar="NAME|INDEX", help="output device (default: the system default)")
     out.add_argument("--file", metavar="PATH.wav", help="write what a listener would hear to a WAV file, "
@@ -643,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@verb("playback")
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("playback")
@@ -650,16 +653,10 @@ def main(argv: list[str]) -> int:
         return print_device_list(log)
     for name in ("prebuffer_ms", "turn_gap_ms"):
         if getattr(args, name) < 0:
-            log.error("--%s must be >= 0", name.replace("_", "-"))
-            return 2
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if not 2.0 <= args.period_ms <= 200.0 or args.max_buffer_s <= 0:
-        log.error("--period-ms must be within 2..200 and --max-buffer-s positive")
-        return 2
-    try:
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
+        raise UsageError("--period-ms must be within 2..200 and --max-buffer-s positive")
+    cfg = BusConfig.from_args(args)
     svc = Service("playback", cfg)
     holder: dict[str, Player] = {}
 
@@ -670,14 +667,13 @@ def main(argv: list[str]) -> int:
     try:
         if args.file or args.null:
             jb = make_buffer(OUT_RATE)
-            sink: DeviceSink | ClockedSink = ClockedSink(jb, args.period_ms, args.file)
+            sink: AudioSink = ClockedSink(jb, args.period_ms, args.file)
         else:
             sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms)
             jb = sink.jb = make_buffer(sink.rate)
         sink.start()
     except (DeviceError, AudioFileError) as exc:
-        log.error("%s", exc)
-        return 1
+        return fail("playback", exc)
     player = holder["player"] = Player(svc, jb, sink, device_reset=not args.no_device_reset)
     svc.on("audio.out", player.on_audio)
     svc.on("control", player.on_control)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import wave
 from collections import Counter
 from pathlib import Path
 
 from livepipe.bus.message import Message, decode
-from livepipe.services.lib.recording import RecordingError, RecordingReader
+from livepipe.services.lib.audio import WavWriter
+from livepipe.services.lib.recording import RecordingReader
+from livepipe.services.lib.verb import VerbError, VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS, SchemaError
 
 
@@ -25,8 +26,8 @@ def audio_topics() -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe export", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="a recording made by `livepipe record`")
     p.add_argument("out", metavar="OUT.wav", help="WAV file to write")
     p.add_argument("--topic", default="audio.out", help=f"audio topic to export: {', '.join(audio_topics())} "
@@ -45,7 +46,7 @@ def fmt_name(fmt: tuple[int, int, int]) -> str:
     return f"{rate} Hz {layout} {8 * width}-bit"
 
 
-class ExportError(ValueError):
+class ExportError(VerbError, ValueError):
     """A one-line reason why the topic cannot be written as one WAV."""
 
 
@@ -94,10 +95,7 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
     prev_end_ns, prev_inst, prev_seq = 0, "", 0
     tmp = Path(out).with_name(Path(out).name + ".part")
     try:
-        with wave.open(str(tmp), "wb") as wav:
-            wav.setnchannels(channels)
-            wav.setsampwidth(width)
-            wav.setframerate(rate)
+        with WavWriter(tmp, rate, channels, width) as wav:
             for msg in chunks(path, topic, src):
                 t = chunk_time_ns(msg)
                 if start_ns is None:
@@ -111,11 +109,11 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
                     lost = msg["inst"] == prev_inst and msg["seq"] > prev_seq + 1
                     if lag > 0 and ((paused and lag > jitter_frames) or lost):
                         silence_byte = b"\x80" if width == 1 else b"\x00"   # 8-bit WAV is unsigned
-                        wav.writeframesraw(silence_byte * (lag * channels * width))
+                        wav.write_bytes(silence_byte * (lag * channels * width))
                         written += lag
                         silence += lag
                         gap_count += 1
-                wav.writeframesraw(msg.payload)
+                wav.write_bytes(msg.payload)
                 written += msg["frames"]
                 prev_end_ns = t + msg["frames"] * 1_000_000_000 // rate
                 prev_inst, prev_seq = msg["inst"], msg["seq"]
@@ -127,23 +125,17 @@ def export(path: str, topic: str, out: str, src: str | None, gaps: bool, max_jit
             "gaps": gap_count, "silence_seconds": round(silence / rate, 3)}
 
 
+@verb("export")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.topic not in audio_topics():
-        print(f"livepipe export: {args.topic} is not an audio topic (audio topics: {', '.join(audio_topics())})",
-              file=sys.stderr)
-        return 2
+        return fail("export", f"{args.topic} is not an audio topic (audio topics: {', '.join(audio_topics())})", 2)
     if not Path(args.file).is_file():
-        print(f"livepipe export: {args.file} does not exist", file=sys.stderr)
-        return 1
+        return fail("export", f"{args.file} does not exist")
     try:
         result = export(args.file, args.topic, args.out, args.src, not args.no_gaps, args.max_jitter_ms)
-    except (ExportError, RecordingError) as exc:
-        print(f"livepipe export: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"livepipe export: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:   # ExportError and RecordingError are VerbErrors: one line, exit 1
+        return fail("export", f"cannot write {args.out}: {exc.strerror or exc}")
     print(f"livepipe export: wrote {result['out']}: {result['seconds']:.2f} s of {result['format']} from "
           f"{result['chunks']} {args.topic} chunks ({result['gaps']} gaps, {result['silence_seconds']:.2f} s "
           f"of silence)", file=sys.stderr)

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import zmq.auth
 
+from livepipe.services.lib.verb import VerbParser, fail, verb
 
+
+@verb("keys")
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="livepipe keys", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe keys", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="directory to write the key files into (created if missing)")
     p.add_argument("names", nargs="+", help="one key pair per name, e.g. server edge hub")
     p.add_argument("--force", action="store_true", help="overwrite existing key files")
@@ -24,8 +27,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for name in args.names:
         if (out / f"{name}.key_secret").exists() and not args.force:
-            print(f"livepipe keys: {out / (name + '.key_secret')} exists (use --force to overwrite)", file=sys.stderr)
-            return 1
+            return fail("keys", f"{out / (name + '.key_secret')} exists (use --force to overwrite)")
         public, secret = zmq.auth.create_certificates(str(out), name)
         os.chmod(secret, 0o600)
         print(f"{name}: public {public}, secret {secret}")

@@ -11,16 +11,16 @@ import argparse
 import sys
 import time
 
-from livepipe.bus.client import BusTimeout
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.recording import RecordingWriter
 from livepipe.services.lib.toolkit import StopFlag, check_topics, connect, human_bytes
+from livepipe.services.lib.verb import VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe record", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe record", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="recording to write (overwritten)")
     p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to record (default: all): {', '.join(TOPICS)}")
     p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
@@ -31,26 +31,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@verb("record")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        check_topics(args.topics)
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"livepipe record: {exc}", file=sys.stderr)
-        return 2
+    check_topics(args.topics)
+    cfg = BusConfig.from_args(args)
     stop = StopFlag()
     try:
         writer = RecordingWriter(args.file, cfg.session, args.topics)
     except OSError as exc:
-        print(f"livepipe record: cannot write {args.file}: {exc.strerror}", file=sys.stderr)
-        return 1
+        return fail("record", f"cannot write {args.file}: {exc.strerror}")
     try:
         client = connect("record", cfg, args.topics, args.connect_timeout)
-    except (BusTimeout, ConfigError) as exc:
+    except BaseException:   # no broker (BusTimeout), bad CURVE key file (ConfigError): one line from @verb
         writer.close()
-        print(f"livepipe record: {exc}", file=sys.stderr)
-        return 1
+        raise
     wanted = set(args.topics)
     prefix = f"{cfg.session}/".encode() if cfg.session else b""
     started = time.monotonic()
@@ -72,8 +67,7 @@ def main(argv: list[str]) -> int:
             try:
                 writer.write(recv_ns, frames)
             except OSError as exc:
-                print(f"livepipe record: writing {args.file} failed: {exc.strerror}", file=sys.stderr)
-                return 1
+                return fail("record", f"writing {args.file} failed: {exc.strerror}")
     finally:
         writer.close()
         client.close()

@@ -21,19 +21,20 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from livepipe.bus.client import BusClient, BusTimeout
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.bus.message import decode, encode
-from livepipe.services.lib.recording import RecordingError, RecordingReader
+from livepipe.services.lib.recording import RecordingReader
 from livepipe.services.lib.toolkit import StopFlag, check_topics
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS, SchemaError
 
 NOT_REPLAYED_BY_DEFAULT = {"status"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe replay", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe replay", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="a recording made by `livepipe record`")
     p.add_argument("--speed", type=float, default=1.0, metavar="X", help="playback speed factor (default 1)")
     p.add_argument("--loop", action="store_true", help="start over at the end, until stopped")
@@ -95,28 +96,22 @@ def sleep_until(target: float, stop: StopFlag) -> None:
         time.sleep(min(left, 0.1))   # short slices: a signal only sets a flag
 
 
+@verb("replay")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if not args.speed > 0:
-        print("livepipe replay: --speed must be > 0", file=sys.stderr)
-        return 2
-    try:
-        check_topics(args.topics or [])
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"livepipe replay: {exc}", file=sys.stderr)
-        return 2
+        raise UsageError("--speed must be > 0")
+    check_topics(args.topics or [])
+    cfg = BusConfig.from_args(args)
     if not Path(args.file).is_file():
-        print(f"livepipe replay: {args.file} does not exist", file=sys.stderr)
-        return 1
+        return fail("replay", f"{args.file} does not exist")
     stop = StopFlag()
     try:
         with RecordingReader(args.file) as reader:
             rec_session = reader.session
         plan = Plan(args.file, rec_session)
-    except (RecordingError, OSError) as exc:
-        print(f"livepipe replay: {exc}", file=sys.stderr)
-        return 1
+    except OSError as exc:
+        return fail("replay", exc)
     if args.topics:
         topics = [t for t in args.topics if plan.counts[t]]
         absent = [t for t in args.topics if not plan.counts[t]]
@@ -126,35 +121,25 @@ def main(argv: list[str]) -> int:
         topics = [t for t in plan.counts if t in TOPICS and t not in NOT_REPLAYED_BY_DEFAULT]
     if not topics:
         held = ", ".join(f"{t} ({n})" for t, n in plan.counts.items()) or "nothing"
-        print(f"livepipe replay: nothing to replay: {args.file} holds {held}", file=sys.stderr)
-        return 1
+        return fail("replay", f"nothing to replay: {args.file} holds {held}")
     if plan.truncated_bytes:
         print(f"livepipe replay: {args.file} ends with a cut-off record ({plan.truncated_bytes} B, "
               f"the recorder was stopped mid-write): replaying the {plan.records} complete ones", file=sys.stderr)
 
     client = BusClient("replay", cfg)
     try:
-        try:
-            client.wait_ready(10.0)
-        except BusTimeout as exc:
-            print(f"livepipe replay: {exc}", file=sys.stderr)
-            return 1
+        client.wait_ready(10.0)
         if args.wait > 0:
             missing = wait_subscribers(client, topics, args.wait, stop)
             if stop:
                 return 0
             if len(missing) == len(topics):
-                print(f"livepipe replay: nobody subscribes to {', '.join(missing)} after {args.wait:g} s: "
-                      f"start the consumers first (or pass --wait 0 to publish anyway)", file=sys.stderr)
-                return 1
+                return fail("replay", f"nobody subscribes to {', '.join(missing)} after {args.wait:g} s: "
+                                      f"start the consumers first (or pass --wait 0 to publish anyway)")
             if missing:
                 print(f"livepipe replay: no subscriber for {', '.join(missing)} after {args.wait:g} s; "
                       f"replaying anyway", file=sys.stderr)
-        try:
-            return replay(args, cfg, client, plan, set(topics), rec_session, stop)
-        except RecordingError as exc:
-            print(f"livepipe replay: {exc}", file=sys.stderr)
-            return 1
+        return replay(args, cfg, client, plan, set(topics), rec_session, stop)
     finally:
         client.close()
 

@@ -11,12 +11,13 @@ import sys
 import time
 
 from livepipe.bus.client import BusClient, BusTimeout
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe say", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe say", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("text", nargs="+", help="the text (several words are joined by spaces); - reads lines from stdin")
     p.add_argument("--wait", type=float, default=5.0, metavar="S",
                    help="wait up to S seconds for a text.in subscriber (default 5)")
@@ -24,21 +25,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@verb("say")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"livepipe say: {exc}", file=sys.stderr)
-        return 2
+    cfg = BusConfig.from_args(args)
     if args.text == ["-"]:
         texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     else:
         texts = [" ".join(args.text)]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        print("livepipe say: nothing to say", file=sys.stderr)
-        return 2
+        raise UsageError("nothing to say")
     client = BusClient("say", cfg)
     try:
         started = time.monotonic()
@@ -48,8 +45,7 @@ def main(argv: list[str]) -> int:
             client.publish("text.in", "text", text=text)
     except BusTimeout as exc:
         hint = "" if "broker" in str(exc) else " (is gemini-bridge running?)"
-        print(f"livepipe say: {exc}{hint}; nothing sent", file=sys.stderr)
-        return 1
+        return fail("say", f"{exc}{hint}; nothing sent")
     finally:
         client.close()   # linger flushes what is queued
     return 0

@@ -15,18 +15,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from livepipe.bus.client import BusClient, BusTimeout
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.bus.message import Message, decode
-from livepipe.services.lib.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes, percentile
+from livepipe.services.lib.verb import VerbParser, verb
+from livepipe.services.lib.toolkit import StopFlag, check_topics, clock, connect, dbfs, finite_or_none, human_bytes
+from livepipe.services.lib.stats import percentile
 from livepipe.bus.topics import AUDIO_FIELDS, COMMON_FIELDS, TOPICS, SchemaError
 
 _SHOWN_ELSEWHERE = set(COMMON_FIELDS) | set(AUDIO_FIELDS)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe tap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe tap", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to show (default: all): {', '.join(TOPICS)}")
     p.add_argument("--stats", action="store_true", help="a table per topic, refreshed every second")
     p.add_argument("--json", action="store_true", help="JSON lines (with --stats: one JSON object per refresh)")
@@ -229,20 +231,13 @@ def run(args: argparse.Namespace, client: BusClient, stop: StopFlag, out: TextIO
         refresh(time.monotonic())
 
 
+@verb("tap")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        check_topics(args.topics)
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"livepipe tap: {exc}", file=sys.stderr)
-        return 2
+    check_topics(args.topics)
+    cfg = BusConfig.from_args(args)
     stop = StopFlag()
-    try:
-        client = connect("tap", cfg, args.topics, args.connect_timeout)
-    except (BusTimeout, ConfigError) as exc:
-        print(f"livepipe tap: {exc}", file=sys.stderr)
-        return 1
+    client = connect("tap", cfg, args.topics, args.connect_timeout)
     try:
         print(f"livepipe tap: listening to {', '.join(args.topics) or 'all topics'} on {cfg.sub_endpoint}"
               f"{' (session ' + cfg.session + ')' if cfg.session else ''}", file=sys.stderr, flush=True)

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from livepipe.bus.client import BusClient, BusTimeout
-from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.verb import VerbParser, verb
 from livepipe.services.lib.toolkit import StopFlag, connect
 
 SILENT_AFTER_S = 3.0
@@ -23,8 +24,8 @@ FORGET_AFTER_S = 60.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe top", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe top", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--once", action="store_true",
                    help="listen for one heartbeat period (--window), print one table and exit "
                         "(exit 1 if no process was heard)")
@@ -155,19 +156,12 @@ def run(args: argparse.Namespace, client: BusClient, stop: StopFlag, out: TextIO
     return 0
 
 
+@verb("top")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"livepipe top: {exc}", file=sys.stderr)
-        return 2
+    cfg = BusConfig.from_args(args)
     stop = StopFlag()
-    try:
-        client = connect("top", cfg, ["status"], args.connect_timeout)
-    except (BusTimeout, ConfigError) as exc:
-        print(f"livepipe top: {exc}", file=sys.stderr)
-        return 1
+    client = connect("top", cfg, ["status"], args.connect_timeout)
     try:
         return run(args, client, stop, sys.stdout)
     except BrokenPipeError:

@@ -12,6 +12,9 @@ import logging
 import os
 from pathlib import Path
 
+from livepipe.services.lib.settings import env, non_negative, positive, state_dir
+from livepipe.services.lib.verb import VerbParser, fail, verb
+
 HELP_EPILOG = """\
 behaviour
   Turns: webrtcvad on the 16 kHz input, honouring setup.realtimeInputConfig.automaticActivityDetection
@@ -83,29 +86,11 @@ discovery: once listening it writes <state>/emulator/emulator.json {"url", "ca_f
 """
 
 
-def default_state_dir() -> Path:
-    return Path(os.environ.get("LIVEPIPE_STATE_DIR") or Path.home() / ".local" / "state" / "livepipe")
-
-
-def _nonneg(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is negative")
-    return value
-
-
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not positive")
-    return value
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe emulator", description=__doc__, epilog=HELP_EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = VerbParser(prog="livepipe emulator", description=__doc__, epilog=HELP_EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
-    p.add_argument("--port", type=int, default=int(os.environ.get("LIVEPIPE_EMULATOR_PORT") or 7720),
+    p.add_argument("--port", type=int, default=env("LIVEPIPE_EMULATOR_PORT", "7720"),
                    help="port (env LIVEPIPE_EMULATOR_PORT, default 7720; 0 picks a free port)")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="state directory; certificates, emulator.json and the timeline go in its emulator/ "
@@ -113,23 +98,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("LIVEPIPE_EMULATOR_API_KEY") or None,
                    help="require this key (x-goog-api-key header or ?key=); a wrong one is refused like the real "
                         "service: close 1007 'API key not valid...' (env LIVEPIPE_EMULATOR_API_KEY; default: any key)")
-    p.add_argument("--latency", type=_nonneg, default=0.3, metavar="S",
+    p.add_argument("--latency", type=non_negative, default=0.3, metavar="S",
                    help="think time between end of speech (or a tool response) and the reply (default 0.3)")
-    p.add_argument("--pace", type=_nonneg, default=2.0, metavar="X",
+    p.add_argument("--pace", type=non_negative, default=2.0, metavar="X",
                    help="reply streaming speed as a multiple of real time; the real service sends faster than "
                         "real time (default 2.0; 0 = as fast as possible)")
     p.add_argument("--chunk-ms", type=int, default=40, metavar="MS",
                    help="reply audio per serverContent message, in ms (default 40)")
-    p.add_argument("--goaway-after", type=_nonneg, default=None, metavar="S",
+    p.add_argument("--goaway-after", type=non_negative, default=None, metavar="S",
                    help="per connection: send goAway S seconds after setup, close 1011 when its timeLeft runs out")
-    p.add_argument("--goaway-grace", type=_nonneg, default=5.0, metavar="S",
+    p.add_argument("--goaway-grace", type=non_negative, default=5.0, metavar="S",
                    help="timeLeft announced in goAway (default 5; the real service gives about 60)")
-    p.add_argument("--session-limit", type=_positive, default=None, metavar="S",
+    p.add_argument("--session-limit", type=positive, default=None, metavar="S",
                    help="session duration limit over all its resumed connections (lifted by "
                         "contextWindowCompression, as on the real service): goAway, then close 1008")
-    p.add_argument("--drop-after", type=_positive, default=None, metavar="S",
+    p.add_argument("--drop-after", type=positive, default=None, metavar="S",
                    help="per connection: close abruptly with 1011 'Internal error encountered.' after S seconds")
-    p.add_argument("--tool-trigger", type=_nonneg, default=2.0, metavar="S",
+    p.add_argument("--tool-trigger", type=non_negative, default=2.0, metavar="S",
                    help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
                         "for the first one (default 2.0)")
     p.add_argument("--timeline", default=None, metavar="FILE",
@@ -142,6 +127,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+@verb("emulator")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     from livepipe.bus.runtime import setup_logging
@@ -152,17 +138,16 @@ def main(argv: list[str]) -> int:
     from livepipe.services.processes.emulator.server import ServerConfig, run_server
     from livepipe.services.processes.emulator.session import Options
 
-    state_dir = (args.state_dir or default_state_dir()).expanduser() / "emulator"
+    state = (args.state_dir or state_dir()).expanduser() / "emulator"
     try:
-        certs = ensure_certificates(state_dir, args.host)
+        certs = ensure_certificates(state, args.host)
     except OSError as e:
-        logging.getLogger("emulator").error("cannot create certificates in %s: %s", state_dir, e.strerror or e)
-        return 1
-    timeline = None if args.timeline == "off" else Path(args.timeline) if args.timeline else state_dir / "timeline.jsonl"
+        return fail("emulator", f"cannot create certificates in {state}: {e.strerror or e}")
+    timeline = None if args.timeline == "off" else Path(args.timeline) if args.timeline else state / "timeline.jsonl"
     opts = Options(api_key=args.api_key, latency=args.latency, pace=args.pace, chunk_ms=args.chunk_ms,
                    goaway_after=args.goaway_after, goaway_grace=args.goaway_grace,
                    session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger)
-    return run_server(ServerConfig(args.host, args.port, state_dir, certs, timeline, opts))
+    return run_server(ServerConfig(args.host, args.port, state, certs, timeline, opts))
 
 
-__all__ = ["main", "parse_args", "default_state_dir"]
+__all__ = ["main", "parse_args"]

@@ -21,6 +21,7 @@ from websockets.http11 import Request, Response
 from livepipe.services.processes.emulator.certs import CertPaths
 from livepipe.services.processes.emulator.session import LiveSession, Options, Registry
 from livepipe.services.processes.emulator.timeline import Timeline
+from livepipe.services.lib.verb import VerbError
 
 log = logging.getLogger("emulator")
 
@@ -31,8 +32,8 @@ MAX_FRAME = 16 * 2**20          # generous: a 768x768 JPEG in base64 is well und
 SHUTDOWN_S = 0.7                # SIGTERM -> exit well within 1 s
 
 
-class AddressInUse(Exception):
-    pass
+class AddressInUse(VerbError):
+    """The port is taken; the message is one line for the user."""
 
 
 @dataclass
@@ -145,9 +146,8 @@ def run_server(cfg: ServerConfig) -> int:
     try:
         asyncio.run(main())
     except AddressInUse:
-        log.error("port %d on %s is in use (another emulator? see %s); pick another with --port, or --port 0",
-                  cfg.port, cfg.host, cfg.state_dir / "emulator.json")
-        return 1
+        raise AddressInUse(f"port {cfg.port} on {cfg.host} is in use (another emulator? see "
+                           f"{cfg.state_dir / 'emulator.json'}); pick another with --port, or --port 0") from None
     return 0
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 import soxr
-import webrtcvad
+
+from livepipe.services.lib.vad import VoiceFramer
 
 RATE = 16000
 FRAME = 320                  # 20 ms at 16 kHz, a frame size webrtcvad accepts
@@ -165,8 +166,7 @@ class TurnDetector:
     settings: VadSettings
     position: int = 0                                   # samples consumed so far
     speaking: bool = False
-    _vad: webrtcvad.Vad = field(init=False)
-    _pending: np.ndarray = field(init=False)
+    _framer: VoiceFramer = field(init=False)            # 20 ms frames; its `pending` is the incomplete one
     _recent: deque = field(init=False)                  # idle: last frames (pre-roll + voiced run)
     _run: int = 0                                       # idle: consecutive voiced frames
     _frames: list = field(default_factory=list)         # speaking: frames of the utterance so far
@@ -176,17 +176,13 @@ class TurnDetector:
     ignored_samples: int = 0                            # manual mode: audio outside any activity
 
     def __post_init__(self) -> None:
-        self._vad = webrtcvad.Vad(self.settings.mode)
-        self._pending = np.zeros(0, np.int16)
+        self._framer = VoiceFramer(RATE, FRAME * 1000 // RATE, self.settings.mode, LEVEL_FLOOR)
         self._recent = deque(maxlen=self.settings.start_frames + PREROLL_FRAMES)
 
     def feed(self, samples: np.ndarray) -> list[SpeechStart | SpeechEnd]:
         """Consume 16 kHz int16 samples; return the turn events they complete, in order."""
         events: list[SpeechStart | SpeechEnd] = []
-        buf = np.concatenate([self._pending, samples]) if len(self._pending) else samples
-        n = len(buf) // FRAME
-        for i in range(n):
-            frame = buf[i * FRAME:(i + 1) * FRAME]
+        for frame in self._framer.cut(samples):
             self.position += FRAME
             if self.settings.disabled:
                 if self.speaking:            # manual mode: everything between start and end counts
@@ -196,8 +192,7 @@ class TurnDetector:
                 continue
             # webrtcvad keeps calling frames voiced for up to 140 ms after speech (its hangover); a
             # level floor stops that on near-silence, so silenceDurationMs means silence after speech.
-            voiced = (float(np.sqrt(np.mean(np.square(frame, dtype=np.float64)))) >= LEVEL_FLOOR
-                      and self._vad.is_speech(frame.tobytes(), RATE))
+            voiced = self._framer.is_voiced(frame)
             if not self.speaking:
                 self._recent.append(frame)
                 self._run = self._run + 1 if voiced else 0
@@ -219,18 +214,17 @@ class TurnDetector:
                     self._silence += 1
                     if self._silence >= self.settings.end_frames:
                         events.append(self._finish())
-        self._pending = buf[n * FRAME:].copy()
         return events
 
     def hold(self) -> HeldAudio:
         """A snapshot of the held input (frames are never written to after they are cut, so shared)."""
-        return HeldAudio(self.position, self.speaking, self.settings.disabled, self._pending.copy(),
+        return HeldAudio(self.position, self.speaking, self.settings.disabled, self._framer.pending.copy(),
                          tuple(self._recent), self._run, tuple(self._frames), self._voiced_len, self._silence,
                          self._last_voiced_end)
 
     def restore(self, held: HeldAudio) -> None:
         """Continue from `held` (a resumed session), under this detector's own settings."""
-        self.position, self.speaking, self._pending = held.position, held.speaking, held.pending.copy()
+        self.position, self.speaking, self._framer.pending = held.position, held.speaking, held.pending.copy()
         self._recent.clear()
         self._recent.extend(held.recent)
         self._run = held.run
@@ -242,9 +236,9 @@ class TurnDetector:
 
     def _finish(self, manual: bool = False) -> SpeechEnd:
         frames = self._frames if manual else self._frames[:self._voiced_len]
-        if manual and len(self._pending):
-            frames = frames + [self._pending]
-            self._pending = np.zeros(0, np.int16)
+        if manual and len(self._framer.pending):
+            frames = frames + [self._framer.pending]
+            self._framer.pending = np.zeros(0, np.int16)
         audio = np.concatenate(frames) if frames else np.zeros(0, np.int16)
         end = SpeechEnd(audio, self.position, self.position if manual else self._last_voiced_end, manual)
         self.speaking, self._frames, self._voiced_len, self._silence = False, [], 0, 0

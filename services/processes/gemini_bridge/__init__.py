@@ -21,7 +21,8 @@ import logging
 import sys
 
 from livepipe.bus import Service, setup_logging
-from livepipe.bus.config import BusConfig, ConfigError
+from livepipe.bus.config import BusConfig
+from livepipe.services.lib.verb import UsageError, one_line, verb
 from livepipe.services.processes.gemini_bridge.bridge import Bridge
 from livepipe.services.processes.gemini_bridge.errors import KeyScrubber, install_scrubber
 from livepipe.services.processes.gemini_bridge.link import Link
@@ -39,22 +40,17 @@ __all__ = ["BYTES_PER_SECOND_IN", "NAME", "Bridge", "KeyScrubber", "Link", "Sett
 log = logging.getLogger(NAME)
 
 
+@verb(NAME)
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        bus_cfg = BusConfig.from_args(args)
-    except ConfigError as exc:
-        print(f"{NAME}: error: {exc}", file=sys.stderr)
-        return 2
+    settings = settings_from_args(args)   # ConfigError: one line, exit 2 (@verb)
+    bus_cfg = BusConfig.from_args(args)
     setup_logging(NAME)
     scrubber = install_scrubber(settings.api_key)
     try:
         live_config(settings, None)   # the SDK's own validation, before anything connects
     except Exception as exc:
-        print(f"{NAME}: error: invalid session configuration: {scrubber.scrub(str(exc)).splitlines()[0]}",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"invalid session configuration: {one_line(scrubber.scrub(str(exc)))}") from None
     svc = Service(NAME, bus_cfg, log)
     bridge = Bridge(svc, settings, scrubber)
     svc.on("audio.in", bridge.on_audio)

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 from livepipe.bus.message import Message
+from livepipe.services.lib.audio import decode_pcm, float_to_int16, to_mono
+from livepipe.services.lib.vad import VoiceFramer
 from livepipe.services.processes.gemini_bridge.settings import MODEL_RATE, NAME
 
 log = logging.getLogger(NAME)
@@ -22,19 +24,8 @@ class AudioNormalizer:
         data = msg.payload or b""
         if (rate, ch, width) == (MODEL_RATE, 1, 2):
             return data
-        if width == 1:      # unsigned 8-bit
-            x = (np.frombuffer(data, np.uint8).astype(np.int32) - 128) << 8
-        elif width == 2:
-            x = np.frombuffer(data, "<i2").astype(np.int32)
-        elif width == 3:    # packed 24-bit little-endian
-            b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
-            x = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8) >> 16
-        elif width == 4:    # 32-bit signed integer PCM
-            x = np.frombuffer(data, "<i4") >> 16
-        else:
-            raise ValueError(f"sample width {width}")
-        x = x.reshape(-1, ch).mean(axis=1) if ch > 1 else x
-        mono = np.clip(x, -32768, 32767).astype(np.int16)
+        # 8/16/24/32-bit, any channel count -> mono int16 (rounded; ValueError for another width)
+        mono = float_to_int16(to_mono(decode_pcm(data, width, ch)))
         if rate != MODEL_RATE:
             import soxr
             key = (msg["inst"], rate)
@@ -69,24 +60,16 @@ def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, in
 class SpeechMarker:
     """Client-side activity detection for --vad off: sends activityStart/End around speech (webrtcvad)."""
 
-    FRAME = 480  # 30 ms at 16 kHz, in samples
-
     def __init__(self, silence_ms: int) -> None:
-        import webrtcvad
-        self.vad = webrtcvad.Vad(2)
+        self.vad = VoiceFramer(MODEL_RATE, 30, 2)   # 30 ms frames, no level floor
         self.silence_frames = max(1, silence_ms // 30)
-        self.pending = b""
         self.active = False
         self.quiet = 0
 
     def feed(self, pcm: bytes) -> list[str]:
         """Events ('start' / 'end') the chunk causes, in order."""
         events: list[str] = []
-        self.pending += pcm
-        n = self.FRAME * 2
-        while len(self.pending) >= n:
-            frame, self.pending = self.pending[:n], self.pending[n:]
-            speech = self.vad.is_speech(frame, MODEL_RATE)
+        for _frame, _ts, speech in self.vad.feed(np.frombuffer(pcm, "<i2")):
             if speech:
                 self.quiet = 0
                 if not self.active:

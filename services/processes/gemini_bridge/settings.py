@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from livepipe.bus.config import ConfigError, add_bus_arguments
+from livepipe.services.lib.settings import choice as _choice, env as _env, number as _number, state_dir, switch as _switch
+from livepipe.services.lib.verb import VerbParser
 
 NAME = "gemini-bridge"
 
@@ -31,15 +33,6 @@ BYTES_PER_SECOND_IN = MODEL_RATE * 2
 
 
 ACTIVITY_START, ACTIVITY_END = "activity_start", "activity_end"   # queue markers (--vad off)
-
-
-def _env(name: str, default: str | None = None) -> str | None:
-    value = os.environ.get(name)
-    return value if value not in (None, "") else default
-
-
-def state_dir() -> Path:
-    return Path(_env("LIVEPIPE_STATE_DIR") or Path.home() / ".local/state/livepipe").expanduser()
 
 
 @dataclass
@@ -79,7 +72,7 @@ class Settings:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = VerbParser(
         prog="livepipe gemini-bridge", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     b = p.add_argument_group("backend")
@@ -154,37 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(env LIVEPIPE_SILENT_SERVER_S, default 5)")
     add_bus_arguments(p)
     return p
-
-
-def _switch(name: str, env: str, value: str) -> bool:
-    v = str(value).strip().lower()
-    if v in ("on", "true", "yes", "1"):
-        return True
-    if v in ("off", "false", "no", "0"):
-        return False
-    raise ConfigError(f"{name} {value!r}: use on or off (env {env})")
-
-
-def _number(name: str, env: str, value: str | None, kind: type, low: float, high: float,
-            optional: bool = False) -> Any:
-    if value is None and optional:
-        return None
-    try:
-        n = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} {value!r}: not a{'n integer' if kind is int else ' number'} (env {env})") from None
-    if not low <= n <= high or n != n:  # n != n: NaN
-        raise ConfigError(f"{name} {value!r}: must be between {low:g} and {high:g} (env {env})")
-    return n
-
-
-def _choice(name: str, env: str, value: str | None, choices: tuple[str, ...], optional: bool = False) -> str | None:
-    if value is None and optional:
-        return None
-    v = str(value).strip().lower()
-    if v not in choices:
-        raise ConfigError(f"{name} {value!r}: use {', '.join(choices[:-1])} or {choices[-1]} (env {env})")
-    return v
 
 
 def load_tools(path: str) -> list[dict[str, Any]]:
@@ -276,7 +238,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     s.emulator_wait = _number("--emulator-wait", "LIVEPIPE_EMULATOR_WAIT", args.emulator_wait, float, 0, 3600)
     if args.tools:
         s.tools, s.tools_file = load_tools(args.tools), args.tools
-    s.state_dir = Path(environ.get("LIVEPIPE_STATE_DIR") or Path.home() / ".local/state/livepipe").expanduser()
+    s.state_dir = Path(environ["LIVEPIPE_STATE_DIR"]).expanduser() if environ.get("LIVEPIPE_STATE_DIR") else state_dir()
     return s
 
 
