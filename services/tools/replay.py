@@ -25,7 +25,7 @@ from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 from livepipe.bus.message import decode, encode
 from livepipe.services.lib.recording import RecordingError, RecordingReader
-from livepipe.services.lib.toolkit import StopFlag, check_topics
+from livepipe.services.lib.toolkit import StopFlag, check_topics, wait_for_broker
 from livepipe.bus.topics import TOPICS, SchemaError
 
 NOT_REPLAYED_BY_DEFAULT = {"status"}
@@ -135,7 +135,8 @@ def main(argv: list[str]) -> int:
     client = BusClient("replay", cfg)
     try:
         try:
-            client.wait_ready(10.0)
+            if not wait_for_broker(client, "replay", 10.0, stop):
+                return 0
         except BusTimeout as exc:
             print(f"livepipe replay: {exc}", file=sys.stderr)
             return 1

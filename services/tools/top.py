@@ -32,8 +32,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per refresh instead of a table")
     p.add_argument("--interval", type=float, default=1.0, metavar="S", help="refresh period (default 1 s)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="give up if the broker does not answer within S seconds (default 10)")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                   help="give up if the broker does not answer within S seconds (default: say so after "
+                        "1 s and keep waiting)")
     add_bus_arguments(p)
     return p.parse_args(argv)
 
@@ -164,10 +165,12 @@ def main(argv: list[str]) -> int:
         return 2
     stop = StopFlag()
     try:
-        client = connect("top", cfg, ["status"], args.connect_timeout)
+        client = connect("top", cfg, ["status"], args.connect_timeout, stop=stop)
     except (BusTimeout, ConfigError) as exc:
         print(f"livepipe top: {exc}", file=sys.stderr)
         return 1
+    if client is None:   # a signal while waiting for the broker
+        return 0
     try:
         return run(args, client, stop, sys.stdout)
     except BrokenPipeError:
