@@ -3,14 +3,15 @@ the README's service snippet run as printed, `livepipe transcript`, `livepipe to
 terminal, replay into a running pipeline, and the smaller conveniences (say, ports, --version)."""
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 from livepipe.bus.client import BusClient
-from tests.conftest import ROOT
+from tests.conftest import ROOT, livepipe_cmd, spawn, stop
 
 README = (ROOT / "README.md").read_text()
 
@@ -45,3 +46,130 @@ def test_readme_service_snippet_runs_serves_its_handler_and_exits_0_on_sigterm(b
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# ------------------------------------------------------------ point 3: `livepipe transcript`
+def read_until(stream, text: str, seen: list[str]) -> None:
+    """Read lines from `stream` into `seen` until one contains `text` (the tool said it)."""
+    for line in stream:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"no {text!r} in {seen}")
+
+
+def test_transcript_prints_ready_each_turn_and_interrupts(bus_env, bus_cfg):
+    proc = spawn(["transcript"], bus_env)
+    seen: list[str] = []
+    try:
+        read_until(proc.stdout, "waiting for", seen)      # its subscriptions are live
+        with BusClient("gemini-bridge", bus_cfg) as bridge, BusClient("capture-audio", bus_cfg) as mic:
+            bridge.wait_ready()
+            mic.wait_ready()
+            bridge.publish("control", "session", state="connected", backend="emulator")
+            mic.publish("audio.in", "audio", b"\x00" * 640, rate=16000, channels=1, sample_width=2, frames=320)
+            read_until(proc.stdout, "ready", seen)
+            # Transcripts come in pieces, as the Live API sends them.
+            bridge.publish("transcript", "transcript", role="user", text="what do", turn=1)
+            bridge.publish("transcript", "transcript", role="user", text=" you see?", turn=1)
+            bridge.publish("transcript", "transcript", role="model", text="A desk", turn=1)
+            bridge.publish("transcript", "transcript", role="model", text=" and a lamp.", turn=1)
+            bridge.publish("control", "turn_complete", turn=1)
+            bridge.publish("transcript", "transcript", role="model", text="Once upon", turn=2)
+            bridge.publish("control", "interrupt", turn=2, reason="barge-in")   # the user barged in: the model stops
+            bridge.publish("transcript", "transcript", role="user", text="Sorry, stop.", turn=3, final=True)
+            bridge.publish("control", "session", state="reconnecting", detail="connection lost", backend="emulator")
+            read_until(proc.stdout, "model session reconnecting", seen)
+    finally:
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    assert "".join(seen + [out]).splitlines() == [
+        "waiting for the model session (gemini-bridge connected) and the microphone (audio.in from capture-audio)",
+        "ready, speak now (emulator)",
+        "turn 1  user:  what do you see?",
+        "turn 1  model: A desk and a lamp.",
+        "turn 2  model: Once upon",
+        "turn 2  interrupted (the user spoke over the model)",
+        "turn 3  user:  Sorry, stop.",
+        "model session reconnecting: connection lost",
+    ]
+
+
+# ------------------------------------------------------------ point 6: `livepipe top` in a terminal
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+class Terminal:
+    """`livepipe ARGS` on a pseudo-terminal of `columns` x 24: what a user's terminal would show."""
+
+    def __init__(self, args: list[str], env: dict[str, str], columns: int) -> None:
+        import fcntl
+        import pty
+        import struct
+        import termios
+        self.columns = columns
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+        self.proc = subprocess.Popen(livepipe_cmd(*args), env={**env, "COLUMNS": str(columns), "LINES": "24",
+                                                               "TERM": "xterm"},
+                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True, start_new_session=True)
+        os.close(slave)
+        self.raw = b""
+
+    def read_until(self, predicate, timeout: float = 30.0) -> str:
+        """Read the terminal until predicate(last screen) holds; returns that screen."""
+        import select
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if screen is not None and predicate(screen):
+                return screen
+            if select.select([self.master], [], [], 0.2)[0]:
+                try:
+                    self.raw += os.read(self.master, 65536)
+                except OSError:
+                    break
+        raise AssertionError(f"the terminal never showed it: {self.screen()!r}")
+
+    def screen(self) -> str | None:
+        """The last complete redraw (top homes the cursor, `ESC[H`, before each)."""
+        text = self.raw.decode("utf-8", "replace")
+        frames = text.split("\x1b[H")
+        done = [f for f in frames[:-1]] + ([frames[-1]] if frames[-1].endswith("\x1b[J") else [])
+        return ESCAPES.sub("", done[-1]).replace("\r", "") if len(frames) > 1 and done else None
+
+    def lines(self) -> list[str]:
+        return [ESCAPES.sub("", ln).replace("\r", "") for ln in self.raw.decode("utf-8", "replace").split("\n")]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        os.close(self.master)
+
+
+def test_top_fits_80_and_120_columns_shows_what_matters_and_q_quits(bus_env):
+    pipeline = [spawn(args, bus_env) for args in (["emulator", "--port", "0"], ["gemini-bridge"],
+                                                   ["capture-audio", "--tone", "440"], ["playback", "--null"])]
+    terminals = []
+    try:
+        terminals = [Terminal(["top"], bus_env, columns) for columns in (80, 120)]
+        for term in terminals:
+            screen = term.read_until(lambda s: "connected" in s and re.search(r"mic -1\d dBFS", s)
+                                    and "underruns 0" in s)   # the -12 dBFS tone
+            rows = {ln.split()[0]: ln for ln in screen.splitlines() if ln.strip()}
+            assert {"gemini-bridge", "capture-audio", "playback"} <= set(rows), screen
+            assert "connected" in rows["gemini-bridge"] and "live" in rows["capture-audio"]
+            header = rows["PROCESS"].split()
+            assert header[:8] == ["PROCESS", "STATE", "CPU%", "RSS", "IN/s", "OUT/s", "DROP", "REJ"] or \
+                header[:9] == ["PROCESS", "STATE", "PID", "CPU%", "RSS", "IN/s", "OUT/s", "DROP", "REJ"], header
+            assert ("PID" in header) == (term.columns >= 120)
+            os.write(term.master, b"q")
+            assert term.proc.wait(10) == 0
+            wide = [ln for ln in term.lines() if len(ln) > term.columns]
+            assert not wide, wide
+    finally:
+        for term in terminals:
+            term.close()
+        for proc in pipeline:
+            stop(proc)

@@ -20,6 +20,7 @@ from typing import Any
 from livepipe.bus.message import Message
 
 READY_LINE = "ready, speak now"
+REASONS = {"barge-in": "the user spoke over the model"}   # control: interrupt reasons, in words
 METER_WIDTH = 20                   # characters of the level bar
 METER_FLOOR_DBFS = -60.0           # an empty bar
 
@@ -82,8 +83,8 @@ class Conversation:
                 turn = int(msg["turn"])
                 lines += self._flush(lambda t, r: t <= turn)
                 if kind == "interrupt":
-                    reason = msg.get("reason") or "the user spoke over the model"
-                    lines.append(f"turn {turn}  interrupted ({reason})")
+                    reason = str(msg.get("reason") or "")
+                    lines.append(f"turn {turn}  interrupted ({REASONS.get(reason, reason or 'no reason given')})")
             elif kind == "session":
                 self._heard_session = True
                 lines += self._session(str(msg["state"]), str(msg.get("detail") or ""), msg.get("backend"))
