@@ -173,3 +173,55 @@ def test_top_fits_80_and_120_columns_shows_what_matters_and_q_quits(bus_env):
             term.close()
         for proc in pipeline:
             stop(proc)
+
+
+# ------------------------------------------------------------ point 8: replay into a running pipeline
+def test_replay_into_a_live_pipeline_warns_and_replace_mutes_the_microphone(bus_env, bus_cfg, tmp_path):
+    from livepipe.bus.message import encode, make_header
+    from livepipe.services.lib.recording import RecordingWriter
+
+    rec = tmp_path / "question.lprec"      # 1 s of recorded speech-level audio from a microphone
+    t0 = time.time_ns() - 10**9
+    with RecordingWriter(rec, "") as writer:
+        for i in range(50):
+            header = make_header("audio", "capture-audio", "0ld0ld00", i, {
+                "rate": 16000, "channels": 1, "sample_width": 2, "frames": 320, "capture_ts": t0 + i * 20_000_000})
+            writer.write(t0 + i * 20_000_000, encode("audio.in", header, b"\x10\x20" * 320))
+    pipeline = [spawn(args, bus_env) for args in (["emulator", "--port", "0"], ["gemini-bridge"],
+                                                   ["capture-audio", "--tone", "440"])]
+    try:
+        with BusClient("watcher", bus_cfg, ["audio.in", "status", "control"]) as watcher:
+            watcher.wait_ready()
+            watcher.wait_for("status", "heartbeat", timeout=30, src="gemini-bridge")   # the bridge listens
+            live = watcher.wait_for("audio.in", timeout=30)["inst"]    # the microphone is live
+            # 1. A plain replay: one line says the bridge will hear both; the bridge counts and warns.
+            plain = spawn(["replay", str(rec)], bus_env)
+            _, err = plain.communicate(timeout=30)
+            assert plain.returncode == 0, err
+            assert f"warning: capture-audio/{live} is publishing audio.in live" in err and "--replace" in err
+            deadline = time.monotonic() + 10
+            while True:
+                hb = watcher.wait_for("status", "heartbeat", timeout=max(0.1, deadline - time.monotonic()),
+                                      src="gemini-bridge")
+                if hb["metrics"]["audio_in_interleaved"] > 0:
+                    break
+            # 2. --replace: mute, the replay alone on audio.in, unmute.
+            replace = spawn(["replay", str(rec), "--replace"], bus_env)
+            watcher.wait_for("control", "mute", timeout=15)
+            seen = []
+            while not (seen and seen[-1].topic == "control" and seen[-1].kind == "unmute"):
+                msg = watcher.recv(15)
+                assert msg is not None, "no unmute"
+                if msg.topic in ("audio.in", "control"):
+                    seen.append(msg)
+            replayed = [i for i, m in enumerate(seen) if m.topic == "audio.in" and m["inst"] != live]
+            assert len(replayed) == 50
+            during = seen[replayed[0]:replayed[-1] + 1]
+            assert all(m["inst"] != live for m in during if m.topic == "audio.in"), "the microphone was not muted"
+            assert watcher.wait_for("audio.in", timeout=10, inst=live)     # unmuted: live again
+            _, err = replace.communicate(timeout=15)
+            assert replace.returncode == 0 and "sent control: mute" in err and "sent control: unmute" in err, err
+    finally:
+        outs = [stop(p) for p in pipeline]
+    bridge_err = outs[1][1]
+    assert bridge_err.count("two sources publish audio.in") == 1, bridge_err    # said once, rate-limited
