@@ -11,6 +11,7 @@ import sys
 import time
 
 from livepipe.bus.client import BusClient
+from livepipe.bus.config import BusConfig
 from tests.conftest import ROOT, livepipe_cmd, spawn, stop
 
 README = (ROOT / "README.md").read_text()
@@ -225,3 +226,84 @@ def test_replay_into_a_live_pipeline_warns_and_replace_mutes_the_microphone(bus_
         outs = [stop(p) for p in pipeline]
     bridge_err = outs[1][1]
     assert bridge_err.count("two sources publish audio.in") == 1, bridge_err    # said once, rate-limited
+
+
+# ------------------------------------------------------------ point 10: the smaller things
+def test_say_prints_what_it_sent(bus_env, bus_cfg):
+    with BusClient("bridge", bus_cfg, ["text.in"]) as bridge:
+        bridge.wait_ready()
+        proc = spawn(["say", "what", "do", "you", "see?"], bus_env)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert out == "livepipe say: sent 'what do you see?' on text.in\n"
+        assert bridge.wait_for("text.in", "text")["text"] == "what do you see?"
+
+
+def free_port_pair() -> int:
+    """A port P with P and P+1 both free on loopback."""
+    import socket
+    while True:
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            base = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+
+
+def env_without_bus(bus_env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in bus_env.items() if not k.startswith("LIVEPIPE_") or k == "LIVEPIPE_STATE_DIR"}
+
+
+def test_one_variable_moves_every_port_and_tools_say_when_no_broker_answers(bus_env):
+    base = free_port_pair()
+    env = {**env_without_bus(bus_env), "LIVEPIPE_PORT_BASE": str(base)}
+    # No broker yet: the tool says so in one line and keeps waiting.
+    tap = spawn(["tap", "text.in", "--count", "1"], env)
+    line = tap.stderr.readline()
+    assert line == (f"livepipe tap: no broker answers at tcp://127.0.0.1:{base} / tcp://127.0.0.1:{base + 1}; "
+                    "waiting: is `livepipe broker` running?\n")
+    assert tap.poll() is None
+    broker = spawn(["broker"], env)       # binds PORT_BASE and PORT_BASE+1: the same one variable
+    try:
+        assert tap.stderr.readline() == "livepipe tap: the broker answers\n"
+        say = spawn(["say", "--wait", "20", "hello"], env)
+        _, err = say.communicate(timeout=30)
+        assert say.returncode == 0, err
+        out, err = tap.communicate(timeout=20)
+        assert tap.returncode == 0 and "text.in" in out and "'hello'" in out, err
+        # LIVEPIPE_BROKER=HOST:PORT says the same for a client of a remote broker.
+        with BusClient("remote", BusConfig.from_env({"LIVEPIPE_BROKER": f"127.0.0.1:{base}"})) as remote:
+            remote.wait_ready(10)
+            assert remote.cfg.sub_endpoint == f"tcp://127.0.0.1:{base + 1}"
+    finally:
+        stop(broker)
+
+
+def test_version():
+    import tomllib
+    proc = subprocess.run(livepipe_cmd("--version"), capture_output=True, text=True, timeout=30)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert proc.returncode == 0 and proc.stdout == f"livepipe {version}\n"
+
+
+def test_honcho_starts_the_procfile_from_the_repository_root(bus_env, tmp_path):
+    """README: `honcho -d launch start` from the repository root (its .env: launch/.env; here -e
+    names a test one). The conversation process comes up and waits for the model."""
+    base = free_port_pair()
+    (tmp_path / "test.env").write_text(f"LIVEPIPE_PORT_BASE={base}\nLIVEPIPE_STATE_DIR={tmp_path / 'state'}\n")
+    env = env_without_bus(bus_env)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
+    assert "honcho -d launch start" in README
+    honcho = subprocess.Popen([sys.executable, "-m", "honcho", "-d", "launch", "-e", str(tmp_path / "test.env"),
+                               "start", "--no-colour", "broker", "transcript"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen: list[str] = []
+    try:
+        read_until(honcho.stdout, "waiting for the model session", seen)
+    finally:
+        honcho.send_signal(signal.SIGTERM)
+        out, _ = honcho.communicate(timeout=20)
+    assert not any("no broker answers" in ln for ln in seen), seen   # both on PORT_BASE from the env file

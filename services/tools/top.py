@@ -135,8 +135,8 @@ def key_figures(row: dict[str, Any]) -> list[str]:
     out: list[str] = []
     level = _num(m.get("level_dbfs"))
     if level is not None:                                   # capture-audio: the microphone level
-        filled = round(8 * min(1.0, max(0.0, (level + 60) / 60)))
-        out += [f"mic {level:.0f} dBFS", f"[{'#' * filled}{'.' * (8 - filled)}]"]
+        filled = round(6 * min(1.0, max(0.0, (level + 60) / 60)))   # -60..0 dBFS in 6 steps
+        out += [f"mic {level:.0f} dBFS", f"[{'#' * filled}{'.' * (6 - filled)}]"]
         if _num(m.get("backlog_ms")):
             out.append(f"backlog {m['backlog_ms']:.0f} ms")
         if _num(m.get("overflows")):
@@ -163,7 +163,7 @@ def key_figures(row: dict[str, Any]) -> list[str]:
 
 
 # (title, width, priority): priority 0 always shows; higher ones only when the terminal is wide.
-COLUMNS = [("PROCESS", 13, 0), ("STATE", 12, 0), ("PID", 7, 2), ("CPU%", 5, 0), ("RSS", 5, 0),
+COLUMNS = [("PROCESS", 13, 0), ("STATE", 12, 0), ("PID", 7, 2), ("CPU%", 4, 0), ("RSS", 5, 0),
            ("IN/s", 5, 0), ("OUT/s", 5, 0), ("DROP", 4, 0), ("REJ", 3, 0), ("GAPS", 4, 1), ("ERR", 3, 1),
            ("SEEN", 5, 1)]
 MIN_KEY = 20   # the key figures column keeps at least this much room
@@ -223,7 +223,7 @@ def render(rows: list[dict[str, Any]], width: int = 120, header: str = "") -> st
         r = dict(r, name=r["src"] if names.count(r["src"]) == 1 else f"{r['src'][:8]}:{r['inst'][:4]}")
         figures, key = key_figures(r), ""
         for f in figures:       # whole figures only, as many as fit
-            if len(key) + len(f) + (1 if key else 0) > key_width - 1:
+            if len(key) + len(f) + (1 if key else 0) > key_width:
                 break
             key = f"{key} {f}" if key else f
         lines.append(line([cell(c[0], r) for c in cols], key))
