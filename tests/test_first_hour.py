@@ -85,7 +85,7 @@ def test_transcript_prints_ready_each_turn_and_interrupts(bus_env, bus_cfg):
         out, err = stop(proc)
     assert proc.returncode == 0, err
     assert "".join(seen + [out]).splitlines() == [
-        "waiting for the model session (gemini-bridge connected) and the microphone (audio.in from capture-audio)",
+        "waiting for the model session (gemini-bridge) and the microphone (capture-audio)",
         "ready, speak now (emulator)",
         "turn 1  user:  what do you see?",
         "turn 1  model: A desk and a lamp.",
@@ -131,6 +131,15 @@ class Terminal:
                 except OSError:
                     break
         raise AssertionError(f"the terminal never showed it: {self.screen()!r}")
+
+    def pump(self, seconds: float) -> None:
+        """Read what the program wrote within `seconds`."""
+        import select
+        if select.select([self.master], [], [], seconds)[0]:
+            try:
+                self.raw += os.read(self.master, 65536)
+            except OSError:
+                pass
 
     def screen(self) -> str | None:
         """The last complete redraw (top homes the cursor, `ESC[H`, before each)."""
@@ -307,3 +316,22 @@ def test_honcho_starts_the_procfile_from_the_repository_root(bus_env, tmp_path):
         honcho.send_signal(signal.SIGTERM)
         out, _ = honcho.communicate(timeout=20)
     assert not any("no broker answers" in ln for ln in seen), seen   # both on PORT_BASE from the env file
+
+
+def test_transcript_on_a_terminal_keeps_a_microphone_meter_line(bus_env):
+    mic = spawn(["capture-audio", "--tone", "440"], bus_env)   # starts once transcript subscribes audio.in
+    term = Terminal(["transcript"], bus_env, 80)
+    try:
+        meter = re.compile(r"mic +-1\d dBFS \[#{10,}\.*\]   model no bridge yet")   # the -12 dBFS tone
+        deadline = time.monotonic() + 20
+        while not meter.search(ESCAPES.sub("", term.raw.decode("utf-8", "replace"))):
+            assert time.monotonic() < deadline, term.raw[-400:]
+            term.pump(0.5)
+        os.kill(term.proc.pid, signal.SIGTERM)
+        assert term.proc.wait(10) == 0
+        # the meter line is redrawn in place (\r): it must never wrap
+        redraws = [ESCAPES.sub("", seg) for seg in term.raw.decode("utf-8", "replace").replace("\n", "\r").split("\r")]
+        assert all(len(seg) < 80 for seg in redraws if seg.startswith("mic ")), redraws
+    finally:
+        term.close()
+        stop(mic)

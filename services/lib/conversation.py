@@ -120,9 +120,9 @@ class Conversation:
         """What the ready line still waits for, in words."""
         missing = []
         if not self.connected:
-            missing.append("the model session (gemini-bridge connected)")
+            missing.append("the model session (gemini-bridge)")
         if not self.audio_flowing:
-            missing.append("the microphone (audio.in from capture-audio)")
+            missing.append("the microphone (capture-audio)")
         return " and ".join(missing) or "nothing"
 
     def _session(self, state: str, detail: str, backend: Any, quiet: bool = False) -> list[str]:

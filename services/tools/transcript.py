@@ -12,6 +12,7 @@ model-session change. On a terminal a last line, rewritten in place, shows the m
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace, client: BusClient, stop: StopFlag, out: TextIO
         if not lines and not tty:
             return
         text = "".join(line + "\n" for line in lines)
-        if tty:
-            status = status_line(conv)
+        if tty:   # rewritten in place with \r: it must never wrap
+            status = status_line(conv)[:shutil.get_terminal_size().columns - 1]
             if not lines and status == shown_status:
                 return
             text = CLEAR_LINE + text + status
