@@ -49,6 +49,16 @@ def test_readme_service_snippet_runs_serves_its_handler_and_exits_0_on_sigterm(b
             proc.communicate()
 
 
+
+def test_a_main_that_returns_an_int_ends_the_service_with_that_code(bus_env, tmp_path):
+    """The README's way for a main to end the process: `return 1` instead of returning None."""
+    script = tmp_path / "one_shot.py"
+    script.write_text(readme_block("### Writing a service").replace(
+        "        # returning None keeps serving", "        return 3\n        # returning None keeps serving"))
+    proc = subprocess.run([sys.executable, str(script)], env=bus_env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 3, proc.stderr
+
 # ------------------------------------------------------------ point 3: `livepipe transcript`
 def read_until(stream, text: str, seen: list[str]) -> None:
     """Read lines from `stream` into `seen` until one contains `text` (the tool said it)."""
