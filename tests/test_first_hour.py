@@ -78,7 +78,8 @@ def test_transcript_prints_ready_each_turn_and_interrupts(bus_env, bus_cfg):
             bridge.wait_ready()
             mic.wait_ready()
             bridge.publish("control", "session", state="connected", backend="emulator")
-            mic.publish("audio.in", "audio", b"\x00" * 640, rate=16000, channels=1, sample_width=2, frames=320)
+            mic.publish("status", "heartbeat", counters={"sent": 51},
+                        metrics={"chunks_published": 50, "level_dbfs": -31.0, "muted": 0})   # audio flows
             read_until(proc.stdout, "ready", seen)
             # Transcripts come in pieces, as the Live API sends them.
             bridge.publish("transcript", "transcript", role="user", text="what do", turn=1)
@@ -329,8 +330,9 @@ def test_honcho_starts_the_procfile_from_the_repository_root(bus_env, tmp_path):
 
 
 def test_transcript_on_a_terminal_keeps_a_microphone_meter_line(bus_env):
-    mic = spawn(["capture-audio", "--tone", "440"], bus_env)   # starts once transcript subscribes audio.in
+    mic = spawn(["capture-audio", "--tone", "440"], bus_env)
     term = Terminal(["transcript"], bus_env, 80)
+    listener = BusClient("listener", BusConfig.from_env(bus_env), ["audio.in"])   # the tone starts for a listener
     try:
         meter = re.compile(r"mic +-1\d dBFS \[#{10,}\.*\]   model no bridge yet")   # the -12 dBFS tone
         deadline = time.monotonic() + 20
@@ -343,5 +345,6 @@ def test_transcript_on_a_terminal_keeps_a_microphone_meter_line(bus_env):
         redraws = [ESCAPES.sub("", seg) for seg in term.raw.decode("utf-8", "replace").replace("\n", "\r").split("\r")]
         assert all(len(seg) < 80 for seg in redraws if seg.startswith("mic ")), redraws
     finally:
+        listener.close()
         term.close()
         stop(mic)

@@ -1,7 +1,9 @@
 """The conversation as a user reads it: one line per final transcript, interrupt and session change.
 
 Shared by `livepipe transcript` and `livepipe demo --devices`, so both print the same lines.
-Fed with bus messages (transcript, control, playback, status, audio.in); standard library only.
+Fed with bus messages (transcript, control, status); standard library only. It does not need
+audio.in: a subscriber of audio.in would start a file source, or flush capture-audio's backlog,
+before the bridge listens. That audio flows is read from the heartbeats.
 
     turn 1  user:  what do you see
     turn 1  model: a desk and a lamp
@@ -92,10 +94,12 @@ class Conversation:
                 lines.append(f"microphone {kind}d by {msg['src']}")
         elif topic == "status":
             metrics = msg.get("metrics") or {}
-            if (msg["src"] == "gemini-bridge" and isinstance(metrics.get("state"), str)
-                    and not self._heard_session):
-                # Started after the bridge connected: its heartbeat says so.
-                lines += self._session(metrics["state"], "", metrics.get("backend"), quiet=True)
+            if msg["src"] == "gemini-bridge":
+                if isinstance(metrics.get("state"), str) and not self._heard_session:
+                    # Started after the bridge connected: its heartbeat says so.
+                    lines += self._session(metrics["state"], "", metrics.get("backend"), quiet=True)
+                if isinstance(metrics.get("audio_in_chunks"), int) and metrics["audio_in_chunks"] > 0:
+                    self.audio_flowing = True     # the bridge receives the microphone
             elif msg["src"] == "capture-audio":
                 level = metrics.get("level_dbfs")
                 if isinstance(level, (int, float)) and not isinstance(level, bool):
@@ -103,7 +107,7 @@ class Conversation:
                 self.muted = bool(metrics.get("muted"))
                 if isinstance(metrics.get("chunks_published"), int) and metrics["chunks_published"] > 0:
                     self.audio_flowing = True
-        elif topic == "audio.in":
+        elif topic == "audio.in":     # a caller that watches audio.in anyway (the demo)
             self.audio_flowing = True
         if not self.ready and self.connected and self.audio_flowing:
             self.ready = True

@@ -22,7 +22,9 @@ from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 from livepipe.services.lib.conversation import Conversation, status_line
 from livepipe.services.lib.toolkit import StopFlag, connect
 
-TOPICS = ["transcript", "control", "status", "audio.in"]
+# Not audio.in: subscribing to it would count as a listener for capture-audio (which holds its
+# backlog, and starts a file, until someone listens) before the bridge is up.
+TOPICS = ["transcript", "control", "status"]
 CLEAR_LINE = "\r\x1b[K"
 
 
