@@ -1,9 +1,12 @@
 """`livepipe top`: a live table per process, from the heartbeats every service sends on `status`.
 
-Columns: process name and instance, pid, CPU %, RSS, messages in and out (totals and per
-second), drops (send queue full + stale video frames), rejected messages, sequence gaps,
-handler errors and how long ago the last heartbeat came. A process silent for more than
-3 s is marked SILENT; after 60 s it leaves the table.
+It fits the terminal. At 80 columns: process, STATE (the bridge's session state, capture-audio's
+live/muted, capture-video's source state, playback's playing/idle), CPU %, RSS, messages in and
+out per second, DROP (send queue full + stale video frames), REJ (rejected messages) and the key
+figures (microphone level, playback underruns and buffer, the bridge's backend and turns, the
+camera's frame age). From 120 columns also PID, sequence GAPS, handler ERRors and how long ago
+the last heartbeat came. A process silent for more than 3 s is SILENT; after 60 s it leaves the
+table. On a terminal `q` quits. The broker and the emulator send no heartbeat.
 """
 from __future__ import annotations
 
