@@ -1,7 +1,10 @@
 """Where the broker is, which session we are in, and the CURVE keys: from flags or environment.
 
 Environment variables (flags override them):
-  LIVEPIPE_BROKER        host of the broker; sets both endpoints with the default ports
+  LIVEPIPE_BROKER        HOST or HOST:PORT of the broker: sets both endpoints, publish PORT and
+                         subscribe PORT+1 (default ports 7710/7711)
+  LIVEPIPE_PORT_BASE     the bus ports in one variable: publish PORT_BASE, subscribe PORT_BASE+1, for
+                         every process and the broker's default binds
   LIVEPIPE_PUB_ENDPOINT  where publishers connect (broker's XSUB), default tcp://127.0.0.1:7710
   LIVEPIPE_SUB_ENDPOINT  where subscribers connect (broker's XPUB), default tcp://127.0.0.1:7711
   LIVEPIPE_SESSION       session name prefixed to every topic ("" = none)
@@ -25,6 +28,34 @@ class ConfigError(ValueError):
     """A bad setting; its message is one line meant for the user."""
 
 
+_BROKER_RE = re.compile(r"^(?P<host>\[[^\]]+\]|[^:\[\]]+)(?::(?P<port>\d+))?$")
+
+
+def _port_pair(text: str, name: str) -> tuple[int, int]:
+    port = int(text) if text.isdigit() else -1
+    if not 1 <= port <= 65534:
+        raise ConfigError(f"{name} {text!r}: a port number 1..65534 (publish PORT, subscribe PORT+1)")
+    return port, port + 1
+
+
+def broker_address(env: dict[str, str] | None = None) -> tuple[str, int, int]:
+    """(host, publish port, subscribe port) from LIVEPIPE_BROKER (HOST or HOST:PORT) and
+    LIVEPIPE_PORT_BASE; 127.0.0.1 and 7710/7711 by default."""
+    env = dict(os.environ if env is None else env)
+    host, ports = "127.0.0.1", (DEFAULT_PUB_PORT, DEFAULT_SUB_PORT)
+    if env.get("LIVEPIPE_PORT_BASE"):
+        ports = _port_pair(env["LIVEPIPE_PORT_BASE"].strip(), "LIVEPIPE_PORT_BASE")
+    broker = (env.get("LIVEPIPE_BROKER") or "").strip()
+    if broker:
+        m = _BROKER_RE.match(broker.removeprefix("tcp://"))
+        if not m:
+            raise ConfigError(f"LIVEPIPE_BROKER {broker!r}: give HOST or HOST:PORT, like 192.168.1.10:7710")
+        host = m.group("host")
+        if m.group("port"):
+            ports = _port_pair(m.group("port"), "LIVEPIPE_BROKER's port")
+    return host, ports[0], ports[1]
+
+
 @dataclass(frozen=True)
 class BusConfig:
     pub_endpoint: str = f"tcp://127.0.0.1:{DEFAULT_PUB_PORT}"
@@ -36,9 +67,9 @@ class BusConfig:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: str | None) -> "BusConfig":
         env = dict(os.environ if env is None else env)
-        host = env.get("LIVEPIPE_BROKER")
-        pub = env.get("LIVEPIPE_PUB_ENDPOINT") or (f"tcp://{host}:{DEFAULT_PUB_PORT}" if host else cls.pub_endpoint)
-        sub = env.get("LIVEPIPE_SUB_ENDPOINT") or (f"tcp://{host}:{DEFAULT_SUB_PORT}" if host else cls.sub_endpoint)
+        host, pub_port, sub_port = broker_address(env)
+        pub = env.get("LIVEPIPE_PUB_ENDPOINT") or f"tcp://{host}:{pub_port}"
+        sub = env.get("LIVEPIPE_SUB_ENDPOINT") or f"tcp://{host}:{sub_port}"
         values = dict(
             pub_endpoint=pub, sub_endpoint=sub, session=env.get("LIVEPIPE_SESSION", ""),
             curve_server_key=env.get("LIVEPIPE_CURVE_SERVER_KEY") or None,

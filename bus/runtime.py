@@ -5,13 +5,17 @@
     svc.on("control", handle_control)
     sys.exit(svc.main(run_device))             # mains are `async def f(svc)`; run after the bus is live
 
+A service runs until SIGINT/SIGTERM, serving its handlers, whatever its mains do: a main that
+returns None (or no main at all) leaves the handlers running. A main ends the process by
+returning an int, the exit code (`return 0`), or by calling `svc.stop(code)` from anywhere.
+
 What it guarantees:
 - one socket pair per lane (control, audio, video, events), so an `interrupt` never waits
   behind queued audio, and each lane's handlers run in their own task;
 - mains start only once the bus path is proven live (the slow-joiner problem): every
   subscription of ours has reached the broker and come back to our own publishers;
 - a heartbeat on `status` every second with the counters, CPU and RSS;
-- a clean exit within 1 s on SIGINT/SIGTERM, a non-zero exit code if a main fails.
+- a clean exit (code 0) within 1 s on SIGINT/SIGTERM, a non-zero exit code if a main fails.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from livepipe.bus.message import Message, decode, encode, make_header, wire_topi
 from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
-Main = Callable[["Service"], Awaitable[Any]]
+Main = Callable[["Service"], Awaitable[Union[int, None]]]   # an int return ends the service with that code
 
 HEARTBEAT_S = 1.0
 COUNTER_NAMES = ("sent", "received", "gaps", "rejected", "dropped", "stale_dropped", "handler_errors")
@@ -149,7 +153,8 @@ class Service:
         return self._stop is not None and self._stop.is_set()
 
     def main(self, *mains: Main) -> int:
-        """Run until stopped; returns the exit code (for sys.exit)."""
+        """Run until SIGINT/SIGTERM, `stop(code)` or a main returning an int; returns the exit code
+        (for sys.exit). A main returning None leaves the service serving its handlers."""
         try:
             return asyncio.run(self.run(*mains))
         except KeyboardInterrupt:
@@ -227,8 +232,12 @@ class Service:
 
     async def _run_main(self, main: Main) -> None:
         try:
-            await main(self)
-            self.stop(0)
+            code = await main(self)
+            if isinstance(code, int) and not isinstance(code, bool):
+                self.stop(code)
+            elif code is not None:
+                self.log.warning("%s: a main returned %r; return an int exit code, or None to keep serving",
+                                 self.name, code)
         except asyncio.CancelledError:
             raise
         except ConfigError as exc:

@@ -18,6 +18,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "replay": ("livepipe.services.tools.replay", "republish a recording (--speed, --loop)"),
     "export": ("livepipe.services.tools.export", "write an audio topic of a recording as WAV"),
     "say": ("livepipe.services.tools.say", "publish a line of text on text.in"),
+    "transcript": ("livepipe.services.tools.transcript", "the conversation in the terminal: ready, transcripts, interrupts, mic level"),
     "emulator": ("livepipe.services.processes.emulator", "a local Live API emulator (the default backend with no key)"),
     "gemini-bridge": ("livepipe.services.processes.gemini_bridge", "the Live API session on the bus"),
     "capture-audio": ("livepipe.services.processes.capture_audio", "microphone or WAV file -> audio.in"),
@@ -45,9 +46,20 @@ def missing_extra_message(verb: str, exc: ModuleNotFoundError) -> str | None:
             f"install it with: pip install 'livepipe[{extra}]'  (or 'livepipe[all]')")
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml), without importing any verb."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("livepipe")
+    except PackageNotFoundError:   # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def usage() -> str:
     width = max(map(len, VERBS))
-    lines = ["usage: livepipe VERB [options]   (livepipe VERB --help for a verb's options)", "", "verbs:"]
+    lines = ["usage: livepipe VERB [options]   (livepipe VERB --help for a verb's options; livepipe --version)",
+             "", "verbs:"]
     lines += [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
     return "\n".join(lines)
 
@@ -56,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        print(f"livepipe {version()}")
         return 0
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:

@@ -42,11 +42,11 @@ def main() -> int:
     for t in args.sub:
         svc.on(t, on_msg)
 
-    async def run(s: Service) -> None:
+    async def run(s: Service) -> int | None:
         emit(event="ready", inst=s.inst, t_ns=time.time_ns())
         if args.publish_text is not None:
             s.publish("text.in", "text", text=args.publish_text)
-            return
+            return 0
         while True:
             await asyncio.sleep(0.25)
             if args.heartbeats:

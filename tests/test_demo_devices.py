@@ -64,3 +64,8 @@ def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, pulse_devi
     for pid in summary["processes"].values():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     check_replies(heard, OUT_RATE, exact=False)
+    # As it happens, the user reads each turn, with the same lines as `livepipe transcript`.
+    said = "".join(stderr)
+    for line in ("turn 1  user:  utterance 1", "turn 1  model: reply 1", "turn 1  interrupted (the user spoke over",
+                 "turn 2  user:  utterance 2", "turn 2  model: reply 2"):
+        assert "\n" + line in said, said

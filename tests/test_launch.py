@@ -29,9 +29,9 @@ pytestmark = pytest.mark.timeout(90)
 
 LAUNCH = ROOT / "launch"
 PROCFILES = {
-    "Procfile": {"broker", "emulator", "gemini-bridge", "capture-audio", "capture-video", "playback"},
+    "Procfile": {"broker", "emulator", "gemini-bridge", "capture-audio", "capture-video", "playback", "transcript"},
     "Procfile.hub": {"broker", "emulator", "gemini-bridge"},
-    "Procfile.edge": {"capture-audio", "capture-video", "playback"},
+    "Procfile.edge": {"capture-audio", "capture-video", "playback", "transcript"},
     "Procfile.demo": {"broker", "emulator", "gemini-bridge", "capture-audio", "capture-video", "playback"},
 }
 

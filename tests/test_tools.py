@@ -21,7 +21,7 @@ from livepipe.services.lib.recording import MAGIC, RecordingWriter, read_all
 from tests.conftest import ROOT, spawn, stop
 from tests.tool_publisher import sine_chunk
 
-TOOLS = ["tap", "top", "record", "replay", "export", "say"]
+TOOLS = ["tap", "top", "record", "replay", "export", "say", "transcript"]
 
 
 def publisher(env: dict[str, str], *args: str) -> subprocess.Popen:

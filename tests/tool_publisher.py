@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     setup_logging(args.name)
     svc = Service(args.name, BusConfig.from_env())
 
-    async def run(svc: Service) -> None:
+    async def run(svc: Service) -> int:
         if args.idle:
             await asyncio.Event().wait()   # until SIGTERM
         topics = (["audio.in"] if args.audio else []) + (["text.in"] if args.text else [])
@@ -59,6 +59,7 @@ def main(argv: list[str]) -> int:
             svc.publish("text.in", "text", text=text)
         await asyncio.sleep(args.linger)   # let the last messages leave before the sockets close
         print(f"published {svc.counters['sent']}", flush=True)
+        return 0
 
     return svc.main(run)
 

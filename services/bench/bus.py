@@ -82,7 +82,7 @@ def lp_pub(args: argparse.Namespace) -> int:
     audio, jpeg = bytes(AUDIO_BYTES), jpeg_like(JPEG_BYTES)
     intervals = {"audio": args.audio_interval_ms / 1000, "jpeg": args.jpeg_interval_ms / 1000}
 
-    async def run(svc: Service) -> None:
+    async def run(svc: Service) -> int:
         for topic in ("audio.in", "video.in"):
             if not await svc.wait_subscriber(topic, 10):
                 raise RuntimeError(f"no subscriber for {topic}")
@@ -104,6 +104,7 @@ def lp_pub(args: argparse.Namespace) -> int:
                     svc.publish("video.in", "image", jpeg, image_width=768, image_height=768, mime="image/jpeg")
             await asyncio.sleep(0.05)   # drained before the next block starts
             print(json.dumps({"done": stream, "dropped": svc.counters["dropped"]}), flush=True)
+        return 0
 
     return svc.main(run)
 

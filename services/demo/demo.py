@@ -48,6 +48,8 @@ import numpy as np
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError
 from livepipe.bus.message import Message
+from livepipe.services.lib.conversation import Conversation
+
 
 from livepipe.services.lib.net import free_port
 from livepipe.services.lib.settings import state_dir
@@ -481,6 +483,8 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
         stage = "the model session (gemini-bridge connected) and playback"
         log(f"bus up after {time.monotonic() - t0:.1f} s; waiting for the model session")
         last_children = 0.0
+        # The same per-turn lines as `livepipe transcript`, for the user at the microphone.
+        conversation = Conversation(turns_only=True) if args.devices else None
 
         def pump(seconds: float) -> None:
             nonlocal last_children
@@ -489,6 +493,9 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                 msg = bus.recv(max(0.0, end - time.monotonic()))
                 if msg is not None:
                     watcher.feed(msg)
+                    if conversation is not None:   # --devices: the conversation as it happens
+                        for line in conversation.feed(msg):
+                            print(line, file=sys.stderr, flush=True)
                 if time.monotonic() - last_children > 0.5:
                     honcho.remember_children()
                     last_children = time.monotonic()
@@ -533,6 +540,8 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                              and time.monotonic() - watcher.user_done_at >= args.quiet_s)
             if user_over and watcher.idle_for() >= args.quiet_s:
                 break
+        for line in conversation.flush() if conversation is not None else []:
+            print(line, file=sys.stderr, flush=True)
         # The bridge's next heartbeat carries its final counters (frames sent).
         stage = "the bridge's last heartbeat"
         asked = time.time_ns()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from typing import Any, Sequence
 
@@ -72,12 +73,48 @@ def check_topics(names: Sequence[str]) -> None:
         raise ConfigError(f"unknown topic {', '.join(unknown)} (known: {', '.join(TOPICS)})")
 
 
-def connect(name: str, cfg: BusConfig, topics: Sequence[str], timeout: float) -> BusClient:
-    """A BusClient subscribed to `topics` (all when empty) whose subscriptions are live;
-    BusTimeout if the broker does not answer within `timeout` seconds."""
+NO_BROKER_AFTER_S = 1.0   # say so after this long, then keep waiting
+
+
+def wait_for_broker(client: BusClient, tool: str, timeout: float | None, stop: StopFlag | None = None) -> bool:
+    """Wait until the broker answers `client`; after 1 s say so in one line on stderr and keep
+    waiting. False if a signal came first; BusTimeout after `timeout` seconds (None: no limit)."""
+    started = time.monotonic()
+    said = False
+    while True:
+        elapsed = time.monotonic() - started
+        left = None if timeout is None else timeout - elapsed
+        if left is not None and left <= 0:
+            raise BusTimeout(f"no broker at {client.cfg.pub_endpoint} / {client.cfg.sub_endpoint} "
+                             f"after {timeout:g} s")
+        step = max(0.05, NO_BROKER_AFTER_S - elapsed) if not said else 0.25
+        try:
+            client.wait_ready(step if left is None else min(step, left))
+        except BusTimeout:
+            if stop:
+                return False
+            if not said and time.monotonic() - started >= NO_BROKER_AFTER_S:
+                limit = "" if timeout is None else f" (up to {timeout:g} s)"
+                print(f"livepipe {tool}: no broker answers at {client.cfg.pub_endpoint} / "
+                      f"{client.cfg.sub_endpoint}; waiting{limit}: is `livepipe broker` running?",
+                      file=sys.stderr, flush=True)
+                said = True
+            continue
+        if said:
+            print(f"livepipe {tool}: the broker answers", file=sys.stderr, flush=True)
+        return True
+
+
+def connect(name: str, cfg: BusConfig, topics: Sequence[str], timeout: float | None,
+            stop: StopFlag | None = None) -> BusClient | None:
+    """A BusClient subscribed to `topics` (all when empty) whose subscriptions are live; says after
+    1 s that no broker answers and keeps waiting. BusTimeout if the broker does not answer within
+    `timeout` seconds (None: wait); None if `stop` was set (a signal) meanwhile."""
     client = BusClient(name, cfg, topics, all_topics=not topics)
     try:
-        client.wait_ready(timeout)
+        if not wait_for_broker(client, name, timeout, stop):
+            client.close()
+            return None
     except BusTimeout:
         client.close()
         raise

@@ -19,7 +19,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from livepipe.bus.config import DEFAULT_PUB_PORT, DEFAULT_SUB_PORT
+from livepipe.bus.config import ConfigError, broker_address
 from livepipe.bus.runtime import setup_logging
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
@@ -39,9 +39,13 @@ def is_loopback(endpoint: str) -> bool:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = VerbParser(prog="livepipe broker", description=__doc__,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pub-bind", default=os.environ.get("LIVEPIPE_PUB_BIND", f"tcp://127.0.0.1:{DEFAULT_PUB_PORT}"),
+    try:   # the ports of LIVEPIPE_PORT_BASE / LIVEPIPE_BROKER=HOST:PORT, on loopback unless told otherwise
+        _, pub_port, sub_port = broker_address()
+    except ConfigError as exc:
+        p.error(str(exc))
+    p.add_argument("--pub-bind", default=os.environ.get("LIVEPIPE_PUB_BIND", f"tcp://127.0.0.1:{pub_port}"),
                    help="endpoint publishers connect to (env LIVEPIPE_PUB_BIND, default %(default)s)")
-    p.add_argument("--sub-bind", default=os.environ.get("LIVEPIPE_SUB_BIND", f"tcp://127.0.0.1:{DEFAULT_SUB_PORT}"),
+    p.add_argument("--sub-bind", default=os.environ.get("LIVEPIPE_SUB_BIND", f"tcp://127.0.0.1:{sub_port}"),
                    help="endpoint subscribers connect to (env LIVEPIPE_SUB_BIND, default %(default)s)")
     p.add_argument("--server-key", default=os.environ.get("LIVEPIPE_CURVE_SERVER_SECRET"),
                    help="the broker's secret key file, NAME.key_secret from `livepipe keys` "

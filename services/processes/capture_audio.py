@@ -277,7 +277,7 @@ class Capture:
             self.pub.muted = False
             log.info("unmuted: audio.in resumed")
 
-    async def run(self, svc: Service) -> None:
+    async def run(self, svc: Service) -> int:
         if isinstance(self.source, PacedSource):
             # A file or test signal has no speaker to lose: start it once someone listens.
             while not await svc.wait_subscriber("audio.in", 5.0):
@@ -297,6 +297,7 @@ class Capture:
                     log.info("holding %.0f ms of audio for a subscriber to audio.in",
                              self.pub.backlog_frames * 1000 / IN_RATE)
                 self.pub.drain()
+            return 0   # the source ended (a file without --loop/--hold): exit 0
         finally:
             metrics_task.cancel()
             self.source.close()   # stop the device while the loop it wakes still runs

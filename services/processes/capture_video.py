@@ -792,12 +792,13 @@ def main(argv: list[str]) -> int:
         svc.counters[key] = 0     # every heartbeat has them; created before the grabber thread runs
     svc.metrics.update(source=spec.describe())
 
-    async def run(svc: Service) -> None:
+    async def run(svc: Service) -> int:
         try:
             await capture.run(svc)
         except SourceError as exc:
             log.error("%s", exc)
-            svc.stop(1)
+            return 1
+        return 0   # a file ended (no --loop): exit 0
 
     try:
         return svc.main(run)

@@ -25,8 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("topics", nargs="*", metavar="TOPIC", help=f"topics to record (default: all): {', '.join(TOPICS)}")
     p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="give up if the broker does not answer within S seconds (default 10)")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                   help="give up if the broker does not answer within S seconds (default: say so after "
+                        "1 s and keep waiting)")
     add_bus_arguments(p)
     return p.parse_args(argv)
 
@@ -42,10 +43,13 @@ def main(argv: list[str]) -> int:
     except OSError as exc:
         return fail("record", f"cannot write {args.file}: {exc.strerror}")
     try:
-        client = connect("record", cfg, args.topics, args.connect_timeout)
+        client = connect("record", cfg, args.topics, args.connect_timeout, stop=stop)
     except BaseException:   # no broker (BusTimeout), bad CURVE key file (ConfigError): one line from @verb
         writer.close()
         raise
+    if client is None:   # a signal while waiting for the broker
+        writer.close()
+        return 0
     wanted = set(args.topics)
     prefix = f"{cfg.session}/".encode() if cfg.session else b""
     started = time.monotonic()

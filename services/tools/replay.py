@@ -11,6 +11,11 @@ Payloads are sent unchanged. Invalid recorded messages are skipped and counted. 
 heartbeats are not replayed unless asked for with --topics (they describe processes that are
 not running any more). Before the first message, replay waits until every replayed topic has
 a subscriber (--wait), so nothing is published into the void.
+
+Into a running pipeline: one source on audio.in at a time. If another process is publishing
+audio.in (the live microphone), replay says so in one line, because the bridge would hear both
+interleaved; --replace sends `control: mute` first (capture-audio stops publishing), replays,
+and sends `control: unmute` at the end, also on Ctrl-C.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.bus.message import decode, encode
 from livepipe.services.lib.recording import RecordingReader
-from livepipe.services.lib.toolkit import StopFlag, check_topics
+from livepipe.services.lib.toolkit import StopFlag, check_topics, wait_for_broker
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.topics import TOPICS, SchemaError
 
@@ -40,6 +45,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--loop", action="store_true", help="start over at the end, until stopped")
     p.add_argument("--topics", nargs="+", metavar="TOPIC",
                    help="replay only these topics (default: every recorded topic but status)")
+    p.add_argument("--replace", action="store_true",
+                   help="mute the live microphone (control: mute) during the replay, unmute at the end")
     p.add_argument("--wait", type=float, default=10.0, metavar="S",
                    help="wait up to S seconds for subscribers of the replayed topics (0: don't wait; default 10)")
     add_bus_arguments(p)
@@ -88,6 +95,27 @@ def wait_subscribers(client: BusClient, topics: list[str], timeout: float, stop:
     return missing
 
 
+def live_audio_source(cfg: BusConfig, listen_s: float = 0.5) -> str | None:
+    """`src/inst` of a process publishing audio.in right now (a live microphone sends every 20 ms),
+    or None. A separate client: replay's own must not subscribe audio.in (it would count as a
+    subscriber of what it replays)."""
+    with BusClient("replay-check", cfg, ["audio.in"]) as check:
+        check.wait_ready(5.0)
+        msg = check.recv(listen_s)
+        return None if msg is None else f"{msg['src']}/{msg['inst']}"
+
+
+def wait_muted(cfg: BusConfig, source: str, quiet_s: float = 0.2, limit_s: float = 2.0) -> None:
+    """After `control: mute`, wait until `source` stops publishing audio.in (chunks already in
+    flight), so the replay does not start interleaved with them."""
+    deadline = time.monotonic() + limit_s
+    with BusClient("replay-check", cfg, ["audio.in"]) as check:
+        check.wait_ready(5.0)
+        while time.monotonic() < deadline:
+            if check.recv(quiet_s) is None:   # quiet: what was in flight has passed
+                return
+
+
 def sleep_until(target: float, stop: StopFlag) -> None:
     while not stop:
         left = target - time.monotonic()
@@ -128,7 +156,8 @@ def main(argv: list[str]) -> int:
 
     client = BusClient("replay", cfg)
     try:
-        client.wait_ready(10.0)
+        if not wait_for_broker(client, "replay", 10.0, stop):
+            return 0
         if args.wait > 0:
             missing = wait_subscribers(client, topics, args.wait, stop)
             if stop:
@@ -139,7 +168,25 @@ def main(argv: list[str]) -> int:
             if missing:
                 print(f"livepipe replay: no subscriber for {', '.join(missing)} after {args.wait:g} s; "
                       f"replaying anyway", file=sys.stderr)
-        return replay(args, cfg, client, plan, set(topics), rec_session, stop)
+        muted = False
+        if "audio.in" in topics:
+            live = live_audio_source(cfg)
+            if args.replace:
+                client.publish("control", "mute")
+                muted = True
+                print(f"livepipe replay: --replace: sent control: mute{f' ({live} stops publishing audio.in)' if live else ''}"
+                      f"; unmute at the end", file=sys.stderr, flush=True)
+                if live:
+                    wait_muted(cfg, live)
+            elif live:
+                print(f"livepipe replay: warning: {live} is publishing audio.in live: the bridge will hear it "
+                      f"interleaved with the replay; add --replace to mute it meanwhile", file=sys.stderr, flush=True)
+        try:
+            return replay(args, cfg, client, plan, set(topics), rec_session, stop)
+        finally:
+            if muted:
+                client.publish("control", "unmute")
+                print("livepipe replay: sent control: unmute", file=sys.stderr, flush=True)
     finally:
         client.close()
 

@@ -12,6 +12,7 @@ import time
 
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.toolkit import wait_for_broker
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
 
@@ -39,10 +40,11 @@ def main(argv: list[str]) -> int:
     client = BusClient("say", cfg)
     try:
         started = time.monotonic()
-        client.wait_ready(args.wait)
+        wait_for_broker(client, "say", args.wait)
         client.wait_subscriber("text.in", max(0.0, args.wait - (time.monotonic() - started)))
         for text in texts:
             client.publish("text.in", "text", text=text)
+            print(f"livepipe say: sent {text!r} on text.in", flush=True)
     except BusTimeout as exc:
         hint = "" if "broker" in str(exc) else " (is gemini-bridge running?)"
         return fail("say", f"{exc}{hint}; nothing sent")

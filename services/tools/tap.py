@@ -35,8 +35,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds")
     p.add_argument("--interval", type=float, default=1.0, metavar="S", help="--stats refresh period (default 1 s)")
-    p.add_argument("--connect-timeout", type=float, default=10.0, metavar="S",
-                   help="give up if the broker does not answer within S seconds (default 10)")
+    p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
+                   help="give up if the broker does not answer within S seconds (default: say so after "
+                        "1 s and keep waiting)")
     add_bus_arguments(p)
     return p.parse_args(argv)
 
@@ -237,7 +238,9 @@ def main(argv: list[str]) -> int:
     check_topics(args.topics)
     cfg = BusConfig.from_args(args)
     stop = StopFlag()
-    client = connect("tap", cfg, args.topics, args.connect_timeout)
+    client = connect("tap", cfg, args.topics, args.connect_timeout, stop=stop)
+    if client is None:   # a signal while waiting for the broker
+        return 0
     try:
         print(f"livepipe tap: listening to {', '.join(args.topics) or 'all topics'} on {cfg.sub_endpoint}"
               f"{' (session ' + cfg.session + ')' if cfg.session else ''}", file=sys.stderr, flush=True)

@@ -64,6 +64,10 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide):
         svc.metrics["server_ping_ms"] = None
         svc.metrics["backend"] = s.backend
         svc.metrics["state"] = "connecting"
+        # Two live sources on audio.in (e.g. a replay while the microphone runs) are interleaved
+        # chunk by chunk into one stream: counted and warned about (README, "replay").
+        svc.metrics["audio_in_interleaved"] = 0
+        self.audio_source: tuple[str, str, float] | None = None   # (src, inst, monotonic time) of the last chunk
 
     async def run(self) -> None:
         tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender)]

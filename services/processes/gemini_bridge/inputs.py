@@ -19,6 +19,7 @@ from livepipe.services.processes.gemini_bridge.settings import (
 )
 
 log = logging.getLogger(NAME)
+INTERLEAVE_WINDOW_S = 1.0   # chunks of two audio.in sources this close together are interleaving
 
 
 class InputSide:
@@ -28,6 +29,14 @@ class InputSide:
 
     # ------------------------------------------------------------ bus inputs
     def on_audio(self, msg: Message) -> None:
+        now = time.monotonic()
+        last = self.audio_source
+        if last is not None and last[1] != msg["inst"] and now - last[2] < INTERLEAVE_WINDOW_S:
+            self.svc.metrics["audio_in_interleaved"] += 1
+            self.svc.ratelog.warning("audio-sources", f"two sources publish audio.in ({last[0]}/{last[1]} and "
+                                     f"{msg['src']}/{msg['inst']}): the model hears them interleaved; stop or "
+                                     f"mute one (`livepipe replay --replace` mutes capture-audio while it replays)")
+        self.audio_source = (msg["src"], msg["inst"], now)
         try:
             pcm = self.normalizer.convert(msg)
         except Exception as exc:
