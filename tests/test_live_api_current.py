@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from google.genai import errors, types
 
+from tests.test_emulator_sdk_compat import old_sdk_python  # noqa: F401  (fixture: google-genai 1.30 venv)
 from tests.emulator_support import (Emulator, TurnResult, collect_turn, make_client, receive_until, send_audio,
                                     silence, speech, start_all)
 
@@ -223,3 +224,29 @@ def test_gemini3_calls_non_blocking_functions_synchronously(emus, voice):
             return await collect_turn(s, r)
     r = run(scenario())
     assert r.output_text[0].endswith(", after tool look_up")
+
+
+def test_oldest_supported_sdk_sends_non_blocking_scheduling(old_sdk_python, tmp_path, voice):
+    """google-genai 1.30 (the floor) already has FunctionDeclaration.behavior and
+    FunctionResponse.scheduling / will_continue: non-blocking tools need no higher floor."""
+    import json
+    import subprocess
+
+    from tests.emulator_support import ROOT, write_wav
+    write_wav(tmp_path / "long.wav", voice["long"])
+    emu = Emulator(tmp_path / "state", "--latency", "0.05", "--pace", "0", "--tool-trigger", "1.0").start().wait_ready()
+    try:
+        r = subprocess.run([str(old_sdk_python), str(ROOT / "tests" / "emulator_support.py"), emu.url,
+                            emu.info["ca_file"], str(tmp_path / "long.wav"), "non-blocking"],
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        events = emu.timeline()
+    finally:
+        code, err = emu.stop()
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["sdk"].startswith("1.30.") and out["tool"] == "look_up"
+    assert out["result"] == ["reply 2: tool look_up result, when_idle"]
+    call = [e for e in events if e["event"] == "tool_call"][0]
+    resp = [e for e in events if e["event"] == "tool_response"][0]
+    assert call["non_blocking"] is True and (resp["scheduling"], resp["will_continue"]) == ("WHEN_IDLE", False)
+    assert code == 0 and "Traceback" not in err
