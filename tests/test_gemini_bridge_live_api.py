@@ -40,10 +40,13 @@ def test_history_is_seeded_at_connect_and_typed_text_goes_as_realtime_input(live
     history = tmp_path / "history.json"
     history.write_text(json.dumps([{"role": "user", "text": "My name is Ada."},
                                    {"role": "model", "text": "Hello Ada, nice to meet you."}]))
-    rig = live_factory(emulator_args=("--pace", "0"), bridge_args=("--history", str(history)))
+    rig = live_factory(emulator_args=("--pace", "0"), bridge_args=("--history", str(history), "--turn-coverage",
+                                                                   "activity"))
     rig.pub.publish("text.in", "text", text="What is my name?")
     rig.reply(1)        # a 3.x emulator closes 1007 on client content after the history: this is realtime text
     assert any(m["text"] == 'reply 1: text "What is my name?"' for m in rig.rec.select("transcript", "transcript"))
+    start = rig.emu.events("session_start")[0]     # the default model is of the 3.x generation
+    assert start["generation"] == 3 and start["turn_coverage"] == "TURN_INCLUDES_ONLY_ACTIVITY"
     seeded = rig.emu.events("history")
     assert len(seeded) == 1 and seeded[0]["turns"] == 2 and seeded[0]["roles"] == ["user", "model"]
     # 3.x bundles generationComplete with turnComplete: both still reach the bus, in order

@@ -166,6 +166,7 @@ class LiveSession:
         self.interim_next = 0.0               # utterance seconds at which the next interim is due
         self.builtin: set[str] = set()        # built-in tools setup turned on
         self.include_thoughts = False
+        self.turn_coverage = ""               # noted in the timeline; the parrot's turns are activity only
         self.frame_tokens = 258
         self.compression = False
         # video frames since the last utterance
@@ -281,7 +282,8 @@ class LiveSession:
         if self.restored is not None:
             carried = {"carried_audio_s": round(self.restored.held.seconds, 3),
                        "carried_turns": len(self.restored.waiting)}
-        self.mark("session_start", self.conv.turns, resumed=self.resumed, **carried)
+        self.mark("session_start", self.conv.turns, resumed=self.resumed, generation=self.generation,
+                  **({"turn_coverage": self.turn_coverage} if self.turn_coverage else {}), **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
         for samples in self._carried_input:      # before any new input: it came earlier
@@ -322,6 +324,7 @@ class LiveSession:
             raise ProtocolError("Invalid argument: setup.realtime_input_config.automatic_activity_detection "
                                 "has a value of the wrong type.") from None
         self.detector = TurnDetector(self.vad)
+        self.turn_coverage = str(ric.get("turn_coverage") or "")
         self.want_input_text = setup.get("input_audio_transcription") is not None
         self.want_output_text = setup.get("output_audio_transcription") is not None
         self.compression = setup.get("context_window_compression") is not None

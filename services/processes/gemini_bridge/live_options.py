@@ -29,6 +29,9 @@ def _helpers() -> Any:
 THINKING_LEVELS = ("minimal", "low", "medium", "high")
 SCHEDULINGS = ("INTERRUPT", "WHEN_IDLE", "SILENT")
 BUILTIN_TOOLS = ("google_search", "url_context", "code_execution")
+# What a user turn includes: 2.5 defaults to activity only, 3.x to audio activity plus every video frame.
+TURN_COVERAGES = {"activity": "TURN_INCLUDES_ONLY_ACTIVITY", "all": "TURN_INCLUDES_ALL_INPUT",
+                  "activity-and-video": "TURN_INCLUDES_AUDIO_ACTIVITY_AND_ALL_VIDEO"}
 STREAM_END_MARK = "audio_stream_end"    # audio queue marker: the user's stream paused (mute, silence)
 
 
@@ -55,6 +58,7 @@ class LiveOptions:
     transcription_languages: tuple[str, ...] = ()
     stream_end_after: float = 1.0
     context_update: str = "live"                 # live (send_context_update) | reconnect
+    turn_coverage: str | None = None             # TURN_COVERAGES key
 
     @property
     def api_version(self) -> str | None:
@@ -98,6 +102,9 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
                         "(send_context_update on the open session) | reconnect (resume on a new connection "
                         "with the handle) (env LIVEPIPE_CONTEXT_UPDATE, default live; reconnect when the "
                         "installed google-genai has no send_context_update)")
+    g.add_argument("--turn-coverage", default=_env("LIVEPIPE_TURN_COVERAGE"),
+                   help="what a user turn includes: activity | all | activity-and-video (env LIVEPIPE_TURN_COVERAGE, "
+                        "default: the model's; 3.x counts every video frame, 2.5 only input during speech)")
     g.add_argument("--stream-end-after", default=_env("LIVEPIPE_STREAM_END_AFTER", "1"), metavar="S",
                    help="audio.in paused this long (or control mute) sends audio_stream_end so the service's VAD "
                         "closes the turn; 0 = only on mute (env LIVEPIPE_STREAM_END_AFTER, default 1)")
@@ -188,6 +195,8 @@ def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions
         o.transcription_languages = codes
     o.context_update = _choice("--context-update", "LIVEPIPE_CONTEXT_UPDATE", args.context_update,
                                ("live", "reconnect"))
+    o.turn_coverage = _choice("--turn-coverage", "LIVEPIPE_TURN_COVERAGE", args.turn_coverage,
+                              tuple(TURN_COVERAGES), True)
     o.stream_end_after = _number("--stream-end-after", "LIVEPIPE_STREAM_END_AFTER", args.stream_end_after,
                                  float, 0, 60)
     return o
@@ -217,5 +226,7 @@ def extend_live_config(cfg: dict[str, Any], s: Settings, handle: str | None) -> 
             cfg[name] = getattr(o, name)
     if o.builtin_tools:
         cfg.setdefault("tools", []).extend({name: {}} for name in o.builtin_tools)
+    if o.turn_coverage:
+        cfg["realtime_input_config"]["turn_coverage"] = TURN_COVERAGES[o.turn_coverage]
     if o.transcription_languages and s.input_transcription:
         cfg["input_audio_transcription"] = {"language_codes": list(o.transcription_languages)}
