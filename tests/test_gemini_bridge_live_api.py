@@ -53,6 +53,14 @@ def test_history_is_seeded_at_connect_and_typed_text_goes_as_realtime_input(live
     assert rig.rec.select("control", "generation_complete", turn=1) and rig.rec.select("control", "turn_complete", turn=1)
     out, err = rig.close()
     assert rig.bridge.returncode == 0 and "seeded the session with 2 turns of history" in err
+    # 2.5: the same history goes as client content without turnComplete: context, no reply.
+    before = len(rig.emu.timeline())     # the next emulator appends to the same timeline file
+    rig25 = live_factory(emulator_args=("--pace", "0"), bridge_args=("--history", str(history), "--model", MODEL25))
+    seeded = wait_for(lambda: [e for e in rig25.emu.timeline()[before:] if e["event"] == "context"], 5,
+                      "the history on 2.5")
+    assert seeded[0]["turns"] == 2 and seeded[0]["roles"] == ["user", "model"]
+    assert not [e for e in rig25.emu.timeline()[before:] if e["event"] == "history"]
+    assert not rig25.rec.select("control", "turn_complete")
 
 
 def test_non_blocking_tool_result_scheduling_reaches_the_model(live_factory, tmp_path):

@@ -54,7 +54,8 @@ model generations: setup.model names the generation ("gemini-3.1-..." is 3, anyt
     generationComplete comes with turnComplete, which also carries interactionStatus IDLE;
   - voiceActivity {type ACTIVITY_START|ACTIVITY_END, audioOffset} at speech start and end;
   - functions declared NON_BLOCKING are called synchronously (not supported yet on 3.1).
-  2.5: a function declared behavior NON_BLOCKING is called without holding the reply; its
+  2.5: clientContent without turnComplete is context only (timeline event "context", no model turn);
+  a function declared behavior NON_BLOCKING is called without holding the reply; its
   toolResponse is scheduled as it says: INTERRUPT (stop the reply in progress, answer now), WHEN_IDLE
   (default: answer after what is queued), SILENT (context only); willContinue keeps the call open for
   more responses. The answer is a tone with output transcription "reply N: tool NAME result, SCHEDULING".

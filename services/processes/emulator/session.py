@@ -638,6 +638,10 @@ class LiveSession:
                     texts.append(part["text"])
         if body.get("turn_complete"):
             await self._text_turn(" ".join(texts))
+        else:   # context only (2.5): no model turn; noted so a client can see what it seeded
+            turns = _list(body.get("turns"), "client_content.turns")
+            self.mark("context", self.conv.turns if self.conv else 0, turns=len(turns),
+                      roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns])
 
     async def _text_turn(self, text: str) -> None:
         # Text interrupts a generation in progress, as the real service documents for client content.
