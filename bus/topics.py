@@ -81,14 +81,24 @@ VIDEO_IN = _declare(Topic("video.in", "video", {
 TEXT_IN = _declare(Topic("text.in", "events", {"text": Kind(required={"text": STR})},
                          "text the user types, sent to the model"))
 TRANSCRIPT = _declare(Topic("transcript", "events", {
-    "transcript": Kind(required={"role": STR, "text": STR, "turn": INT}, optional={"final": BOOL})},
-    "user (input) and model (output) transcription"))
+    "transcript": Kind(required={"role": STR, "text": STR, "turn": INT}, optional={"final": BOOL}),
+    # the service's low-latency transcription while the user speaks; superseded by `transcript`
+    "interim": Kind(required={"role": STR, "text": STR, "turn": INT}),
+    # the model's thought summaries (--include-thoughts): never spoken, never part of `transcript`
+    "thought": Kind(required={"role": STR, "text": STR, "turn": INT}),
+}, "user (input) and model (output) transcription"))
 CONTROL = _declare(Topic("control", "control", {
     "interrupt": Kind(required={"turn": INT}, optional={"reason": STR}),
     "generation_complete": Kind(required={"turn": INT}),
     "turn_complete": Kind(required={"turn": INT}, optional={"usage": MAP}),
     "session": Kind(required={"state": STR}, optional={"detail": STR, "backend": STR}),
     "go_away": Kind(required={"time_left_ms": INT}),
+    # new system instruction and/or tools (function declarations) for the live session
+    "context_update": Kind(optional={"system_instruction": STR, "tools": LIST}),
+    # the service's own voice activity detection: the user started / stopped speaking
+    "voice_activity": Kind(required={"state": STR}, optional={"offset_ms": INT}),
+    # what the service says of a turn: turnCompleteReason, waitingForInput, interactionStatus
+    "turn_status": Kind(required={"turn": INT}, optional={"reason": STR, "waiting_for_input": BOOL, "status": STR}),
     "mute": Kind(),
     "unmute": Kind(),
 }, "system messages: jump ahead of data, never dropped"))
@@ -103,8 +113,16 @@ TOOL_CALL = _declare(Topic("tool.call", "events", {
     "cancel": Kind(required={"ids": LIST}),
 }, "function calls from the model"))
 TOOL_RESULT = _declare(Topic("tool.result", "events", {
-    "result": Kind(required={"id": STR, "name": STR, "response": MAP}),
+    "result": Kind(required={"id": STR, "name": STR, "response": MAP},
+                   # NON_BLOCKING functions: INTERRUPT | WHEN_IDLE | SILENT; will_continue: more results follow
+                   optional={"scheduling": STR, "will_continue": BOOL}),
 }, "function results, from any process"))
+GROUNDING = _declare(Topic("grounding", "events", {
+    "search": Kind(required={"turn": INT, "queries": LIST, "sources": LIST}),     # sources: [{title, uri}]
+    "url_context": Kind(required={"turn": INT, "urls": LIST}),                   # urls: [{url, status}]
+    "code": Kind(required={"turn": INT, "code": STR}, optional={"language": STR}),
+    "code_result": Kind(required={"turn": INT, "output": STR}, optional={"outcome": STR}),
+}, "what built-in tools returned: search sources, URLs read, code run and its result"))
 STATUS = _declare(Topic("status", "events", {
     "heartbeat": Kind(required={"counters": MAP}, optional={"metrics": MAP, "pid": INT, "host": STR}),
 }, "heartbeats: one a second per process"))

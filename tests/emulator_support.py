@@ -302,5 +302,26 @@ async def _scenario(url: str, ca_file: str, wav: str) -> dict[str, Any]:
             "text_output": text_turn.output_text, "text_reply_seconds": text_turn.seconds}
 
 
+async def _non_blocking_scenario(url: str, ca_file: str, wav: str) -> dict[str, Any]:
+    """A NON_BLOCKING function on a 2.5 model; its response sent with scheduling WHEN_IDLE and
+    will_continue, as this SDK version serializes them."""
+    from google import genai
+    from google.genai import types
+    samples = read_wav(Path(wav))
+    config = types.LiveConnectConfig(
+        response_modalities=["AUDIO"], input_audio_transcription={}, output_audio_transcription={},
+        tools=[types.Tool(function_declarations=[types.FunctionDeclaration(name="look_up", behavior="NON_BLOCKING")])])
+    async with make_client(url, ca_file).aio.live.connect(
+            model="models/gemini-2.5-flash-native-audio-preview-12-2025", config=config) as s:
+        await send_audio(s, np.concatenate([samples, silence(0.8)]), speed=0)
+        first = await collect_turn(s)
+        call = first.tool_calls[0]
+        await s.send_tool_response(function_responses=[types.FunctionResponse(
+            id=call.id, name=call.name, response={"ok": True}, scheduling="WHEN_IDLE", will_continue=False)])
+        result = await collect_turn(s)
+    return {"sdk": genai.__version__, "reply": first.output_text, "tool": call.name, "result": result.output_text}
+
+
 if __name__ == "__main__":
-    print(json.dumps(asyncio.run(_scenario(*sys.argv[1:4]))))
+    scenario = _non_blocking_scenario if sys.argv[4:5] == ["non-blocking"] else _scenario
+    print(json.dumps(asyncio.run(scenario(*sys.argv[1:4]))))

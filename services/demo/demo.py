@@ -305,7 +305,7 @@ class Watcher:
             self.last_activity = time.monotonic()
         elif topic == "video.in":
             self.video_frames_seen += 1
-        elif topic == "transcript":
+        elif topic == "transcript" and kind == "transcript":   # not interim or thought text
             t = self.turn(msg["turn"])
             (t.user_text if msg["role"] == "user" else t.model_text).append(msg["text"])
         elif topic == "control":

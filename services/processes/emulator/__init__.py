@@ -47,6 +47,28 @@ tools: when setup declares functions, an utterance of at least --tool-trigger se
   "seconds": D}} and wait for the toolResponse with that id before replying. Speech meanwhile sends
   toolCallCancellation {ids}, interrupted, turnComplete.
 
+model generations: setup.model names the generation ("gemini-3.1-..." is 3, anything else 2.5).
+  3.x, as the public docs and users' reports describe it:
+  - client content only as the initial history: with setup.historyConfig.initialHistoryInClientContent
+    the clientContent messages up to the one with turnComplete true are history (no model turn; timeline
+    event "history"); any other clientContent closes 1007 "Request contains an invalid argument.";
+  - proactivity or enableAffectiveDialog in setup closes 1007 the same way;
+  - several parts in one message: the first reply chunk carries the output transcription, and
+    generationComplete comes with turnComplete, which also carries interactionStatus IDLE;
+  - voiceActivity {type ACTIVITY_START|ACTIVITY_END, audioOffset} at speech start and end;
+  - functions declared NON_BLOCKING are called synchronously (not supported yet on 3.1).
+  2.5: clientContent without turnComplete is context only (timeline event "context", no model turn);
+  a function declared behavior NON_BLOCKING is called without holding the reply; its
+  toolResponse is scheduled as it says: INTERRUPT (stop the reply in progress, answer now), WHEN_IDLE
+  (default: answer after what is queued), SILENT (context only); willContinue keeps the call open for
+  more responses. The answer is a tone with output transcription "reply N: tool NAME result, SCHEDULING".
+
+extras: with generationConfig.thinkingConfig.includeThoughts a reply starts with a thought part
+  "thinking about turn N"; with the built-in tools in setup.tools it carries, before its audio:
+  codeExecution -> executableCode "print(N * N)" and codeExecutionResult OUTCOME_OK "N*N";
+  googleSearch -> groundingMetadata {webSearchQueries ["turn N"], groundingChunks [web {uri, title}]};
+  urlContext -> urlContextMetadata {urlMetadata [{retrievedUrl, URL_RETRIEVAL_STATUS_SUCCESS}]}.
+
 sessions: with setup.sessionResumption a sessionResumptionUpdate {newHandle, resumable: true} follows
   setupComplete and every turnComplete. Handles are opaque ("emu-..."), valid 2 h. A handle stands
   for everything the session had received when it was issued: finished turns (numbers continue),
@@ -117,6 +139,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tool-trigger", type=non_negative, default=2.0, metavar="S",
                    help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
                         "for the first one (default 2.0)")
+    p.add_argument("--interim-every", type=_nonneg, default=0.0, metavar="S",
+                   help="send interimInputTranscription every S seconds of an utterance in progress, when setup "
+                        "asks for input transcription (default 0: none)")
+    p.add_argument("--need-more-input", type=_nonneg, default=0.0, metavar="S",
+                   help="an utterance shorter than S seconds gets no reply: turnComplete with turnCompleteReason "
+                        "NEED_MORE_INPUT and waitingForInput (default 0: off)")
     p.add_argument("--timeline", default=None, metavar="FILE",
                    help="per-turn timeline, JSON lines (default <state>/emulator/timeline.jsonl; 'off' for none)")
     args = p.parse_args(argv)
@@ -146,7 +174,8 @@ def main(argv: list[str]) -> int:
     timeline = None if args.timeline == "off" else Path(args.timeline) if args.timeline else state / "timeline.jsonl"
     opts = Options(api_key=args.api_key, latency=args.latency, pace=args.pace, chunk_ms=args.chunk_ms,
                    goaway_after=args.goaway_after, goaway_grace=args.goaway_grace,
-                   session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger)
+                   session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger,
+                   interim_every=args.interim_every, need_more_input=args.need_more_input)
     return run_server(ServerConfig(args.host, args.port, state, certs, timeline, opts))
 
 

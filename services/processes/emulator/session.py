@@ -51,6 +51,8 @@ class Options:
     session_limit: float | None = None
     drop_after: float | None = None
     tool_trigger: float = 2.0
+    interim_every: float = 0.0                # interim input transcription every S of speech (0: none)
+    need_more_input: float = 0.0              # shorter utterances: NEED_MORE_INPUT, no reply (0: off)
 
 
 @dataclass
@@ -122,11 +124,12 @@ class Turn:
     sent_samples: int = 0                     # reply samples (24 kHz) sent so far
     reply_text: str = ""                      # TEXT modality: the reply sent
     completed: bool = False                   # turnComplete sent
+    label: str = ""                           # a tool result turn: what the reply says
 
     def fresh(self) -> "Turn":
         """The same user input as a turn not yet started (a resumed session answers it anew)."""
         return Turn(self.number, self.kind, audio=self.audio, text=self.text, seconds=self.seconds, tool=self.tool,
-                    prompt_tokens=dict(self.prompt_tokens))
+                    prompt_tokens=dict(self.prompt_tokens), label=self.label)
 
 
 class LiveSession:
@@ -155,6 +158,15 @@ class LiveSession:
         self.transparent = False              # setup.sessionResumption.transparent: report consumed indexes
         self.restored: Snapshot | None = None
         self.functions: list[str] = []
+        self.non_blocking: set[str] = set()   # functions declared behavior NON_BLOCKING
+        self.async_calls: dict[str, tuple[str, int]] = {}   # non-blocking call id -> (name, turn)
+        self.generation = 2                   # model generation from setup.model: 3 = gemini-3.x
+        self.history_open = False             # 3.x: initial history still accepted as client content
+        self.history_turns = 0
+        self.interim_next = 0.0               # utterance seconds at which the next interim is due
+        self.builtin: set[str] = set()        # built-in tools setup turned on
+        self.include_thoughts = False
+        self.turn_coverage = ""               # noted in the timeline; the parrot's turns are activity only
         self.frame_tokens = 258
         self.compression = False
         # video frames since the last utterance
@@ -270,7 +282,8 @@ class LiveSession:
         if self.restored is not None:
             carried = {"carried_audio_s": round(self.restored.held.seconds, 3),
                        "carried_turns": len(self.restored.waiting)}
-        self.mark("session_start", self.conv.turns, resumed=self.resumed, **carried)
+        self.mark("session_start", self.conv.turns, resumed=self.resumed, generation=self.generation,
+                  **({"turn_coverage": self.turn_coverage} if self.turn_coverage else {}), **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
         for samples in self._carried_input:      # before any new input: it came earlier
@@ -287,14 +300,19 @@ class LiveSession:
                 await self._realtime_input(body)
             elif kind == "client_content":
                 await self._client_content(body)
+            elif kind == "context_update":
+                self._context_update(body)
             else:
-                self._tool_response(body)
+                await self._tool_response(body)
 
     def _configure(self, setup: dict[str, Any]) -> None:
         model = setup.get("model")
         if not isinstance(model, str) or not model.strip():
             raise ProtocolError("Invalid argument: setup.model is required, e.g. models/NAME.")
+        self.generation = wire.model_generation(model)
         gen = _obj(setup.get("generation_config"), "setup.generation_config")
+        if self.generation >= 3:
+            self._check_generation3(setup, gen)
         modalities = [str(m).upper() for m in (gen.get("response_modalities") or ["AUDIO"])]
         self.text_mode = "TEXT" in modalities and "AUDIO" not in modalities
         self.frame_tokens = FRAME_TOKENS.get(str(gen.get("media_resolution") or ""), 258)
@@ -306,15 +324,20 @@ class LiveSession:
             raise ProtocolError("Invalid argument: setup.realtime_input_config.automatic_activity_detection "
                                 "has a value of the wrong type.") from None
         self.detector = TurnDetector(self.vad)
+        self.turn_coverage = str(ric.get("turn_coverage") or "")
         self.want_input_text = setup.get("input_audio_transcription") is not None
         self.want_output_text = setup.get("output_audio_transcription") is not None
         self.compression = setup.get("context_window_compression") is not None
+        self.include_thoughts = bool(_obj(gen.get("thinking_config"), "setup.generation_config.thinking_config")
+                                     .get("include_thoughts"))
         for tool in _list(setup.get("tools"), "setup.tools"):
+            self.builtin.update(k for k in _obj(tool, "setup.tools[]") if k in ("google_search", "url_context",
+                                                                                 "code_execution"))
             for decl in _list(_obj(tool, "setup.tools[]").get("function_declarations"), "setup.tools[].function_declarations"):
                 name = decl.get("name") if isinstance(decl, dict) else None
                 if not isinstance(name, str) or not name:
                     raise ProtocolError("Invalid argument: every function declaration needs a name.")
-                self.functions.append(name)
+                self._declare(decl)
         resumption = _obj(setup.get("session_resumption"), "setup.session_resumption")
         self.resumption = setup.get("session_resumption") is not None
         handle = resumption.get("handle")
@@ -332,6 +355,37 @@ class LiveSession:
             self._restore(self.restored)
         else:
             self.conv = self.registry.new_conversation()
+
+    def _declare(self, decl: dict[str, Any]) -> None:
+        self.functions.append(decl["name"])
+        # 3.x calls functions synchronously only (public docs): NON_BLOCKING acts as blocking.
+        if str(decl.get("behavior") or "").upper() == "NON_BLOCKING" and self.generation < 3:
+            self.non_blocking.add(decl["name"])
+
+    def _context_update(self, body: dict[str, Any]) -> None:
+        """New system instruction and/or tools mid-session (send_context_update): the tools replace
+        the declared ones for the next turns; the system instruction is noted (the parrot ignores it)."""
+        tools = body.get("tools")
+        if tools is not None:
+            self.functions, self.non_blocking = [], set()
+            for tool in _list(_obj(tools, "context_update.tools").get("tools"), "context_update.tools.tools"):
+                for decl in _list(_obj(tool, "context_update.tools.tools[]").get("function_declarations"),
+                                  "context_update.tools.tools[].function_declarations"):
+                    if not isinstance(decl, dict) or not isinstance(decl.get("name"), str) or not decl["name"]:
+                        raise ProtocolError("Invalid argument: every function declaration needs a name.")
+                    self._declare(decl)
+        self.mark("context_update", self.conv.turns if self.conv else 0,
+                  system_instruction=body.get("system_instruction") is not None,
+                  **({"functions": list(self.functions)} if tools is not None else {}))
+
+    def _check_generation3(self, setup: dict[str, Any], gen: dict[str, Any]) -> None:
+        """What a 3.x model refuses at setup, refused as the service does (close 1007). From the public
+        docs: proactive audio and affective dialog are not supported yet; thinking is set by level."""
+        if gen.get("enable_affective_dialog") or _obj(setup.get("proactivity"), "setup.proactivity"):
+            raise ProtocolError(wire.REASON_INVALID_ARGUMENT)
+        history = _obj(setup.get("history_config"), "setup.history_config")
+        # A resumed session already holds its history: only a new one takes it as client content.
+        self.history_open = bool(history.get("initial_history_in_client_content"))
 
     def _restore(self, state: Snapshot) -> None:
         """Continue from a handle's state: the unfinished utterance, unanswered turns, frame counts."""
@@ -448,6 +502,7 @@ class LiveSession:
                 await self._speech_start(now)
             else:
                 await self._speech_end(ev, now)
+        await self._interim()
 
     async def _activity(self, start: bool) -> None:
         if not self.vad.disabled:
@@ -493,6 +548,9 @@ class LiveSession:
 
     async def _speech_start(self, now: int) -> None:
         self.mark("speech_start", self.conv.turns + 1, now)
+        self.interim_next = self.opts.interim_every
+        if self.generation >= 3:
+            await self.send(wire.voice_activity(True, self.detector.position / RATE))
         if self.vad.interrupts:
             await self._interrupt_all(now)
 
@@ -528,12 +586,48 @@ class LiveSession:
         self.mark("speech_end", n, now, seconds=round(seconds, 3), manual=end.manual, frames=self.frames,
                   speech_stop_ns=self._arrival_of(end.last_voiced_sample), silence_ms=0 if end.manual else self.vad.silence_ms)
         self.frames = 0
+        if self.generation >= 3:
+            await self.send(wire.voice_activity(False, end.last_voiced_sample / RATE))
         if self.want_input_text:
             await self.send(wire.input_transcription(text))
+        if seconds < self.opts.need_more_input:
+            # Too short to answer: the service ends the turn saying it waits for the user to go on.
+            self.mark("need_more_input", n, seconds=round(seconds, 3))
+            await self.send(wire.turn_complete(prompt, {}, turnCompleteReason="NEED_MORE_INPUT",
+                                               waitingForInput=True, **self._status()))
+            self.counters["turns"] += 1
+            if self.resumption:
+                await self._resumption_update()
+            return
         tool = self.functions[0] if self.functions and seconds >= self.opts.tool_trigger else None
         self._enqueue(Turn(n, "audio", audio=end.audio, seconds=seconds, tool=tool, prompt_tokens=prompt))
 
+    def _status(self) -> dict[str, Any]:
+        """3.x sends interactionStatus with every turnComplete."""
+        return {"interactionStatus": "IDLE"} if self.generation >= 3 else {}
+
+    async def _interim(self) -> None:
+        """Interim input transcription while the user speaks (--interim-every), when asked for."""
+        if not (self.opts.interim_every > 0 and self.want_input_text and self.detector.speaking):
+            return
+        so_far = self.detector.speaking_seconds
+        if so_far >= self.interim_next:
+            self.interim_next = so_far + self.opts.interim_every
+            await self.send(wire.interim_input_transcription(f"utterance {self.conv.turns + 1}: {so_far:.2f} s so far"))
+
     async def _client_content(self, body: dict[str, Any]) -> None:
+        if self.generation >= 3:
+            # 3.x takes client content only as the initial history (setup.historyConfig), and
+            # closes 1007 on any other, as users of the service report.
+            if not self.history_open:
+                raise ProtocolError(wire.REASON_INVALID_ARGUMENT)
+            turns = _list(body.get("turns"), "client_content.turns")
+            self.history_turns += len(turns)
+            if body.get("turn_complete"):
+                self.history_open = False     # history seeded; it never starts a model turn
+                self.mark("history", self.conv.turns, turns=self.history_turns,
+                          roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns])
+            return
         texts: list[str] = []
         for content in _list(body.get("turns"), "client_content.turns"):
             content = _obj(content, "client_content.turns[]")
@@ -544,6 +638,10 @@ class LiveSession:
                     texts.append(part["text"])
         if body.get("turn_complete"):
             await self._text_turn(" ".join(texts))
+        else:   # context only (2.5): no model turn; noted so a client can see what it seeded
+            turns = _list(body.get("turns"), "client_content.turns")
+            self.mark("context", self.conv.turns if self.conv else 0, turns=len(turns),
+                      roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns])
 
     async def _text_turn(self, text: str) -> None:
         # Text interrupts a generation in progress, as the real service documents for client content.
@@ -556,15 +654,47 @@ class LiveSession:
         self.mark("text_in", n, now, chars=len(text))
         self._enqueue(Turn(n, "text", text=text, prompt_tokens={"TEXT": max(1, math.ceil(len(text) / 4))}))
 
-    def _tool_response(self, body: dict[str, Any]) -> None:
+    async def _tool_response(self, body: dict[str, Any]) -> None:
         for resp in _list(body.get("function_responses"), "tool_response.function_responses"):
             call_id = resp.get("id") if isinstance(resp, dict) else None
+            if str(call_id) in self.async_calls:
+                await self._async_result(str(call_id), resp)
+                continue
             waiter = self.tool_waiters.pop(str(call_id), None)
             if waiter is None or waiter.done():
                 self.counters["tool_responses_unmatched"] += 1
                 ratelog.warning("tool-id", f"session {self.sid}: tool response for unknown call id {call_id!r} ignored")
                 continue
             waiter.set_result(resp)
+
+    async def _async_result(self, call_id: str, resp: dict[str, Any]) -> None:
+        """A NON_BLOCKING call's response, scheduled as it asks: INTERRUPT stops the reply in progress
+        and answers now, WHEN_IDLE (the default) answers after what is queued, SILENT only adds it to
+        the context. will_continue: more responses for this call follow."""
+        name, asked_in = self.async_calls[call_id]
+        will_continue = bool(resp.get("will_continue"))
+        if not will_continue:
+            del self.async_calls[call_id]
+        scheduling = str(resp.get("scheduling") or "WHEN_IDLE").upper()
+        if scheduling == "SCHEDULING_UNSPECIFIED":
+            scheduling = "WHEN_IDLE"
+        if scheduling not in ("INTERRUPT", "WHEN_IDLE", "SILENT"):
+            raise ProtocolError(wire.REASON_INVALID_ARGUMENT)
+        self.mark("tool_response", asked_in, id=call_id, scheduling=scheduling, will_continue=will_continue)
+        if scheduling == "SILENT":
+            return
+        assert self.conv is not None
+        self.conv.turns += 1
+        n = self.conv.turns
+        turn = Turn(n, "tool", text=name, prompt_tokens={"TEXT": 8},
+                    label=f"reply {n}: tool {name} result, {scheduling.lower()}")
+        if scheduling == "INTERRUPT":
+            if self.current is not None and not self.current.completed:
+                await self._interrupt(self.current, time.time_ns())
+            self.waiting.appendleft(turn)
+            self.turn_ready.set()
+        else:
+            self._enqueue(turn)
 
     # --- output ----------------------------------------------------------------------------
 
@@ -586,7 +716,16 @@ class LiveSession:
         turn.phase = "thinking"
         await asyncio.sleep(o.latency)
         label = f"reply {turn.number}: {turn.seconds:.2f} s"
-        if turn.tool:
+        if turn.tool and turn.tool in self.non_blocking:
+            # NON_BLOCKING: the call goes out and the conversation goes on; the response is
+            # scheduled when it comes (_async_result).
+            call_id = f"fc-{self.sid}-{turn.number}"
+            self.async_calls[call_id] = (turn.tool, turn.number)
+            await self.send(wire.tool_call(call_id, turn.tool, {"utterance": turn.number,
+                                                                 "seconds": round(turn.seconds, 2)}))
+            self.counters["tool_calls"] += 1
+            self.mark("tool_call", turn.number, name=turn.tool, id=call_id, non_blocking=True)
+        elif turn.tool:
             turn.phase = "tool"
             turn.call_id = f"fc-{self.sid}-{turn.number}"
             waiter = asyncio.get_running_loop().create_future()
@@ -603,9 +742,13 @@ class LiveSession:
         if turn.kind == "text":
             label = f'reply {turn.number}: text "{turn.text[:200]}"'
             pcm = synthetic_reply(turn.text)
+        elif turn.kind == "tool":
+            label = turn.label
+            pcm = synthetic_reply(label)
         else:
             pcm = soxr.resample(turn.audio, RATE, OUT_RATE).astype(np.int16) if len(turn.audio) else np.zeros(0, np.int16)
         turn.phase = "speaking"
+        await self._extras(turn)
         if self.text_mode:
             await self.send(wire.text_part(label))
             turn.reply_text = label
@@ -614,8 +757,30 @@ class LiveSession:
             await self._stream(turn, pcm, label)
         elif self.want_output_text:          # an empty manual activity: nothing to say back
             await self.send(wire.output_transcription(label))
+        if self.generation >= 3:
+            await self._complete(turn, "turn_complete", generationComplete=True)   # one message on 3.x
+            return
         await self.send(wire.generation_complete())
         await self._complete(turn, "turn_complete")
+
+    async def _extras(self, turn: Turn) -> None:
+        """What a reply carries besides its words, when setup asked: a thought summary
+        (includeThoughts), search grounding, URL context, and code run with its result."""
+        n = turn.number
+        if self.include_thoughts:
+            await self.send(wire.model_parts([{"text": f"thinking about turn {n}", "thought": True}]))
+        if "code_execution" in self.builtin:
+            await self.send(wire.model_parts([
+                {"executableCode": {"language": "PYTHON", "code": f"print({n} * {n})"}},
+                {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": f"{n * n}\n"}}]))
+        if "google_search" in self.builtin:
+            await self.send({"serverContent": {"groundingMetadata": {
+                "webSearchQueries": [f"turn {n}"],
+                "groundingChunks": [{"web": {"uri": f"https://emulator.invalid/search/{n}", "title": f"result {n}"}}]}}})
+        if "url_context" in self.builtin:
+            await self.send({"serverContent": {"urlContextMetadata": {"urlMetadata": [
+                {"retrievedUrl": f"https://emulator.invalid/page/{n}",
+                 "urlRetrievalStatus": "URL_RETRIEVAL_STATUS_SUCCESS"}]}}})
 
     async def _stream(self, turn: Turn, pcm: np.ndarray, label: str) -> None:
         o = self.opts
@@ -629,21 +794,22 @@ class LiveSession:
             elif k:
                 await asyncio.sleep(0)      # unpaced: still let a barge-in be read between chunks
             chunk = pcm[off:off + step]
-            await self.send(wire.audio_chunk(chunk.tobytes()))
+            bundle = k == 0 and self.want_output_text and self.generation >= 3
+            await self.send(wire.audio_chunk(chunk.tobytes(), label if bundle else None))
             turn.sent_samples += len(chunk)
             if k == 0:
                 self.mark("first_byte", turn.number, reply_seconds=round(len(pcm) / OUT_RATE, 3))
-                if self.want_output_text:
+                if self.want_output_text and not bundle:
                     await self.send(wire.output_transcription(label))
 
-    async def _complete(self, turn: Turn, event: str) -> None:
+    async def _complete(self, turn: Turn, event: str, **signals: Any) -> None:
         if self.text_mode:
             response = {"TEXT": math.ceil(len(turn.reply_text) / 4)}
         else:
             response = {"AUDIO": round(turn.sent_samples / OUT_RATE * AUDIO_TOKENS_PER_S)}
         turn.completed = True
         turn.phase = "done"
-        await self.send(wire.turn_complete(turn.prompt_tokens, response))
+        await self.send(wire.turn_complete(turn.prompt_tokens, response, **signals, **self._status()))
         self.counters["turns"] += 1
         self.mark(event, turn.number, sent_seconds=round(turn.sent_samples / OUT_RATE, 3))
         if self.resumption:

@@ -216,6 +216,11 @@ class TurnDetector:
                         events.append(self._finish())
         return events
 
+    @property
+    def speaking_seconds(self) -> float:
+        """Length of the utterance in progress so far (0 when idle)."""
+        return len(self._frames) * FRAME / RATE if self.speaking else 0.0
+
     def hold(self) -> HeldAudio:
         """A snapshot of the held input (frames are never written to after they are cut, so shared)."""
         return HeldAudio(self.position, self.speaking, self.settings.disabled, self._framer.pending.copy(),

@@ -29,9 +29,20 @@ REASON_SESSION_EXPIRED = ("Connection aborted because the client failed to close
                           "session duration expired.")
 REASON_INTERNAL = "Internal error encountered."
 REASON_BAD_HANDLE = "Invalid argument: session resumption handle is unknown or expired."
+# What users report the service closes with when a 3.x model gets client content mid-session
+# (google/adk-python#5018, livekit/agents#5251): the generic invalid-argument wording.
+REASON_INVALID_ARGUMENT = "Request contains an invalid argument."
+
+_GENERATION_RE = re.compile(r"gemini-(\d+)(?:\.\d+)?-")
+
+
+def model_generation(model: str) -> int:
+    """'models/gemini-3.1-flash-live-preview' -> 3; anything unrecognised counts as 2 (2.5 native audio)."""
+    m = _GENERATION_RE.search(model)
+    return int(m.group(1)) if m else 2
 
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])([A-Z])")
-_TOP_LEVEL = ("setup", "client_content", "realtime_input", "tool_response")
+_TOP_LEVEL = ("setup", "client_content", "realtime_input", "tool_response", "context_update")
 
 
 class ProtocolError(Exception):
@@ -83,7 +94,7 @@ def parse_frame(raw: str | bytes) -> tuple[str, dict[str, Any]]:
     present = [k for k in _TOP_LEVEL if k in msg]
     if len(present) != 1:
         raise ProtocolError("Invalid request: a message must set exactly one of setup, client_content, "
-                            "realtime_input, tool_response.")
+                            "realtime_input, tool_response, context_update.")
     body = msg[present[0]]
     if not isinstance(body, dict):
         raise ProtocolError(f"Invalid JSON payload received. {present[0]} must be an object.")
@@ -127,10 +138,29 @@ def setup_complete(session_id: str) -> dict[str, Any]:
     return {"setupComplete": {"sessionId": session_id}}
 
 
-def audio_chunk(pcm24k: bytes) -> dict[str, Any]:
+def audio_chunk(pcm24k: bytes, transcription: str | None = None) -> dict[str, Any]:
+    """One reply chunk; with `transcription`, the output transcription rides in the same message
+    (3.x models bundle several parts in one serverContent)."""
     data = base64.b64encode(pcm24k).decode("ascii")
-    return {"serverContent": {"modelTurn": {"role": "model", "parts": [
-        {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": data}}]}}}
+    content: dict[str, Any] = {"modelTurn": {"role": "model", "parts": [
+        {"inlineData": {"mimeType": "audio/pcm;rate=24000", "data": data}}]}}
+    if transcription is not None:
+        content["outputTranscription"] = {"text": transcription}
+    return {"serverContent": content}
+
+
+def model_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"serverContent": {"modelTurn": {"role": "model", "parts": parts}}}
+
+
+def interim_input_transcription(text: str) -> dict[str, Any]:
+    return {"serverContent": {"interimInputTranscription": {"text": text}}}
+
+
+def voice_activity(start: bool, offset_s: float) -> dict[str, Any]:
+    """The service's own voice activity signal (3.x), with the audio time it was detected at."""
+    return {"voiceActivity": {"type": "ACTIVITY_START" if start else "ACTIVITY_END",
+                              "audioOffset": f"{offset_s:.3f}s"}}
 
 
 def text_part(text: str) -> dict[str, Any]:
@@ -153,7 +183,10 @@ def interrupted() -> dict[str, Any]:
     return {"serverContent": {"interrupted": True}}
 
 
-def turn_complete(prompt_tokens: dict[str, int], response_tokens: dict[str, int]) -> dict[str, Any]:
+def turn_complete(prompt_tokens: dict[str, int], response_tokens: dict[str, int],
+                  **signals: Any) -> dict[str, Any]:
+    """`signals`: further serverContent fields sent with turnComplete (generationComplete on 3.x,
+    turnCompleteReason, waitingForInput, interactionStatus)."""
     def details(counts: dict[str, int]) -> list[dict[str, Any]]:
         return [{"modality": m, "tokenCount": n} for m, n in counts.items() if n]
     prompt, response = sum(prompt_tokens.values()), sum(response_tokens.values())
@@ -163,7 +196,7 @@ def turn_complete(prompt_tokens: dict[str, int], response_tokens: dict[str, int]
         usage["promptTokensDetails"] = details(prompt_tokens)
     if details(response_tokens):
         usage["responseTokensDetails"] = details(response_tokens)
-    return {"serverContent": {"turnComplete": True}, "usageMetadata": usage}
+    return {"serverContent": {**signals, "turnComplete": True}, "usageMetadata": usage}
 
 
 def tool_call(call_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 The one process that talks to the model (google-genai's `client.aio.live.connect`) and the only
 module that imports google-genai (lazily, so `--help` stays fast).
 
-    audio.in, video.in, text.in, tool.result  ->  model  ->  audio.out, transcript, control, tool.call
+    audio.in, video.in, text.in, tool.result, control  ->  model  ->  audio.out, transcript, control,
+                                                                      tool.call, grounding
 
 Backend: the real Gemini Live API when GEMINI_API_KEY (or GOOGLE_API_KEY) is set, else the local
 emulator found through `<state>/emulator/emulator.json`; `--backend` forces either. Both go through
@@ -13,8 +14,9 @@ Long sessions: on goAway the next connection is opened with the latest resumptio
 the old one closes, and audio.in is held (bounded) until it is up; an abrupt close reconnects with
 the handle and backoff; a fatal error (bad key, policy close) is one line and exit 1.
 
-The package: settings.py, errors.py, media.py, link.py, and the Bridge in bridge.py with its
-input, output, tools and connection sides in their own modules."""
+The package: settings.py (live_options.py: the newer options, checked per model generation),
+errors.py, media.py, link.py, and the Bridge in bridge.py with its input, output, tools, connection
+and signals (newer Live API parts) sides in their own modules."""
 from __future__ import annotations
 
 import logging
@@ -26,6 +28,7 @@ from livepipe.services.lib.verb import UsageError, one_line, verb
 from livepipe.services.processes.gemini_bridge.bridge import Bridge
 from livepipe.services.processes.gemini_bridge.errors import KeyScrubber, install_scrubber
 from livepipe.services.processes.gemini_bridge.link import Link
+from livepipe.services.processes.gemini_bridge.live_options import model_generation
 from livepipe.services.processes.gemini_bridge.settings import (
     BYTES_PER_SECOND_IN,
     NAME,
@@ -57,6 +60,12 @@ def main(argv: list[str]) -> int:
     svc.on("video.in", bridge.on_video)
     svc.on("text.in", bridge.on_text)
     svc.on("tool.result", bridge.on_tool_result)
+    svc.on("audio.in", bridge.note_audio)       # a pause ends the stream for the service (signals.py)
+    svc.on("control", bridge.on_control)        # mute, context_update
+    if model_generation(settings.model) >= 3 and any(
+            str(d.get("behavior", "")).upper() == "NON_BLOCKING" for d in settings.tools or []):
+        log.warning("%s calls functions synchronously only: NON_BLOCKING declarations are answered "
+                    "before the model goes on", settings.model)
     log.info("backend %s, model %s", settings.backend, settings.model)
 
     async def run(_: Service) -> None:

@@ -16,12 +16,13 @@ from livepipe.services.processes.gemini_bridge.link import Link
 from livepipe.services.processes.gemini_bridge.media import AudioNormalizer, SpeechMarker
 from livepipe.services.processes.gemini_bridge.output import OutputSide
 from livepipe.services.processes.gemini_bridge.settings import NAME, Settings
+from livepipe.services.processes.gemini_bridge.signals import SignalSide
 from livepipe.services.processes.gemini_bridge.tools import ToolSide
 
 log = logging.getLogger(NAME)
 
 
-class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide):
+class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
     """The Live API session on the bus; each side lives in its own module, sharing this state."""
 
     def __init__(self, svc: Service, s: Settings, scrubber: KeyScrubber) -> None:
@@ -46,6 +47,8 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide):
         self.events_q: deque[tuple[str, Callable[[Any], Awaitable[None]]]] = deque()
         self.events_event = asyncio.Event()
         self.pending_tools: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self.stream_open = False                # audio.in flowing since the last audio_stream_end
+        self._pause_timer: asyncio.TimerHandle | None = None
         # output side
         self.turn = 0
         self.turn_open = False

@@ -123,10 +123,10 @@ class ConnectionSide:
         if client is None:
             if url:
                 ctx = ssl.create_default_context(cafile=ca)
-                opts = types.HttpOptions(base_url=url, async_client_args={"ssl": ctx})
+                opts = types.HttpOptions(base_url=url, async_client_args={"ssl": ctx}, **self._api_version())
                 client = genai.Client(api_key=self.s.api_key, http_options=opts)
             else:
-                client = genai.Client(api_key=self.s.api_key)
+                client = genai.Client(api_key=self.s.api_key, http_options=types.HttpOptions(**self._api_version()))
             self._clients = {key: client}   # an emulator restart may move it: keep only the current one
         return client
 
@@ -142,6 +142,7 @@ class ConnectionSide:
             raise
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
+        await self._seed_history(link)   # a new session's --history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))
         self.svc.metrics["connections"] = self.links_opened

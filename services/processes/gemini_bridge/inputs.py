@@ -9,6 +9,7 @@ from typing import Any, Awaitable, Callable
 from livepipe.bus.message import Message
 from livepipe.services.processes.gemini_bridge.errors import describe_error
 from livepipe.services.processes.gemini_bridge.link import Link
+from livepipe.services.processes.gemini_bridge.live_options import STREAM_END_MARK
 from livepipe.services.processes.gemini_bridge.media import prepare_frame
 from livepipe.services.processes.gemini_bridge.settings import (
     ACTIVITY_END,
@@ -126,6 +127,8 @@ class InputSide:
                         await link.session.send_realtime_input(activity_start=types.ActivityStart())
                     elif chunk == ACTIVITY_END:
                         await link.session.send_realtime_input(activity_end=types.ActivityEnd())
+                    elif chunk == STREAM_END_MARK:
+                        await link.session.send_realtime_input(audio_stream_end=True)
                     else:
                         await link.session.send_realtime_input(audio=types.Blob(data=chunk, mime_type=MODEL_MIME))
                 except asyncio.CancelledError:

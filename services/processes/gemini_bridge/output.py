@@ -34,6 +34,7 @@ class OutputSide:
         """Dispatch one LiveServerMessage: one handler per field, the interruption first."""
         if link.retired:
             return   # replaced: its state is resumed elsewhere, its output would duplicate
+        self._server_signals(msg)   # voice activity, interim transcription, thoughts, grounding (signals.py)
         sc = msg.server_content
         if sc is not None and sc.interrupted:
             self._on_interrupted()   # first: nothing of that turn may be published after it
@@ -57,7 +58,9 @@ class OutputSide:
                 self.svc.publish("control", "generation_complete", turn=self._open_turn())
             if sc.turn_complete:
                 self._on_turn_complete(usage)
+                self._turn_signals(sc)
                 return   # the usage went with the turn_complete
+            self._turn_signals(sc)
         if usage is not None:
             self._usage(usage)
 

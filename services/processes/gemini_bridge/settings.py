@@ -12,11 +12,16 @@ from typing import Any
 from livepipe.bus.config import ConfigError, add_bus_arguments
 from livepipe.services.lib.settings import choice as _choice, env as _env, number as _number, state_dir, switch as _switch
 from livepipe.services.lib.verb import VerbParser
+from livepipe.services.processes.gemini_bridge.live_options import (LiveOptions, add_live_arguments,
+                                                                    extend_live_config, live_options_from_args)
 
 NAME = "gemini-bridge"
 
 
-DEFAULT_MODEL = "gemini-2.5-flash-native-audio-preview-12-2025"
+# What Google's Live API examples use today; `--model` picks another (e.g. the 2.5 generation's
+# gemini-2.5-flash-native-audio-preview-12-2025, which has non-blocking tools, affective dialog and
+# proactive audio that 3.1 does not have yet).
+DEFAULT_MODEL = "gemini-3.1-flash-live-preview"
 
 
 # The emulator ignores the key unless started with --api-key; the SDK refuses to connect without one.
@@ -69,6 +74,7 @@ class Settings:
     silent_server: float = 5.0
     emulator_wait: float = 30.0
     state_dir: Path = field(default_factory=state_dir)
+    live: LiveOptions = field(default_factory=LiveOptions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a server that answers no websocket ping for S seconds is treated as gone: reconnect "
                         "with the resumption handle and resend what it may not have heard "
                         "(env LIVEPIPE_SILENT_SERVER_S, default 5)")
+    add_live_arguments(p)
     add_bus_arguments(p)
     return p
 
@@ -239,6 +246,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     if args.tools:
         s.tools, s.tools_file = load_tools(args.tools), args.tools
     s.state_dir = Path(environ["LIVEPIPE_STATE_DIR"]).expanduser() if environ.get("LIVEPIPE_STATE_DIR") else state_dir()
+    s.live = live_options_from_args(args, s)
     return s
 
 
@@ -287,5 +295,6 @@ def live_config(s: Settings, handle: str | None) -> Any:
         cfg["session_resumption"] = {"handle": handle} if handle else {}
     if s.tools:
         cfg["tools"] = [{"function_declarations": s.tools}]
+    extend_live_config(cfg, s, handle)
     return types.LiveConnectConfig.model_validate(cfg)
 

@@ -19,6 +19,9 @@ class ToolSide:
 
     def on_tool_result(self, msg: Message) -> None:
         call_id = msg["id"]
+        extra = self._result_options(msg)   # scheduling, will_continue (signals.py)
+        if extra is None:
+            return
         pending = self.pending_tools.pop(call_id, None)
         if pending is None:
             self.svc.metrics["tool_results_unknown"] += 1
@@ -28,11 +31,14 @@ class ToolSide:
         name, timer = pending
         timer.cancel()
         self.svc.metrics["tool_results"] += 1
-        self._send_tool_response(call_id, msg["name"] or name, msg["response"])
+        if extra.get("will_continue"):   # more results for this call follow: it stays pending
+            self.pending_tools[call_id] = (name, asyncio.get_running_loop().call_later(
+                self.s.tool_timeout, self._tool_timed_out, call_id))
+        self._send_tool_response(call_id, msg["name"] or name, msg["response"], **extra)
 
-    def _send_tool_response(self, call_id: str, name: str, response: dict[str, Any]) -> None:
+    def _send_tool_response(self, call_id: str, name: str, response: dict[str, Any], **extra: Any) -> None:
         from google.genai import types
-        fr = types.FunctionResponse(id=call_id, name=name, response=response)
+        fr = types.FunctionResponse(id=call_id, name=name, response=response, **extra)
         self._enqueue_event("tool", lambda ses: ses.send_tool_response(function_responses=[fr]))
 
     def _on_tool_calls(self, tool_call: Any) -> None:
