@@ -44,7 +44,8 @@ class Publisher:
     def __init__(self, svc: Service, backlog_s: float) -> None:
         self.svc = svc
         self.max_backlog_frames = int(backlog_s * IN_RATE)
-        self.backlog: deque[tuple[bytes, int, int]] = deque()   # (payload, capture_ts, frames)
+        # (payload, capture_ts, frames, callback_ts: arrival of the device block that completed it)
+        self.backlog: deque[tuple[bytes, int, int, int | None]] = deque()
         self.backlog_frames = 0
         self.muted = False
         self.published = 0
@@ -53,16 +54,16 @@ class Publisher:
         self._levels: deque[float] = deque(maxlen=50)   # mean square per chunk, last second at 20 ms
         self._holding = False
 
-    def offer(self, chunk: np.ndarray, capture_ts: int) -> None:
+    def offer(self, chunk: np.ndarray, capture_ts: int, callback_ts: int | None = None) -> None:
         if self.muted:
             self.muted_chunks += 1
             return
         f = chunk.astype(np.float64) / 32768.0
         self._levels.append(float(np.mean(f * f)) if len(f) else 0.0)
-        self.backlog.append((chunk.tobytes(), capture_ts, len(chunk)))
+        self.backlog.append((chunk.tobytes(), capture_ts, len(chunk), callback_ts))
         self.backlog_frames += len(chunk)
         while self.backlog_frames > self.max_backlog_frames and self.backlog:
-            _, _, frames = self.backlog.popleft()
+            _, _, frames, _ = self.backlog.popleft()
             self.backlog_frames -= frames
             self.dropped_chunks += 1
             self.svc.ratelog.warning("backlog", "nobody has subscribed to audio.in for "
@@ -83,9 +84,10 @@ class Publisher:
                      self.backlog_frames * 1000 / IN_RATE)
         self._holding = False
         while self.backlog:
-            payload, ts, frames = self.backlog[0]
+            payload, ts, frames, cb_ts = self.backlog[0]
+            stamps = {"stamps": {"callback_ts": cb_ts}} if cb_ts else {}   # latency budget (README)
             if not self.svc.publish("audio.in", "audio", payload, rate=IN_RATE, channels=1, sample_width=2,
-                                    frames=frames, capture_ts=ts):
+                                    frames=frames, capture_ts=ts, **stamps):
                 break   # send queue full (counted by the runtime): keep it and retry with the next chunk
             self.backlog.popleft()
             self.backlog_frames -= frames
@@ -120,6 +122,7 @@ class DeviceSource:
         self.queue_dropped = 0
         self.blocks = 0
         self.realtime: bool | None = None   # decided in the callback thread itself
+        self.last_arrival_ns: int | None = None   # callback time of the newest block handled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         try:
@@ -164,6 +167,7 @@ class DeviceSource:
             self._wake.clear()
             while self.queue:
                 data, arrival_ns, lost = self.queue.popleft()
+                self.last_arrival_ns = arrival_ns
                 block = np.frombuffer(data, dtype="<i2")
                 self.clock.update(arrival_ns, len(block) // self.channels, reset=lost)
                 if self.channels > 1:
@@ -287,7 +291,7 @@ class Capture:
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
             async for chunk, ts in self.source.chunks():
-                self.pub.offer(chunk, ts)
+                self.pub.offer(chunk, ts, getattr(self.source, "last_arrival_ns", None))
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
             if self.pub.backlog:

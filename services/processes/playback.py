@@ -129,6 +129,7 @@ class JitterBuffer:
         self.segment = 0               # bumped by every interrupt
         self.queued_frames = 0
         self.last_audio_end_ns = 0     # when the last non-silent sample handed to the sink sounds
+        self.started_handed_ns = 0     # when the newest turn's first sample was handed to the sink
         self.stats: dict[str, int] = dict(underruns=0, late_chunks=0, overflow_chunks=0, turns_started=0,
                                           turns_finished=0, interrupted_turns=0, dropped_on_interrupt_frames=0,
                                           pushed_frames=0, played_frames=0)
@@ -256,6 +257,7 @@ class JitterBuffer:
                 if not t.started:
                     t.started = True
                     self.stats["turns_started"] += 1
+                    self.started_handed_ns = self.wall_ns()   # latency budget: reached the sink
                     events.append(("turn_started", {"turn": t.turn, "first_sample_ts": ts}))
                 t.blocks.append((ts, take))
                 t.pulled += take
@@ -495,14 +497,22 @@ class Player:
         self._audio_mono = 0.0          # when the last audio.out was handled
         self._completed: OrderedDict[int, None] = OrderedDict()   # turns whose end was applied
         self._pending_ends: set[asyncio.Task] = set()
+        self.stamps: dict[int, dict[str, int]] = {}   # turn -> latency-budget stamps of its first chunk
 
     def publish_event(self, kind: str, fields: dict) -> None:
+        if kind == "turn_started":   # latency budget (README): the turn's stamps, plus when it reached the sink
+            fields = {**fields, "stamps": {**self.stamps.pop(fields["turn"], {}),
+                                           "handed_ts": self.jb.started_handed_ns}}
         if not self.svc.stopping:
             self.svc.publish_threadsafe("playback", kind, **fields)
 
     # --------------------------------------------------------- handlers
     def on_audio(self, msg: Message) -> None:
         turn = msg["turn"]
+        if "stamps" in msg.header and turn not in self.stamps:
+            self.stamps[turn] = {**msg["stamps"], "out_pub_ts": msg["ts"], "play_recv_ts": time.time_ns()}
+            while len(self.stamps) > 16:   # turns that never started (interrupted first)
+                self.stamps.pop(next(iter(self.stamps)))
         self._audio_ts = max(self._audio_ts, msg["ts"])
         self._audio_mono = time.monotonic()
         if msg["sample_width"] != 2:
