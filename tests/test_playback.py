@@ -324,3 +324,20 @@ def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(playback_bu
     signal = burst["signal"]
     assert abs((b - a) - len(signal)) <= 2
     exact_offset(signal, heard, a)
+
+
+def test_jitter_buffer_starts_at_once_and_grows_its_prebuffer_only_after_an_underrun():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, np.full(480, 1, np.int16))
+    assert (pull(jb, clock, 1) == 1).sum() == 480         # no prebuffer: the first period already plays
+    pull(jb, clock, 1)                                     # dry...
+    jb.push(1, np.full(240, 1, np.int16))                  # ...and more came: an underrun
+    assert jb.stats["underruns"] == 1 and jb.prebuffer_ms == 20.0
+    assert not pull(jb, clock, 1).any()                    # now it holds 20 ms before going on
+    jb.push(1, np.full(240, 1, np.int16))
+    assert (pull(jb, clock, 2) == 1).sum() == 480
+    for _ in range(5):                                     # more underruns: capped at the maximum
+        pull(jb, clock, 2)
+        jb.push(1, np.full(24000, 1, np.int16))
+        pull(jb, clock, 60)
+    assert jb.prebuffer_ms == 60.0

@@ -44,6 +44,14 @@ EventSink = Callable[[str, dict], None]
 
 PREBUFFER, PLAYING, STARVED = "prebuffer", "playing", "starved"
 
+# Playback defaults, in one place (chosen with `livepipe bench pipeline`, see README Performance).
+# The model streams faster than real time, so a turn starts at once (no prebuffer); each underrun
+# grows the prebuffer by one step, up to the most, for the turns that follow.
+DEFAULT_PREBUFFER_MS = 0.0
+DEFAULT_PREBUFFER_MAX_MS = 60.0
+PREBUFFER_STEP_MS = 20.0
+DEFAULT_LATENCY_MS = 80.0
+
 
 @dataclass
 class TurnFinished:
@@ -108,12 +116,16 @@ class JitterBuffer:
     handed to `on_event(kind, fields)` after the lock is released.
     """
 
-    def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = 60.0, turn_gap_ms: float = 1000.0,
+    def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = DEFAULT_PREBUFFER_MS, turn_gap_ms: float = 1000.0,
                  max_buffer_s: float = 600.0, on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns,
+                 prebuffer_max_ms: float | None = None) -> None:
         self.rate = rate
         self.prebuffer_frames = int(rate * prebuffer_ms / 1000)
         self.prebuffer_s = prebuffer_ms / 1000
+        # Adaptive: an underrun grows the prebuffer (for later audio) by a step, up to this.
+        self.prebuffer_max_ms = max(prebuffer_ms, DEFAULT_PREBUFFER_MAX_MS if prebuffer_max_ms is None
+                                    else prebuffer_max_ms)
         self.turn_gap_s = turn_gap_ms / 1000
         self.max_frames = int(rate * max_buffer_s)
         self.on_event = on_event or (lambda kind, fields: None)
@@ -162,6 +174,7 @@ class JitterBuffer:
                 # It ran dry and more audio came: the listener heard a gap.
                 self.stats["underruns"] += 1
                 events.append(("underrun", {"turn": turn}))
+                self._grow_prebuffer()
                 t.state, t.wait_since = PREBUFFER, now
             t.chunks.append(pcm)
             t.queued += len(pcm)
@@ -169,6 +182,15 @@ class JitterBuffer:
             self.stats["pushed_frames"] += len(pcm)
         self._emit(events)
         return True
+
+    def _grow_prebuffer(self) -> None:
+        """After an underrun: hold one step more before (re)starting, up to prebuffer_max_ms."""
+        ms = min(self.prebuffer_max_ms, self.prebuffer_s * 1000 + PREBUFFER_STEP_MS)
+        self.prebuffer_frames, self.prebuffer_s = int(self.rate * ms / 1000), ms / 1000
+
+    @property
+    def prebuffer_ms(self) -> float:
+        return round(self.prebuffer_s * 1000, 1)
 
     def end_turn(self, turn: int) -> None:
         """No more audio will come for `turn` (turn_complete / generation_complete)."""
@@ -618,6 +640,7 @@ class Player:
         m.update(self.jb.stats)
         m.update(self.sink.metrics())
         m.update(sink=self.sink.kind, buffered_ms=round(self.jb.buffered_ms, 1), interrupts=self.interrupts,
+                 prebuffer_ms=self.jb.prebuffer_ms,
                  rejected_chunks=self.rejected_chunks, converted_chunks=self.converted_chunks,
                  period_ms=round(self.sink.period_frames * 1000 / self.sink.rate, 2),
                  played_s=round(self.jb.stats["played_frames"] / self.jb.rate, 2))
@@ -634,13 +657,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "in real time (silences included), instead of a device")
     out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
-    p.add_argument("--prebuffer-ms", type=float, default=60.0,
-                   help="audio queued before a turn starts playing (default 60)")
+    p.add_argument("--prebuffer-ms", type=float, default=DEFAULT_PREBUFFER_MS,
+                   help=f"audio queued before a turn starts playing (default {DEFAULT_PREBUFFER_MS:g}: at once; "
+                        "each underrun adds 20 ms, up to --prebuffer-max-ms)")
+    p.add_argument("--prebuffer-max-ms", type=float, default=DEFAULT_PREBUFFER_MAX_MS,
+                   help=f"most the prebuffer grows to after underruns (default {DEFAULT_PREBUFFER_MAX_MS:g})")
     p.add_argument("--period-ms", type=float, default=20.0,
                    help="device period: the block each device callback (or file write) handles (default 20)")
-    p.add_argument("--latency-ms", type=float, default=80.0,
-                   help="device buffer (default 80 ms); an interrupt drops it, so it only delays a turn's "
-                        "start; 0 = PortAudio's 'low'")
+    p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS,
+                   help=f"device buffer (default {DEFAULT_LATENCY_MS:g} ms); an interrupt drops it, so it only "
+                        "delays a turn's start; 0 = PortAudio's 'low'")
     p.add_argument("--device-rate", type=int, metavar="HZ",
                    help="open the device at this rate and resample (default: 24000 if the device takes it)")
     p.add_argument("--turn-gap-ms", type=float, default=1000.0,
@@ -658,7 +684,7 @@ def main(argv: list[str]) -> int:
     setup_logging("playback")
     if args.list_devices:
         return print_device_list(log)
-    for name in ("prebuffer_ms", "turn_gap_ms"):
+    for name in ("prebuffer_ms", "prebuffer_max_ms", "turn_gap_ms"):
         if getattr(args, name) < 0:
             log.error("--%s must be >= 0", name.replace("_", "-"))
             return 2
@@ -676,7 +702,8 @@ def main(argv: list[str]) -> int:
     def make_buffer(rate: int) -> JitterBuffer:
         # With a device that needs another rate the buffer holds device-rate audio (resampled on arrival).
         return JitterBuffer(rate, args.prebuffer_ms, args.turn_gap_ms, args.max_buffer_s,
-                            on_event=lambda kind, fields: holder["player"].publish_event(kind, fields))
+                            on_event=lambda kind, fields: holder["player"].publish_event(kind, fields),
+                            prebuffer_max_ms=args.prebuffer_max_ms)
     try:
         if args.file or args.null:
             jb = make_buffer(OUT_RATE)
