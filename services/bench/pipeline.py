@@ -81,21 +81,21 @@ class System:
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     mic: MonitorRecorder | None = None
     speaker: MonitorRecorder | None = None
-    cpu_s: float = 0.0
+    cpu_s: dict[str, float] = field(default_factory=dict)   # per process, over its own turns
     wall_s: float = 0.0
     startup_ms: float | None = None
     turns: list[Turn] = field(default_factory=list)
     missed: int = 0
 
-    def cpu_time(self) -> float:
-        total = 0.0
-        for proc in self.procs.values():
+    def cpu_times(self) -> dict[str, float]:
+        out = {}
+        for name, proc in self.procs.items():
             try:
                 t = psutil.Process(proc.pid).cpu_times()
-                total += t.user + t.system
+                out[name] = t.user + t.system
             except psutil.Error:
-                pass
-        return total
+                out[name] = 0.0
+        return out
 
     def rss_mb(self) -> dict[str, float]:
         out = {}
@@ -229,7 +229,7 @@ def run_turn(sysm: System, index: int, wav: Path, loud_s: float, daemon_env: dic
     sysm.check_alive(workdir)
     mic, spk = sysm.mic, sysm.speaker
     t_play = time.time_ns()
-    cpu0, wall0 = sysm.cpu_time(), time.monotonic()
+    cpu0, wall0 = sysm.cpu_times(), time.monotonic()
     play_wav(wav, sysm.devices.mic_feed, daemon_env)
     mic_t0 = mic.t0_ns()
     x = mic.samples(max(0, mic.index_at(t_play, mic_t0)))
@@ -251,7 +251,8 @@ def run_turn(sysm: System, index: int, wav: Path, loud_s: float, daemon_env: dic
         reply = loud_spans(y, OUT_RATE)
         if reply and (reply[-1][1] - reply[0][0]) / OUT_RATE >= loud_s - 0.05 and len(y) - reply[-1][1] > 0.4 * OUT_RATE:
             break
-    sysm.cpu_s += sysm.cpu_time() - cpu0
+    for name, t in sysm.cpu_times().items():
+        sysm.cpu_s[name] = sysm.cpu_s.get(name, 0.0) + t - cpu0.get(name, t)
     sysm.wall_s += time.monotonic() - wall0
     if not reply:
         sysm.missed += 1
@@ -437,7 +438,8 @@ def bench(utterances: int, rounds: int, video: bool, playback_args: list[str], c
         result[f"{name}_v2v_p50_ms"] = _pct(v, 50)
         result[f"{name}_v2v_p99_ms"] = _pct(v, 99)
         result[f"{name}_v2v_ms"] = v
-        result[f"{name}_cpu_pct_of_core"] = round(100 * s.cpu_s / s.wall_s, 1) if s.wall_s else None
+        result[f"{name}_cpu_pct_of_core"] = round(100 * sum(s.cpu_s.values()) / s.wall_s, 1) if s.wall_s else None
+        result[f"{name}_cpu_pct_by_process"] = {k: round(100 * v / s.wall_s, 1) for k, v in s.cpu_s.items()} if s.wall_s else {}
         result[f"{name}_turns_missed"] = s.missed
         result[f"{name}_stretch_max_ms"] = max((t.stretch_ms for t in s.turns), default=None)
     p50p, p50b = result["pipeline_v2v_p50_ms"], result["baseline_v2v_p50_ms"]

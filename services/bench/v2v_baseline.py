@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import ssl
 import sys
@@ -87,6 +88,7 @@ class AudioLoop:
             self.stats["writes"] += 1
             if underflowed and not was_empty:
                 self.stats["underruns"] += 1   # the device starved although audio was queued
+                print(f"stats {json.dumps(self.stats)}", flush=True)
 
     async def run(self, state_dir: Path) -> None:
         import sounddevice as sd
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     print(f"stats {json.dumps(loop_obj.stats)}", flush=True)
-    return 0
+    os._exit(0)   # threads blocked in a device read would hold the interpreter's exit
 
 
 if __name__ == "__main__":

@@ -46,11 +46,11 @@ PREBUFFER, PLAYING, STARVED = "prebuffer", "playing", "starved"
 
 # Playback defaults, in one place (chosen with `livepipe bench pipeline`, see README Performance).
 # The model streams faster than real time, so a turn starts at once (no prebuffer); each underrun
-# grows the prebuffer by one step, up to the most, for the turns that follow.
+# grows the prebuffer by the gap heard (at least one step), up to the most, for the audio that follows.
 DEFAULT_PREBUFFER_MS = 0.0
 DEFAULT_PREBUFFER_MAX_MS = 60.0
 PREBUFFER_STEP_MS = 20.0
-DEFAULT_LATENCY_MS = 80.0
+DEFAULT_LATENCY_MS = 40.0
 
 
 @dataclass
@@ -174,7 +174,7 @@ class JitterBuffer:
                 # It ran dry and more audio came: the listener heard a gap.
                 self.stats["underruns"] += 1
                 events.append(("underrun", {"turn": turn}))
-                self._grow_prebuffer()
+                self._grow_prebuffer((now - t.dry_since) * 1000)
                 t.state, t.wait_since = PREBUFFER, now
             t.chunks.append(pcm)
             t.queued += len(pcm)
@@ -183,9 +183,10 @@ class JitterBuffer:
         self._emit(events)
         return True
 
-    def _grow_prebuffer(self) -> None:
-        """After an underrun: hold one step more before (re)starting, up to prebuffer_max_ms."""
-        ms = min(self.prebuffer_max_ms, self.prebuffer_s * 1000 + PREBUFFER_STEP_MS)
+    def _grow_prebuffer(self, gap_ms: float) -> None:
+        """After an underrun whose gap lasted `gap_ms`: hold that much more (at least one step)
+        before a turn (re)starts, up to prebuffer_max_ms, so a like gap is absorbed next time."""
+        ms = min(self.prebuffer_max_ms, self.prebuffer_s * 1000 + max(PREBUFFER_STEP_MS, gap_ms))
         self.prebuffer_frames, self.prebuffer_s = int(self.rate * ms / 1000), ms / 1000
 
     @property
@@ -659,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--prebuffer-ms", type=float, default=DEFAULT_PREBUFFER_MS,
                    help=f"audio queued before a turn starts playing (default {DEFAULT_PREBUFFER_MS:g}: at once; "
-                        "each underrun adds 20 ms, up to --prebuffer-max-ms)")
+                        "each underrun adds the gap heard, at least 20 ms, up to --prebuffer-max-ms)")
     p.add_argument("--prebuffer-max-ms", type=float, default=DEFAULT_PREBUFFER_MAX_MS,
                    help=f"most the prebuffer grows to after underruns (default {DEFAULT_PREBUFFER_MAX_MS:g})")
     p.add_argument("--period-ms", type=float, default=20.0,
