@@ -86,6 +86,7 @@ class System:
     startup_ms: float | None = None
     turns: list[Turn] = field(default_factory=list)
     missed: int = 0
+    underrun_at_ms: list[int] = field(default_factory=list)   # playback underrun events, ms after the onset
 
     def cpu_times(self) -> dict[str, float]:
         out = {}
@@ -265,6 +266,8 @@ def run_turn(sysm: System, index: int, wav: Path, loud_s: float, daemon_env: dic
         while (msg := client.recv(0)) is not None:
             if msg.topic == "playback" and msg.kind == "turn_started":
                 stamps = {**msg.get("stamps", {}), "first_sample_ts": msg["first_sample_ts"]}
+            elif msg.topic == "playback" and msg.kind == "underrun":   # where in the reply it was
+                sysm.underrun_at_ms.append(round((msg["ts"] - onset_ns) / 1e6))
             elif msg.topic == "status" and msg["src"] == "playback":
                 sysm.__dict__["playback_metrics"] = msg.get("metrics", {})
     sysm.turns.append(Turn(sysm.name, index, round((onset_ns - end_ns) / 1e6, 1), round(stretch, 1),
@@ -448,7 +451,8 @@ def bench(utterances: int, rounds: int, video: bool, playback_args: list[str], c
     result["added_p99_ms"] = round(p99p - p99b, 1) if p99p is not None and p99b is not None else None
     result["rss_mb"] = rss
     result["underruns"] = {"pipeline": pm.get("underruns"), "pipeline_device_underflows": pm.get("device_underflows"),
-                           "baseline": base_stats.get("underruns")}
+                           "baseline": base_stats.get("underruns"),
+                           "pipeline_at_ms_after_onset": systems["pipeline"].underrun_at_ms}
     result["startup_ms"] = {name: s.startup_ms for name, s in systems.items()}
     result["pipeline_stages_ms"] = stage_medians(systems["pipeline"].turns)
     result["settings"] = {"utterances": utterances, "rounds": rounds, "video": video,
