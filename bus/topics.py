@@ -58,7 +58,13 @@ class Topic:
     doc: str = ""
 
 
-_audio_kind = Kind(required=AUDIO_FIELDS, optional={"capture_ts": INT}, payload=True)
+# `stamps`: optional latency-budget stamps, a map of name -> wall-clock ns (README, "Latency
+# budget"). capture-audio puts `callback_ts` on audio.in; the bridge puts the input path of the
+# newest audio.in chunk and `reply_recv_ts` on the first audio.out chunk of a turn; playback adds
+# its own and sends them all on turn_started.
+STAMPS = {"stamps": MAP}
+
+_audio_kind = Kind(required=AUDIO_FIELDS, optional={"capture_ts": INT, **STAMPS}, payload=True)
 
 TOPICS: dict[str, Topic] = {}
 
@@ -72,7 +78,7 @@ def _declare(topic: Topic) -> Topic:
 AUDIO_IN = _declare(Topic("audio.in", "audio", {"audio": _audio_kind},
                           "user audio: 16 kHz mono s16le PCM chunks"))
 AUDIO_OUT = _declare(Topic("audio.out", "audio", {
-    "audio": Kind(required={**AUDIO_FIELDS, "turn": INT}, optional={"capture_ts": INT}, payload=True)},
+    "audio": Kind(required={**AUDIO_FIELDS, "turn": INT}, optional={"capture_ts": INT, **STAMPS}, payload=True)},
     "model audio: 24 kHz mono s16le PCM, tagged with the model turn id"))
 VIDEO_IN = _declare(Topic("video.in", "video", {
     "image": Kind(required={"image_width": INT, "image_height": INT, "mime": STR},
@@ -103,7 +109,7 @@ CONTROL = _declare(Topic("control", "control", {
     "unmute": Kind(),
 }, "system messages: jump ahead of data, never dropped"))
 PLAYBACK = _declare(Topic("playback", "events", {
-    "turn_started": Kind(required={"turn": INT, "first_sample_ts": INT}),
+    "turn_started": Kind(required={"turn": INT, "first_sample_ts": INT}, optional=STAMPS),
     "turn_finished": Kind(required={"turn": INT, "played_ms": NUM, "interrupted": BOOL},
                           optional={"silent_ts": INT}),
     "underrun": Kind(required={"turn": INT}),

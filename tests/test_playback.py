@@ -272,7 +272,7 @@ def test_jitter_buffer_counts_an_underrun_only_when_the_turn_goes_on():
     assert jb.stats["underruns"] == 1 and events[-1] == ("underrun", {"turn": 1})
     pull(jb, clock, 2)
     jb.push(2, np.full(480, 2, np.int16))           # the next turn: turn 1 simply ended
-    pull(jb, clock, 2)
+    pull(jb, clock, 5)                              # (after a 60 ms gap it holds 60 ms before starting)
     assert jb.stats["underruns"] == 1
     assert [k for k, _ in events] == ["turn_started", "underrun", "turn_finished", "turn_started"]
 
@@ -324,3 +324,20 @@ def test_a_minute_of_audio_delivered_in_a_second_plays_without_drops(playback_bu
     signal = burst["signal"]
     assert abs((b - a) - len(signal)) <= 2
     exact_offset(signal, heard, a)
+
+
+def test_jitter_buffer_starts_at_once_and_grows_its_prebuffer_only_after_an_underrun():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, np.full(480, 1, np.int16))
+    assert (pull(jb, clock, 1) == 1).sum() == 480         # no prebuffer: the first period already plays
+    pull(jb, clock, 1)                                     # dry...
+    jb.push(1, np.full(240, 1, np.int16))                  # ...40 ms later more came: an underrun
+    assert jb.stats["underruns"] == 1 and jb.prebuffer_ms == 40.0   # grown by the gap heard
+    assert not pull(jb, clock, 1).any()                    # now it holds 40 ms before going on
+    jb.push(1, np.full(720, 1, np.int16))
+    assert (pull(jb, clock, 2) == 1).sum() == 960
+    for _ in range(5):                                     # more underruns: capped at the maximum
+        pull(jb, clock, 2)
+        jb.push(1, np.full(24000, 1, np.int16))
+        pull(jb, clock, 60)
+    assert jb.prebuffer_ms == 60.0

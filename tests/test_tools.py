@@ -2,6 +2,7 @@
 replay, export, say, and the bench's plumbing; plus the tools' import hygiene."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -373,3 +374,25 @@ def test_bench_bus_runs_end_to_end():
                 "raw_jpeg_p99_us", "lost"):
         assert isinstance(result[key], (int, float)), key
     assert result["lost"] == 0 and result["raw_lost"] == 0
+
+
+def test_bench_pipeline_runs_end_to_end(tmp_path):
+    """The voice-to-voice benchmark's plumbing (null-sink devices, emulator, the pipeline's processes and
+    the one-process baseline, one utterance each, JSON out, the timeline plot); figures are not asserted."""
+    plot = tmp_path / "turn.png"
+    has_mpl = importlib.util.find_spec("matplotlib") is not None
+    proc = subprocess.run([sys.executable, "-m", "livepipe.services", "bench", "pipeline", "--json", "--utterances",
+                           "1", "--rounds", "1", "--no-video", *(["--plot", str(plot)] if has_mpl else [])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    for key in ("pipeline_v2v_p50_ms", "pipeline_v2v_p99_ms", "baseline_v2v_p50_ms", "baseline_v2v_p99_ms",
+                "added_p50_ms", "pipeline_cpu_pct_of_core", "baseline_cpu_pct_of_core"):
+        assert isinstance(result[key], (int, float)), key
+    assert result["pipeline_turns_missed"] == 0 and result["baseline_turns_missed"] == 0   # every reply was heard
+    assert set(result["rss_mb"]["pipeline"]) == {"broker", "gemini-bridge", "capture-audio", "playback"}
+    assert set(result["rss_mb"]["baseline"]) == {"client"}
+    assert set(result["startup_ms"]) == {"pipeline", "baseline"} and "pipeline" in result["underruns"]
+    assert "model (emulator: 500 ms silence + 300 ms think)" in result["pipeline_stages_ms"]   # the stamps arrived
+    if has_mpl:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,7 @@ BENCHES = {
     "video": "fit + JPEG encode cost per frame against a plain resize-to-768x768 client; frame age",
     "goaway": "audio.in delivery gap to the model across goAway switchovers",
     "capture": "capture chunk length vs latency and CPU (why 20 ms)",
+    "pipeline": "voice-to-voice on null-sink devices against a one-process client in the same run",
 }
 
 

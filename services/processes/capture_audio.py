@@ -38,6 +38,7 @@ from livepipe.bus.message import Message
 log = logging.getLogger("capture-audio")
 
 DEFAULT_CHUNK_MS = 20
+DEFAULT_BLOCK_MS = 10
 
 
 class Publisher:
@@ -46,7 +47,8 @@ class Publisher:
     def __init__(self, svc: Service, backlog_s: float) -> None:
         self.svc = svc
         self.max_backlog_frames = int(backlog_s * IN_RATE)
-        self.backlog: deque[tuple[bytes, int, int]] = deque()   # (payload, capture_ts, frames)
+        # (payload, capture_ts, frames, callback_ts: arrival of the device block that completed it)
+        self.backlog: deque[tuple[bytes, int, int, int | None]] = deque()
         self.backlog_frames = 0
         self.muted = False
         self.published = 0
@@ -55,16 +57,16 @@ class Publisher:
         self._levels: deque[float] = deque(maxlen=50)   # mean square per chunk, last second at 20 ms
         self._holding = False
 
-    def offer(self, chunk: np.ndarray, capture_ts: int) -> None:
+    def offer(self, chunk: np.ndarray, capture_ts: int, callback_ts: int | None = None) -> None:
         if self.muted:
             self.muted_chunks += 1
             return
         f = chunk.astype(np.float64) / 32768.0
         self._levels.append(float(np.mean(f * f)) if len(f) else 0.0)
-        self.backlog.append((chunk.tobytes(), capture_ts, len(chunk)))
+        self.backlog.append((chunk.tobytes(), capture_ts, len(chunk), callback_ts))
         self.backlog_frames += len(chunk)
         while self.backlog_frames > self.max_backlog_frames and self.backlog:
-            _, _, frames = self.backlog.popleft()
+            _, _, frames, _ = self.backlog.popleft()
             self.backlog_frames -= frames
             self.dropped_chunks += 1
             self.svc.ratelog.warning("backlog", "nobody has subscribed to audio.in for "
@@ -85,9 +87,10 @@ class Publisher:
                      self.backlog_frames * 1000 / IN_RATE)
         self._holding = False
         while self.backlog:
-            payload, ts, frames = self.backlog[0]
+            payload, ts, frames, cb_ts = self.backlog[0]
+            stamps = {"stamps": {"callback_ts": cb_ts}} if cb_ts else {}   # latency budget (README)
             if not self.svc.publish("audio.in", "audio", payload, rate=IN_RATE, channels=1, sample_width=2,
-                                    frames=frames, capture_ts=ts):
+                                    frames=frames, capture_ts=ts, **stamps):
                 break   # send queue full (counted by the runtime): keep it and retry with the next chunk
             self.backlog.popleft()
             self.backlog_frames -= frames
@@ -106,7 +109,8 @@ class DeviceSource:
 
     kind = "device"
 
-    def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int) -> None:
+    def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int,
+                 block_ms: float | None = None) -> None:
         self.sd = import_sounddevice("input")
         info = resolve_device(self.sd, parse_device(device), "input")
         self.device_index, self.device_name = int(info["index"]), str(info["name"])
@@ -114,7 +118,9 @@ class DeviceSource:
         self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
         self.resampler = StreamResampler(self.rate, IN_RATE)
         self.chunker = Chunker(chunk_frames, IN_RATE)
-        self.block_frames = max(16, self.rate // 100)           # 10 ms device blocks
+        # 10 ms device blocks by default: blocks as long as a 20 ms chunk cost 2.5 % of a core less
+        # but delivered the end of speech about 24 ms later (livepipe bench pipeline, README).
+        self.block_frames = max(16, int(round(self.rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
         # Blocks wait here for the event loop; a minute of them at most (counted beyond that).
         self.queue: deque[tuple[bytes, int, bool]] = deque()   # (samples, arrival ns, input lost before)
         self.max_queue = 6000
@@ -122,6 +128,7 @@ class DeviceSource:
         self.queue_dropped = 0
         self.blocks = 0
         self.realtime: bool | None = None   # decided in the callback thread itself
+        self.last_arrival_ns: int | None = None   # callback time of the newest block handled
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         try:
@@ -155,17 +162,31 @@ class DeviceSource:
             except RuntimeError:   # loop closed while shutting down
                 pass
 
+    async def _watchdog(self) -> None:
+        """Wake the reader once a second, so a device that stopped is noticed (not a wait per block)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self._wake is not None:
+                self._wake.set()
+
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        watchdog = asyncio.create_task(self._watchdog())
+        try:
+            async for chunk in self._chunks():
+                yield chunk
+        finally:
+            watchdog.cancel()
+
+    async def _chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
-                if not self.stream.active:
-                    raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
+            await self._wake.wait()
             self._wake.clear()
+            if not self.queue and not self.stream.active:
+                raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
             while self.queue:
                 data, arrival_ns, lost = self.queue.popleft()
+                self.last_arrival_ns = arrival_ns
                 block = np.frombuffer(data, dtype="<i2")
                 self.clock.update(arrival_ns, len(block) // self.channels, reset=lost)
                 if self.channels > 1:
@@ -289,7 +310,7 @@ class Capture:
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
             async for chunk, ts in self.source.chunks():
-                self.pub.offer(chunk, ts)
+                self.pub.offer(chunk, ts, getattr(self.source, "last_arrival_ns", None))
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
             if self.pub.backlog:
@@ -333,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"length of each audio.in chunk (default {DEFAULT_CHUNK_MS} ms)")
     p.add_argument("--device-rate", type=int, metavar="HZ",
                    help="open the device at this rate and resample (default: 16000 if the device takes it)")
+    p.add_argument("--block-ms", type=float, metavar="MS",
+                   help=f"device callback block (default {DEFAULT_BLOCK_MS} ms)")
     p.add_argument("--backlog-s", type=float, default=30.0,
                    help="audio held while nobody subscribes to audio.in (default 30 s)")
     add_bus_arguments(p)
@@ -347,6 +370,8 @@ def main(argv: list[str]) -> int:
         return print_device_list(log)
     if not 5 <= args.chunk_ms <= 1000:
         raise UsageError("--chunk-ms must be within 5..1000")
+    if args.block_ms is not None and not 2 <= args.block_ms <= 200:
+        raise UsageError("--block-ms must be within 2..200")
     if (args.loop or args.hold) and not args.file:
         raise UsageError("--loop and --hold apply to --file")
     if args.tone is not None and not 0 < args.tone < IN_RATE / 2:
@@ -363,7 +388,7 @@ def main(argv: list[str]) -> int:
             source = PacedSource("silence", chunk_frames)
         else:
             # Opened before the bus is up: the first words are captured while we connect.
-            source = DeviceSource(args.device, args.device_rate, chunk_frames)
+            source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms)
     except (DeviceError, AudioFileError) as exc:
         return fail("capture-audio", exc)
     svc = Service("capture-audio", cfg)

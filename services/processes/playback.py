@@ -46,6 +46,14 @@ EventSink = Callable[[str, dict], None]
 
 PREBUFFER, PLAYING, STARVED = "prebuffer", "playing", "starved"
 
+# Playback defaults, in one place (chosen with `livepipe bench pipeline`, see README Performance).
+# The model streams faster than real time, so a turn starts at once (no prebuffer); each underrun
+# grows the prebuffer by the gap heard (at least one step), up to the most, for the audio that follows.
+DEFAULT_PREBUFFER_MS = 0.0
+DEFAULT_PREBUFFER_MAX_MS = 60.0
+PREBUFFER_STEP_MS = 20.0
+DEFAULT_LATENCY_MS = 40.0
+
 
 @dataclass
 class TurnFinished:
@@ -110,12 +118,16 @@ class JitterBuffer:
     handed to `on_event(kind, fields)` after the lock is released.
     """
 
-    def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = 60.0, turn_gap_ms: float = 1000.0,
+    def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = DEFAULT_PREBUFFER_MS, turn_gap_ms: float = 1000.0,
                  max_buffer_s: float = 600.0, on_event: EventSink | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns,
+                 prebuffer_max_ms: float | None = None) -> None:
         self.rate = rate
         self.prebuffer_frames = int(rate * prebuffer_ms / 1000)
         self.prebuffer_s = prebuffer_ms / 1000
+        # Adaptive: an underrun grows the prebuffer (for later audio) by a step, up to this.
+        self.prebuffer_max_ms = max(prebuffer_ms, DEFAULT_PREBUFFER_MAX_MS if prebuffer_max_ms is None
+                                    else prebuffer_max_ms)
         self.turn_gap_s = turn_gap_ms / 1000
         self.max_frames = int(rate * max_buffer_s)
         self.on_event = on_event or (lambda kind, fields: None)
@@ -131,6 +143,7 @@ class JitterBuffer:
         self.segment = 0               # bumped by every interrupt
         self.queued_frames = 0
         self.last_audio_end_ns = 0     # when the last non-silent sample handed to the sink sounds
+        self.started_handed_ns = 0     # when the newest turn's first sample was handed to the sink
         self.stats: dict[str, int] = dict(underruns=0, late_chunks=0, overflow_chunks=0, turns_started=0,
                                           turns_finished=0, interrupted_turns=0, dropped_on_interrupt_frames=0,
                                           pushed_frames=0, played_frames=0)
@@ -163,6 +176,7 @@ class JitterBuffer:
                 # It ran dry and more audio came: the listener heard a gap.
                 self.stats["underruns"] += 1
                 events.append(("underrun", {"turn": turn}))
+                self._grow_prebuffer((now - t.dry_since) * 1000)
                 t.state, t.wait_since = PREBUFFER, now
             t.chunks.append(pcm)
             t.queued += len(pcm)
@@ -170,6 +184,16 @@ class JitterBuffer:
             self.stats["pushed_frames"] += len(pcm)
         self._emit(events)
         return True
+
+    def _grow_prebuffer(self, gap_ms: float) -> None:
+        """After an underrun whose gap lasted `gap_ms`: hold that much more (at least one step)
+        before a turn (re)starts, up to prebuffer_max_ms, so a like gap is absorbed next time."""
+        ms = min(self.prebuffer_max_ms, self.prebuffer_s * 1000 + max(PREBUFFER_STEP_MS, gap_ms))
+        self.prebuffer_frames, self.prebuffer_s = int(self.rate * ms / 1000), ms / 1000
+
+    @property
+    def prebuffer_ms(self) -> float:
+        return round(self.prebuffer_s * 1000, 1)
 
     def end_turn(self, turn: int) -> None:
         """No more audio will come for `turn` (turn_complete / generation_complete)."""
@@ -258,6 +282,7 @@ class JitterBuffer:
                 if not t.started:
                     t.started = True
                     self.stats["turns_started"] += 1
+                    self.started_handed_ns = self.wall_ns()   # latency budget: reached the sink
                     events.append(("turn_started", {"turn": t.turn, "first_sample_ts": ts}))
                 t.blocks.append((ts, take))
                 t.pulled += take
@@ -497,14 +522,22 @@ class Player:
         self._audio_mono = 0.0          # when the last audio.out was handled
         self._completed: OrderedDict[int, None] = OrderedDict()   # turns whose end was applied
         self._pending_ends: set[asyncio.Task] = set()
+        self.stamps: dict[int, dict[str, int]] = {}   # turn -> latency-budget stamps of its first chunk
 
     def publish_event(self, kind: str, fields: dict) -> None:
+        if kind == "turn_started":   # latency budget (README): the turn's stamps, plus when it reached the sink
+            fields = {**fields, "stamps": {**self.stamps.pop(fields["turn"], {}),
+                                           "handed_ts": self.jb.started_handed_ns}}
         if not self.svc.stopping:
             self.svc.publish_threadsafe("playback", kind, **fields)
 
     # --------------------------------------------------------- handlers
     def on_audio(self, msg: Message) -> None:
         turn = msg["turn"]
+        if "stamps" in msg.header and turn not in self.stamps:
+            self.stamps[turn] = {**msg["stamps"], "out_pub_ts": msg["ts"], "play_recv_ts": time.time_ns()}
+            while len(self.stamps) > 16:   # turns that never started (interrupted first)
+                self.stamps.pop(next(iter(self.stamps)))
         self._audio_ts = max(self._audio_ts, msg["ts"])
         self._audio_mono = time.monotonic()
         if msg["sample_width"] != 2:
@@ -610,6 +643,7 @@ class Player:
         m.update(self.jb.stats)
         m.update(self.sink.metrics())
         m.update(sink=self.sink.kind, buffered_ms=round(self.jb.buffered_ms, 1), interrupts=self.interrupts,
+                 prebuffer_ms=self.jb.prebuffer_ms,
                  rejected_chunks=self.rejected_chunks, converted_chunks=self.converted_chunks,
                  period_ms=round(self.sink.period_frames * 1000 / self.sink.rate, 2),
                  played_s=round(self.jb.stats["played_frames"] / self.jb.rate, 2))
@@ -626,13 +660,16 @@ def build_parser() -> argparse.ArgumentParser:
                      "in real time (silences included), instead of a device")
     out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
-    p.add_argument("--prebuffer-ms", type=float, default=60.0,
-                   help="audio queued before a turn starts playing (default 60)")
+    p.add_argument("--prebuffer-ms", type=float, default=DEFAULT_PREBUFFER_MS,
+                   help=f"audio queued before a turn starts playing (default {DEFAULT_PREBUFFER_MS:g}: at once; "
+                        "each underrun adds the gap heard, at least 20 ms, up to --prebuffer-max-ms)")
+    p.add_argument("--prebuffer-max-ms", type=float, default=DEFAULT_PREBUFFER_MAX_MS,
+                   help=f"most the prebuffer grows to after underruns (default {DEFAULT_PREBUFFER_MAX_MS:g})")
     p.add_argument("--period-ms", type=float, default=20.0,
                    help="device period: the block each device callback (or file write) handles (default 20)")
-    p.add_argument("--latency-ms", type=float, default=80.0,
-                   help="device buffer (default 80 ms); an interrupt drops it, so it only delays a turn's "
-                        "start; 0 = PortAudio's 'low'")
+    p.add_argument("--latency-ms", type=float, default=DEFAULT_LATENCY_MS,
+                   help=f"device buffer (default {DEFAULT_LATENCY_MS:g} ms); an interrupt drops it, so it only "
+                        "delays a turn's start; 0 = PortAudio's 'low'")
     p.add_argument("--device-rate", type=int, metavar="HZ",
                    help="open the device at this rate and resample (default: 24000 if the device takes it)")
     p.add_argument("--turn-gap-ms", type=float, default=1000.0,
@@ -651,7 +688,7 @@ def main(argv: list[str]) -> int:
     setup_logging("playback")
     if args.list_devices:
         return print_device_list(log)
-    for name in ("prebuffer_ms", "turn_gap_ms"):
+    for name in ("prebuffer_ms", "prebuffer_max_ms", "turn_gap_ms"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if not 2.0 <= args.period_ms <= 200.0 or args.max_buffer_s <= 0:
@@ -663,7 +700,8 @@ def main(argv: list[str]) -> int:
     def make_buffer(rate: int) -> JitterBuffer:
         # With a device that needs another rate the buffer holds device-rate audio (resampled on arrival).
         return JitterBuffer(rate, args.prebuffer_ms, args.turn_gap_ms, args.max_buffer_s,
-                            on_event=lambda kind, fields: holder["player"].publish_event(kind, fields))
+                            on_event=lambda kind, fields: holder["player"].publish_event(kind, fields),
+                            prebuffer_max_ms=args.prebuffer_max_ms)
     try:
         if args.file or args.null:
             jb = make_buffer(OUT_RATE)

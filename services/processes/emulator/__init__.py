@@ -139,10 +139,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tool-trigger", type=non_negative, default=2.0, metavar="S",
                    help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
                         "for the first one (default 2.0)")
-    p.add_argument("--interim-every", type=_nonneg, default=0.0, metavar="S",
+    p.add_argument("--interim-every", type=non_negative, default=0.0, metavar="S",
                    help="send interimInputTranscription every S seconds of an utterance in progress, when setup "
                         "asks for input transcription (default 0: none)")
-    p.add_argument("--need-more-input", type=_nonneg, default=0.0, metavar="S",
+    p.add_argument("--need-more-input", type=non_negative, default=0.0, metavar="S",
                    help="an utterance shorter than S seconds gets no reply: turnComplete with turnCompleteReason "
                         "NEED_MORE_INPUT and waitingForInput (default 0: off)")
     p.add_argument("--timeline", default=None, metavar="FILE",

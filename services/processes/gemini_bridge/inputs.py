@@ -51,6 +51,10 @@ class InputSide:
                                      f"{msg['channels']} ch, {msg['sample_width']} B to 16 kHz mono s16")
         if not pcm:
             return
+        # Latency budget (README): the input path of the newest chunk, put on the next reply.
+        stamps = msg.get("stamps") or {}
+        self.in_stamps = {"in_capture_ts": msg.get("capture_ts"), "in_callback_ts": stamps.get("callback_ts"),
+                          "in_pub_ts": msg["ts"], "in_recv_ts": time.time_ns()}
         starts = ends = False
         if self.speech is not None:
             events = self.speech.feed(pcm)
@@ -140,6 +144,8 @@ class InputSide:
                     self.audio_q.popleft()
                     if isinstance(chunk, bytes):
                         self.audio_q_bytes -= len(chunk)
+                        if not self.audio_q:   # the newest chunk is on the socket
+                            self.in_stamps["in_sent_ts"] = time.time_ns()
                 link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
                 if self._gap_from and isinstance(chunk, bytes):
                     gap = round((time.monotonic() - self._gap_from) * 1000, 1)

@@ -32,6 +32,7 @@ class OutputSide:
 
     def on_server_message(self, link: Link, msg: Any) -> None:
         """Dispatch one LiveServerMessage: one handler per field, the interruption first."""
+        self.reply_recv_ts = time.time_ns()   # latency budget
         if link.retired:
             return   # replaced: its state is resumed elsewhere, its output would duplicate
         self._server_signals(msg)   # voice activity, interim transcription, thoughts, grounding (signals.py)
@@ -135,8 +136,12 @@ class OutputSide:
         if len(data) % 2:
             data = data[:-1]   # a torn sample would shift every later one
         frames = len(data) // 2
+        extra: dict[str, Any] = {}
+        if self.stamped_turn != turn:   # the first chunk of a turn carries the latency budget
+            self.stamped_turn = turn
+            extra["stamps"] = {**{k: v for k, v in self.in_stamps.items() if v}, "reply_recv_ts": self.reply_recv_ts}
         if self.svc.publish("audio.out", "audio", data, rate=rate, channels=1, sample_width=2, frames=frames,
-                            turn=turn):
+                            turn=turn, **extra):
             self.svc.metrics["audio_out_chunks"] += 1
             self.svc.metrics["audio_out_ms"] += frames * 1000 // rate
 
