@@ -601,6 +601,7 @@ class Console:
         app.router.add_get("/", self.index)
         app.router.add_get("/ws", self.websocket)
         app.router.add_get("/frame.jpg", self.frame)
+        app.router.add_get("/favicon.ico", lambda request: web.Response(status=204))
         app.router.add_post("/api/control", self.control)
         app.router.add_static("/static/", STATIC, show_index=False)
         return app
@@ -637,7 +638,8 @@ class Console:
         finally:
             await self.recorder.stop()
             for q in self.clients.values():
-                q.put_nowait(None) if not q.full() else None
+                if not q.full():
+                    q.put_nowait(None)
             await runner.cleanup()
 
     async def _tick_loop(self, svc: Service) -> None:

@@ -253,6 +253,7 @@ function renderProcs() {
       tr = document.createElement("tr");
       tr.dataset.key = k; tr.dataset.src = p.src;
       for (let i = 0; i < 12; i++) tr.append(document.createElement("td"));
+      tr.children[11].append(el("div", "metrics"));
     }
     body.append(tr);   // keeps sorted order
     rows.delete(k);
@@ -263,7 +264,8 @@ function renderProcs() {
     const cells = [p.src + " " + p.inst.slice(0, 4), silent ? "SILENT" : "alive", fmt(p.cpu, 1), fmt(p.rss == null ? null : p.rss / 1e6, 1),
       fmt(p.in_per_s, 1), fmt(p.out_per_s, 1), fmt(drops), fmt(p.rejected), fmt(p.gaps), fmt(p.handler_errors),
       (age / 1000).toFixed(1) + " s", metrics];
-    cells.forEach((text, i) => { if (tr.children[i].textContent !== text) tr.children[i].textContent = text; });
+    const targets = [...tr.children].slice(0, 11).concat([tr.children[11].firstElementChild]);
+    cells.forEach((text, i) => { if (targets[i].textContent !== text) targets[i].textContent = text; });
     tr.children[11].title = metrics;
   }
   for (const tr of rows.values()) tr.remove();
