@@ -27,6 +27,7 @@ import pytest
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.services.lib.recording import RecordingReader
+from livepipe.services.dev import harness
 from tests.bridge_support import Emulator
 from tests.conftest import ROOT, free_port, spawn, stop
 
@@ -249,13 +250,14 @@ def test_demo_console_shows_the_demo(tmp_path: Path, browser) -> None:
                 break
         url = f"http://127.0.0.1:{port}/"
         assert url in line
+        harness.wait_for_port(port, demo, timeout=20, name="demo")   # the console starts beside honcho
         page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-        page.goto(url)   # the console answers once the demo's broker is up
+        page.goto(url)
         page.wait_for_selector('#procs tr[data-src="console"]', timeout=20000)
         console = next(p for p in psutil.Process(demo.pid).children(recursive=True)
                        if "console" in p.cmdline())
         cpu0, t0 = console.cpu_times(), time.monotonic()
-        page.wait_for_selector(".turn.interrupted .hd:text-matches('barge-in')", timeout=40000)
+        page.wait_for_selector(".turn.interrupted .hd:has-text('barge-in')", timeout=40000)
         page.wait_for_selector(".turn[data-turn='2'][data-finished='1'] .model:text-matches('reply 2')",
                                timeout=40000)
         cpu1, t1 = console.cpu_times(), time.monotonic()

@@ -621,7 +621,8 @@ class Console:
         svc.on("status", s.on_status)
         svc.on("video.in", s.on_video)
 
-    async def run(self, svc: Service) -> None:
+    async def serve(self, svc: Service) -> int:
+        """Serve the page at once (it says which processes are missing), then run the bus service."""
         runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await runner.setup()
         try:
@@ -629,12 +630,13 @@ class Console:
             try:
                 await site.start()
             except OSError as exc:
-                raise ConfigError(f"cannot listen on {self.args.host}:{self.args.port}: {exc.strerror}") from None
+                log.error("cannot listen on %s:%s: %s", self.args.host, self.args.port, exc.strerror)
+                return 2
             host, port = runner.addresses[0][:2]
             shown = f"[{host}]" if ":" in host else host
             self.url = f"http://{shown}:{port}/"
             print(f"livepipe console: {self.url}" + ("  (add ?token=YOUR_TOKEN)" if self.token else ""), flush=True)
-            await self._tick_loop(svc)
+            return await svc.run(self._tick_loop)
         finally:
             await self.recorder.stop()
             for q in self.clients.values():
@@ -703,4 +705,7 @@ def main(argv: list[str]) -> int:
     console = Console(args, cfg, token)
     svc = Service("console", cfg, log)
     console.attach(svc)
-    return svc.main(console.run)
+    try:
+        return asyncio.run(console.serve(svc))
+    except KeyboardInterrupt:
+        return 130
