@@ -8,6 +8,7 @@ psutil and printed (run with -s to see it); it is a figure to report, not an ass
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import re
@@ -134,6 +135,12 @@ def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Pat
         reply = page.wait_for_selector(".turn:has(.typed:text-matches('hello from the console'))"
                                        "[data-finished='1'] .model:text-matches('.+')", timeout=20000)
         assert reply.inner_text()
+        # Tool calls and their results show under the turn they belong to.
+        with BusClient("tools", cfg) as tools:
+            tools.wait_ready()
+            tools.publish("tool.call", "call", id="c1", name="get_weather", args={"city": "Paris"})
+            tools.publish("tool.result", "result", id="c1", name="get_weather", response={"sky": "clear"})
+            page.wait_for_selector(".turn .tool:text-matches('get_weather.*Paris.*clear')", timeout=5000)
 
         # Mute reaches capture-audio (its heartbeat says muted=1), unmute undoes it.
         page.click("#mute")
@@ -199,10 +206,12 @@ def ws_first_event(url: str) -> int | str:
                     return json.loads((await ws.receive(timeout=5)).data)["t"]
             except aiohttp.WSServerHandshakeError as exc:
                 return exc.status
-    return asyncio.run(go())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, go()).result()
 
 
-def test_console_access_rules(bus_env: dict) -> None:
+def test_console_access_rules(bus_env: dict, browser) -> None:
     """Loopback only without a token; with one, every request needs it (pages, controls, WebSocket)."""
     refused = subprocess.run([sys.executable, "-m", "livepipe.services", "console", "--host", "0.0.0.0"],
                              env=bus_env, capture_output=True, text=True, timeout=20)
@@ -221,6 +230,12 @@ def test_console_access_rules(bus_env: dict) -> None:
         assert http(url + "api/control", "POST", {"op": "mute"}, {"X-Livepipe-Token": token}) == 200
         assert ws_first_event(url + "ws") == 403
         assert ws_first_event(url + f"ws?token={token}") == "snap"
+        page = browser.new_page()
+        page.goto(url + f"?token={token}")        # the page passes the token on to its WebSocket and controls
+        page.wait_for_selector("#link.ok")
+        page.wait_for_selector('#procs tr[data-src="console"]')
+        page.click("#mute")
+        page.wait_for_selector("#mic:text-is('mic: muted')")
     finally:
         stop(proc)
     # Without a token: another site's page may neither control nor read (Origin), nor a rebinding DNS name (Host).

@@ -503,6 +503,8 @@ class Console:
     def check(self, request: web.Request) -> str | None:
         """Why this request is refused, or None."""
         if self.token:
+            if request.path.startswith("/static/") or request.path == "/favicon.ico":
+                return None   # the page's code and style: public, and loaded by tags that cannot carry a token
             given = request.query.get("token") or request.headers.get("X-Livepipe-Token", "")
             if not hmac.compare_digest(given.encode(), self.token.encode()):
                 return "a token is required: open the URL with ?token=YOUR_TOKEN"
