@@ -230,12 +230,16 @@ def test_console_access_rules(bus_env: dict, browser) -> None:
         assert http(url + "api/control", "POST", {"op": "mute"}, {"X-Livepipe-Token": token}) == 200
         assert ws_first_event(url + "ws") == 403
         assert ws_first_event(url + f"ws?token={token}") == "snap"
-        page = browser.new_page()
+        page = browser.new_page()                 # with the console's Content-Security-Policy enforced
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
         page.goto(url + f"?token={token}")        # the page passes the token on to its WebSocket and controls
         page.wait_for_selector("#link.ok")
         page.wait_for_selector('#procs tr[data-src="console"]')
         page.click("#mute")
         page.wait_for_selector("#mic:text-is('mic: muted')")
+        assert problems == []
     finally:
         stop(proc)
     # Without a token: another site's page may neither control nor read (Origin), nor a rebinding DNS name (Host).
