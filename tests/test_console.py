@@ -75,10 +75,6 @@ def read_url(proc: subprocess.Popen) -> str:
     return m.group(1)
 
 
-def db(page, which: str) -> float:
-    return float(page.get_attribute(f"#meter-{which}", "data-db"))
-
-
 def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Path, browser) -> None:
     cfg = BusConfig.from_env(bus_env)
     procs: dict[str, subprocess.Popen] = {}
@@ -264,6 +260,7 @@ def test_demo_console_shows_the_demo(tmp_path: Path, browser) -> None:
                             stderr=subprocess.PIPE, text=True)
     try:
         assert demo.stderr is not None and demo.stdout is not None
+        line = ""
         for line in demo.stderr:
             if "console: http://" in line:
                 break
