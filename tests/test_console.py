@@ -243,6 +243,7 @@ def test_console_access_rules(bus_env: dict, browser) -> None:
     try:
         url = read_url(proc)
         assert http(url + "api/control", "POST", {"op": "mute"}, {"Origin": "http://evil.example"}) == 403
+        assert http(url + "api/control", "POST", {"op": "mute"}, {"Origin": "null"}) == 403
         assert http(url, headers={"Host": "evil.example"}) == 403
         assert http(url + "api/control", "POST", {"op": "unmute"}) == 200
     finally:
