@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Install livepipe and what it needs on a Debian/Ubuntu machine (idempotent; fast when done before).
 #   launch/install.sh          the package, for running (a sound card needs libportaudio2)
-#   launch/install.sh --test   also what the tests need: PulseAudio null sinks, espeak-ng, sox, Xvfb
+#   launch/install.sh --test   also what the tests need: PulseAudio null sinks, espeak-ng, sox, Xvfb,
+#                              chromium (the console's tests drive it through Playwright; no browser download)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want=(libportaudio2)
 if [[ "${1:-}" == "--test" ]]; then
-  want+=(pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng sox xvfb)
+  want+=(pulseaudio pulseaudio-utils alsa-utils libasound2-plugins espeak-ng sox xvfb chromium)
 fi
 
 missing=()

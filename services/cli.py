@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "capture-audio": ("livepipe.services.processes.capture_audio", "microphone or WAV file -> audio.in"),
     "playback": ("livepipe.services.processes.playback", "audio.out -> speaker or WAV file, with instant interrupt"),
     "capture-video": ("livepipe.services.processes.capture_video", "camera, file or screen -> JPEG frames on video.in"),
+    "console": ("livepipe.services.processes.console", "a local web page to watch and steer the conversation"),
     "demo": ("livepipe.services.demo.demo", "a scripted conversation that runs anywhere"),
     "bench": ("livepipe.services.bench", "benchmarks printing JSON: bench bus | interrupt | ..."),
 }
@@ -34,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
 EXTRA_OF_MODULE: dict[str, str] = {
     "sounddevice": "audio", "soxr": "audio", "cv2": "video", "mss": "video", "google": "gemini",
     "websockets": "emulator", "trustme": "emulator", "webrtcvad": "emulator", "honcho": "demo",
+    "aiohttp": "console",
 }
 
 

@@ -430,6 +430,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="where run directories go (default <LIVEPIPE_STATE_DIR or ~/.local/state/livepipe>/demo; "
                         f"the newest {KEEP_RUNS} are kept)")
     p.add_argument("--verbose", action="store_true", help="show every process's log lines (stderr)")
+    p.add_argument("--console", action="store_true",
+                   help="also run `livepipe console` on this run's bus and print its URL; it keeps serving "
+                        "after the summary until Ctrl-C")
+    p.add_argument("--console-port", type=int, default=0, metavar="PORT",
+                   help="the console's port on 127.0.0.1 (default: a free one)")
     return p.parse_args(argv)
 
 
@@ -504,7 +509,8 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
 
         connect_by = time.monotonic() + min(args.timeout, CONNECT_WAIT_S)
         said = ""
-        while not (watcher.bridge_connected() and watcher.has("playback", "capture-video")):
+        needed = ("playback", "capture-video") + (("console",) if args.console else ())
+        while not (watcher.bridge_connected() and watcher.has(*needed)):
             check_alive()
             pump(0.1)
             state, detail = watcher.session_states[-1] if watcher.session_states else ("", "")
@@ -609,6 +615,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     watcher = Watcher(user_frames)
     honcho = Honcho(run, args.verbose)
+    console = start_console(args, run) if args.console else None
     error: str | None = None
     code = 0
     try:
@@ -640,7 +647,40 @@ def main(argv: list[str]) -> int:
         print(render(summary), flush=True)
     if error:
         log(f"{error} (logs: {honcho.log_path})")
+    if console is not None:
+        serve_console_until_interrupted(console, keep=code != 130)
     return code
+
+
+def start_console(args: argparse.Namespace, run: Run) -> tuple[subprocess.Popen, str]:
+    """`livepipe console` on this run's bus (it waits for the broker by itself); prints its URL."""
+    port = args.console_port or free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with open(run.run_dir / "console.log", "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "livepipe.services", "console", "--port", str(port)],
+                                env=run.env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+    log(f"console: {url} (open it in a browser)")
+    return proc, url
+
+
+def serve_console_until_interrupted(console: tuple[subprocess.Popen, str], keep: bool = True) -> None:
+    """The conversation is over; the console keeps showing it until Ctrl-C (or SIGTERM)."""
+    proc, url = console
+    try:
+        if keep and proc.poll() is None:
+            log(f"console still serving {url}: Ctrl-C to end")
+            proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 if __name__ == "__main__":
