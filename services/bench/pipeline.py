@@ -23,7 +23,6 @@ The pipeline's turns also carry the latency-budget stamps (README); the per-stag
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -46,6 +45,7 @@ from livepipe.bus.config import BusConfig
 from livepipe.services.dev.harness import HarnessError, spawn_livepipe, start_broker, stop_process
 from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, play_wav
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
+from livepipe.services.lib.verb import VerbParser
 
 LOUD = 500                 # |sample| above this (-36 dBFS) is speech, in the mic feed and the speaker alike
 UTTERANCES = [
@@ -473,7 +473,7 @@ def bench(utterances: int, rounds: int, video: bool, playback_args: list[str], c
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="livepipe bench pipeline", description=__doc__.split("\n\n")[0])
+    p = VerbParser(prog="livepipe bench pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--utterances", type=int, default=4, help="different utterances (default 4)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over them, systems interleaved (default 3)")

@@ -21,6 +21,7 @@ from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 from livepipe.services.lib.conversation import Conversation, status_line
 from livepipe.services.lib.toolkit import StopFlag, connect
+from livepipe.services.lib.verb import VerbParser
 
 # Not audio.in: subscribing to it would count as a listener for capture-audio (which holds its
 # backlog, and starts a file, until someone listens) before the bridge is up.
@@ -29,7 +30,7 @@ CLEAR_LINE = "\r\x1b[K"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe transcript", description=__doc__,
+    p = VerbParser(prog="livepipe transcript", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--no-meter", action="store_true", help="no microphone meter line, even on a terminal")

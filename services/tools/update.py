@@ -18,10 +18,11 @@ from typing import Any
 
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
+from livepipe.services.lib.verb import VerbParser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe update", description=__doc__,
+    p = VerbParser(prog="livepipe update", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--system-instruction", metavar="TEXT|@FILE", help="the new system instruction")
     p.add_argument("--tools", metavar="FILE|none",

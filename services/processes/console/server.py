@@ -44,6 +44,7 @@ from aiohttp import WSCloseCode, web
 from livepipe.bus import Service, setup_logging
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 from livepipe.bus.message import Message
+from livepipe.services.lib.verb import VerbParser
 
 log = logging.getLogger("console")
 
@@ -671,7 +672,7 @@ def state_dir() -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="livepipe console", description=__doc__,
+    p = VerbParser(prog="livepipe console", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default=os.environ.get("LIVEPIPE_CONSOLE_HOST", "127.0.0.1"),
                    help="address to serve on (env LIVEPIPE_CONSOLE_HOST, default 127.0.0.1); "
