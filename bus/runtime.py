@@ -130,12 +130,7 @@ class Service:
         wt = wire_topic(topic, self.cfg.session)
         if self.has_subscriber(topic):
             return True
-        ev = self._sub_events.setdefault(wt, asyncio.Event())
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await wait_event(self._sub_events.setdefault(wt, asyncio.Event()), timeout)
 
     def stop(self, code: int = 0) -> None:
         """Ask the service to exit with `code` (the first non-zero code wins)."""
@@ -195,9 +190,7 @@ class Service:
             self.log.error("%s", exc)
             self.exit_code = self.exit_code or 2
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._cancel_tasks(tasks)
             for fd in self._fd_readers:
                 self._loop.remove_reader(fd)
             self._fd_readers.clear()
@@ -207,6 +200,26 @@ class Service:
                 s.close(linger=sockets.LINGER_MS)
             ctx.term()
         return self.exit_code
+
+    async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
+        """Cancel and await `tasks`, cancelling again any task that swallowed the cancellation.
+
+        asyncio.wait_for before Python 3.12 swallows a cancel that arrives in the loop iteration
+        where its awaitable completes (cpython gh-86296); one cancel alone left such a main running
+        and the process deaf to SIGTERM until SIGKILL."""
+        pending = {t for t in tasks if not t.done()}
+        t0, warned = time.monotonic(), False
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+            if pending and not warned and time.monotonic() - t0 > 1.0:
+                warned = True
+                self.log.warning("still stopping after 1 s: %s ignore cancellation",
+                                 ", ".join(sorted(str(t.get_coro()) for t in pending)))
+        for t in tasks:   # retrieve outcomes (no "exception was never retrieved" noise)
+            if not t.cancelled():
+                t.exception()
 
     async def _wait_ready(self, pending: set) -> None:
         """Wait for the readiness handshake, or a stop; log every 5 s while the broker is missing."""
@@ -367,6 +380,19 @@ class Service:
             self.publish("status", "heartbeat", counters=counters, metrics=dict(self.metrics),
                          pid=os.getpid(), host=host)
             await asyncio.sleep(HEARTBEAT_S)
+
+
+async def wait_event(ev: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for `ev` up to `timeout` s; False on timeout. Unlike asyncio.wait_for before
+    Python 3.12, a cancellation is never swallowed when the event is set at the same moment."""
+    if ev.is_set():
+        return True
+    waiter = asyncio.ensure_future(ev.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
 
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:

@@ -154,14 +154,19 @@ class DeviceSource:
                 pass
 
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
-        self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        loop, wake = asyncio.get_running_loop(), asyncio.Event()
+        self._loop, self._wake = loop, wake
         while True:
+            # A timer rather than asyncio.wait_for: before Python 3.12 wait_for swallows a cancel
+            # that lands as a block arrives (every 10 ms), leaving the process deaf to SIGTERM.
+            timer = loop.call_later(1.0, wake.set)
             try:
-                await asyncio.wait_for(self._wake.wait(), 1.0)
-            except asyncio.TimeoutError:
-                if not self.stream.active:
-                    raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
-            self._wake.clear()
+                await wake.wait()
+            finally:
+                timer.cancel()
+            wake.clear()
+            if not self.queue and not self.stream.active:
+                raise DeviceError(f"input device {self.device_name!r} stopped delivering audio")
             while self.queue:
                 data, arrival_ns, lost = self.queue.popleft()
                 block = np.frombuffer(data, dtype="<i2")
