@@ -81,6 +81,7 @@ class Service:
         self._ready: asyncio.Event | None = None
         self._sync_pubs: dict[str, zmq.Socket] = {}
         self._fd_readers: list[int] = []           # socket FDs watched by the lane loops
+        self._handshake: sockets.HandshakeWatch | None = None   # tells a refused CURVE key from no broker
         self._probe_prefix = wire_topic("_ready.", self.cfg.session)
         self.started_ns = time.time_ns()
 
@@ -176,6 +177,7 @@ class Service:
             for topic in self._handlers:
                 subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
             pending = {(name, p) for name in pubs for p in probes}
+            self._handshake = sockets.HandshakeWatch([*pubs.values(), *subs.values()], self.cfg)
             tasks += [asyncio.create_task(self._watch_subscriptions(name, s, pending)) for name, s in pubs.items()]
             tasks += [asyncio.create_task(self._lane_loop(lane, s)) for lane, s in subs.items()]
             await self._wait_ready(pending)
@@ -194,6 +196,8 @@ class Service:
             for fd in self._fd_readers:
                 self._loop.remove_reader(fd)
             self._fd_readers.clear()
+            if self._handshake is not None:
+                self._handshake.close()
             for s in self._sync_pubs.values():
                 s.close(linger=sockets.LINGER_MS)
             for s in socks:
@@ -228,7 +232,11 @@ class Service:
         try:
             while pending and not self._stop.is_set():
                 done, _ = await asyncio.wait(waiters, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
+                refused = self._handshake.check() if self._handshake is not None and not done else None
+                if refused:
+                    self.counters["curve_refused"] = self._handshake.refused
+                    self.log.error("%s", refused)
+                elif not done:
                     self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
                                      "is `livepipe broker` running?", self.cfg.pub_endpoint,
                                      self.cfg.sub_endpoint, time.monotonic() - t0)
