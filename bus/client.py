@@ -36,6 +36,7 @@ class BusClient:
         self._seq: Counter[str] = Counter()
         self._probe = wire_topic(f"_ready.{self.inst}", self.cfg.session)
         self._probes = wire_topic("_ready.", self.cfg.session)  # every process's readiness probes
+        self.handshake = sockets.HandshakeWatch([self.pub, self.sub], self.cfg)   # a refused CURVE key
         self.sub.subscribe(self._probe)
         if all_topics:
             self.sub.subscribe(wire_topic("", self.cfg.session) if self.cfg.session else b"")
@@ -52,6 +53,10 @@ class BusClient:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                refused = self.handshake.check()
+                if refused:
+                    self.counters["curve_refused"] = self.handshake.refused
+                    raise BusTimeout(refused)
                 raise BusTimeout(f"no broker at {self.cfg.pub_endpoint} / {self.cfg.sub_endpoint} "
                                  f"after {timeout:.0f} s")
             if self.pub.poll(int(min(left, 0.1) * 1000)):
@@ -146,6 +151,7 @@ class BusClient:
         return out
 
     def close(self) -> None:
+        self.handshake.close()
         self.pub.close(linger=sockets.LINGER_MS)
         self.sub.close(linger=0)
         self.ctx.term()

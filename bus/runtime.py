@@ -85,6 +85,7 @@ class Service:
         self._ready: asyncio.Event | None = None
         self._sync_pubs: dict[str, zmq.Socket] = {}
         self._fd_readers: list[int] = []           # socket FDs watched by the lane loops
+        self._handshake: sockets.HandshakeWatch | None = None   # tells a refused CURVE key from no broker
         self._probe_prefix = wire_topic("_ready.", self.cfg.session)
         self.started_ns = time.time_ns()
 
@@ -134,12 +135,7 @@ class Service:
         wt = wire_topic(topic, self.cfg.session)
         if self.has_subscriber(topic):
             return True
-        ev = self._sub_events.setdefault(wt, asyncio.Event())
-        try:
-            await asyncio.wait_for(ev.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await wait_event(self._sub_events.setdefault(wt, asyncio.Event()), timeout)
 
     def stop(self, code: int = 0) -> None:
         """Ask the service to exit with `code` (the first non-zero code wins)."""
@@ -186,6 +182,7 @@ class Service:
             for topic in self._handlers:
                 subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
             pending = {(name, p) for name in pubs for p in probes}
+            self._handshake = sockets.HandshakeWatch([*pubs.values(), *subs.values()], self.cfg)
             tasks += [asyncio.create_task(self._watch_subscriptions(name, s, pending)) for name, s in pubs.items()]
             tasks += [asyncio.create_task(self._lane_loop(lane, s)) for lane, s in subs.items()]
             await self._wait_ready(pending)
@@ -200,18 +197,38 @@ class Service:
             self.log.error("%s", exc)
             self.exit_code = self.exit_code or 2
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._cancel_tasks(tasks)
             for fd in self._fd_readers:
                 self._loop.remove_reader(fd)
             self._fd_readers.clear()
+            if self._handshake is not None:
+                self._handshake.close()
             for s in self._sync_pubs.values():
                 s.close(linger=sockets.LINGER_MS)
             for s in socks:
                 s.close(linger=sockets.LINGER_MS)
             ctx.term()
         return self.exit_code
+
+    async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
+        """Cancel and await `tasks`, cancelling again any task that swallowed the cancellation.
+
+        asyncio.wait_for before Python 3.12 swallows a cancel that arrives in the loop iteration
+        where its awaitable completes (cpython gh-86296); one cancel alone left such a main running
+        and the process deaf to SIGTERM until SIGKILL."""
+        pending = {t for t in tasks if not t.done()}
+        t0, warned = time.monotonic(), False
+        while pending:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.05)
+            if pending and not warned and time.monotonic() - t0 > 1.0:
+                warned = True
+                self.log.warning("still stopping after 1 s: %s ignore cancellation",
+                                 ", ".join(sorted(str(t.get_coro()) for t in pending)))
+        for t in tasks:   # retrieve outcomes (no "exception was never retrieved" noise)
+            if not t.cancelled():
+                t.exception()
 
     async def _wait_ready(self, pending: set) -> None:
         """Wait for the readiness handshake, or a stop; log every 5 s while the broker is missing."""
@@ -220,7 +237,11 @@ class Service:
         try:
             while pending and not self._stop.is_set():
                 done, _ = await asyncio.wait(waiters, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
-                if not done:
+                refused = self._handshake.check() if self._handshake is not None and not done else None
+                if refused:
+                    self.counters["curve_refused"] = self._handshake.refused
+                    self.log.error("%s", refused)
+                elif not done:
                     self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
                                      "is `livepipe broker` running?", self.cfg.pub_endpoint,
                                      self.cfg.sub_endpoint, time.monotonic() - t0)
@@ -376,6 +397,19 @@ class Service:
             self.publish("status", "heartbeat", counters=counters, metrics=dict(self.metrics),
                          pid=os.getpid(), host=host)
             await asyncio.sleep(HEARTBEAT_S)
+
+
+async def wait_event(ev: asyncio.Event, timeout: float | None) -> bool:
+    """Wait for `ev` up to `timeout` s; False on timeout. Unlike asyncio.wait_for before
+    Python 3.12, a cancellation is never swallowed when the event is set at the same moment."""
+    if ev.is_set():
+        return True
+    waiter = asyncio.ensure_future(ev.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout)
+    finally:
+        waiter.cancel()
+    return bool(done)
 
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:

@@ -57,3 +57,54 @@ def subscriber(ctx: zmq.Context, cfg: BusConfig, lane: str = "events") -> zmq.So
     sock.rcvhwm = LANE_RCVHWM[lane]
     sock.connect(cfg.sub_endpoint)
     return sock
+
+
+REFUSED_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+
+
+class HandshakeWatch:
+    """Socket monitors that tell a refused CURVE handshake from a broker that is not there
+    (both look like silence to the sockets themselves)."""
+
+    def __init__(self, socks: list[zmq.Socket], cfg: BusConfig) -> None:
+        self.cfg = cfg
+        self.refused = 0   # handshakes the broker refused, counted
+        # (socket, its monitor, a blocking-API view of the monitor: asyncio sockets give asyncio monitors)
+        self._mons: list[tuple[zmq.Socket, zmq.Socket, zmq.Socket]] = []
+        if cfg.curve_server_key:   # without CURVE there is no key to refuse
+            for s in socks:
+                mon = s.get_monitor_socket(REFUSED_EVENTS)
+                view = mon if type(mon) is zmq.Socket else zmq.Socket.shadow(mon.underlying)
+                self._mons.append((s, mon, view))
+
+    def check(self) -> str | None:
+        """One line if the broker refused us since the last check, else None (non-blocking)."""
+        from zmq.utils.monitor import recv_monitor_message
+        seen = 0
+        for _, _, view in self._mons:
+            while True:
+                try:
+                    recv_monitor_message(view, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                seen += 1
+        self.refused += seen
+        if not seen:
+            return None
+        secret = str(self.cfg.curve_client_key)
+        public_file = secret[:-len("_secret")] if secret.endswith(".key_secret") else secret
+        try:
+            z85_key = zmq.auth.load_certificate(secret)[0].decode()
+        except Exception:
+            z85_key = "?"
+        return (f"the broker refused this client's CURVE key {z85_key} ({self.refused} handshakes refused): "
+                f"add its public key ({public_file}) to the broker's allow folder and restart the broker")
+
+    def close(self) -> None:
+        for s, mon, _ in self._mons:
+            try:
+                s.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(linger=0)
+        self._mons = []

@@ -27,6 +27,8 @@ def main() -> int:
     p.add_argument("--slow-ms", type=float, default=0.0, help="audio handlers take this long per message")
     p.add_argument("--publish-text", default=None, help="publish one text.in at start, then exit")
     p.add_argument("--heartbeats", action="store_true", help="print the counters of our own heartbeats")
+    p.add_argument("--swallow-cancel", action="store_true", help="the main ignores the first cancellation, as "
+                   "asyncio.wait_for before Python 3.12 does when its awaitable completes at that moment")
     args = p.parse_args()
     setup_logging(args.name)
     svc = Service(args.name, BusConfig.from_env())
@@ -47,6 +49,11 @@ def main() -> int:
         if args.publish_text is not None:
             s.publish("text.in", "text", text=args.publish_text)
             return 0
+        if args.swallow_cancel:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                emit(event="cancel_swallowed")
         while True:
             await asyncio.sleep(0.25)
             if args.heartbeats:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -355,7 +356,7 @@ def test_curve_admits_listed_clients_and_shuts_out_others(tmp_path):
                 BusClient("good", BusConfig.from_env(curve_env(env, keys, "good"))) as good:
             good.wait_ready()
             # The unlisted key cannot even complete the handshake: no subscription round-trip.
-            with pytest.raises(TimeoutError):
+            with pytest.raises(TimeoutError, match="refused this client's CURVE key"):
                 evil.wait_ready(timeout=1.5)
             evil.publish("control", "interrupt", turn=1)  # a fake interrupt goes nowhere
             good.wait_subscriber("control")
@@ -369,6 +370,34 @@ def test_curve_admits_listed_clients_and_shuts_out_others(tmp_path):
         broker.stop()
 
 
+def test_a_refused_curve_key_is_said_as_such_by_client_and_broker(tmp_path):
+    """Not "is the broker running?": the service says its key was refused and what to do,
+    and the broker names the refused public key once."""
+    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
+    subprocess.run([sys.executable, "-m", "livepipe.services", "keys", str(keys), "server", "stranger"],
+                   env=base, capture_output=True, text=True, check=True)
+    allow.mkdir()
+    pub, sub = free_port(), free_port()
+    env = {**base, "LIVEPIPE_PUB_ENDPOINT": f"tcp://127.0.0.1:{pub}", "LIVEPIPE_SUB_ENDPOINT": f"tcp://127.0.0.1:{sub}"}
+    broker = Broker(env, pub, sub, ["--server-key", str(keys / "server.key_secret"), "--allow", str(allow)]).start()
+    try:
+        node = Node(curve_env(env, keys, "stranger"), "--sub", "control")
+        node.wait("starting")
+        line = ""
+        while "refused" not in line:   # its first report comes after the 5 s readiness wait
+            line = node.proc.stderr.readline()
+            assert line, "the service exited without a line"
+        _, rest = node.stop()
+    finally:
+        _, broker_err = broker.stop()
+    assert "the broker refused this client's CURVE key" in line and "allow folder" in line, line
+    assert "is `livepipe broker` running?" not in line + rest
+    public_z85 = re.search(r'public-key = "([^"]+)"', (keys / "stranger.key").read_text()).group(1)
+    refusals = [x for x in broker_err.splitlines() if "refused a client" in x]
+    assert len(refusals) == 1 and public_z85 in refusals[0] and str(allow) in refusals[0], broker_err
+
+
 def test_broker_refuses_a_public_bind_without_curve():
     base = {k: v for k, v in os.environ.items() if not k.startswith("LIVEPIPE_")}
     out = subprocess.run([sys.executable, "-m", "livepipe.services", "broker", "--pub-bind", f"tcp://0.0.0.0:{free_port()}"],
@@ -378,13 +407,15 @@ def test_broker_refuses_a_public_bind_without_curve():
     assert len(lines) == 1 and "without CURVE" in lines[0] and "--insecure" in lines[0]
 
 
-@pytest.mark.parametrize("with_broker", [True, False])
-def test_sigterm_exits_cleanly_within_one_second(bus_env, with_broker):
+@pytest.mark.parametrize("with_broker,swallow", [(True, False), (False, False), (True, True)])
+def test_sigterm_exits_cleanly_within_one_second(bus_env, with_broker, swallow):
     env = dict(bus_env)
     if not with_broker:  # waiting for a broker that is not there must not wedge the exit either
         env["LIVEPIPE_PUB_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
         env["LIVEPIPE_SUB_ENDPOINT"] = f"tcp://127.0.0.1:{free_port()}"
-    node = Node(env, "--sub", "audio.in", "video.in", "control", "text.in")
+    # swallow: a main that ignores one cancellation (asyncio.wait_for < 3.12 does so at random)
+    # used to keep the process alive until SIGKILL.
+    node = Node(env, "--sub", "audio.in", "video.in", "control", "text.in", *(["--swallow-cancel"] if swallow else []))
     node.wait("ready" if with_broker else "starting")
     t0 = time.monotonic()
     node.proc.send_signal(signal.SIGTERM)
@@ -392,6 +423,8 @@ def test_sigterm_exits_cleanly_within_one_second(bus_env, with_broker):
     elapsed = time.monotonic() - t0
     assert rc == 0
     assert elapsed < 1.0, f"exit took {elapsed:.2f} s"
+    if swallow:
+        node.wait("cancel_swallowed", 0)
 
 
 def test_heartbeat_reports_counters_on_status(bus_env, ready_client):

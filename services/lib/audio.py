@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from livepipe.services.lib.devices import server_devices_text
 from livepipe.services.lib.verb import VerbError, fail
 
 # The bus contract (bus/topics.py): audio.in is 16 kHz, audio.out 24 kHz, both mono s16le.
@@ -474,7 +475,8 @@ def list_devices_text() -> str:
         lines.append(f"{d['index']:>3}{mark}{d['max_input_channels']:>3} {d['max_output_channels']:>3}  "
                      f"{int(d['default_samplerate']):>6}  {d['name']}")
     lines.append("(< default input, > default output; pass an index or a name part to --device)")
-    return "\n".join(lines)
+    server = server_devices_text()
+    return "\n".join(["PortAudio devices:", *lines] + (["", server] if server else []))
 
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 from livepipe.bus.config import ConfigError, broker_address
 from livepipe.bus.runtime import setup_logging
@@ -26,6 +27,29 @@ from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 BROKER_HWM = 50_000   # per peer; at 20 ms chunks that is 16 minutes of audio for a stalled reader
 
 log = logging.getLogger("broker")
+
+
+class LoggingAuthenticator(ThreadAuthenticator):
+    """The CURVE authenticator, saying once per key which client it refused (pyzmq logs at debug only)."""
+
+    MAX_KEYS = 1000   # bounded memory under a flood of random keys
+
+    def __init__(self, *args, **kwargs) -> None:   # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.refused: dict[bytes, int] = {}
+
+    async def _authenticate_curve(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        allowed, reason = await super()._authenticate_curve(domain, client_key)
+        if not allowed:
+            key = z85.encode(client_key)
+            count = self.refused.get(key, 0)
+            if count == 0 and len(self.refused) < self.MAX_KEYS:
+                log.warning("refused a client whose CURVE public key %s is not in the allow folder "
+                            "(%s): copy its .key file there and restart the broker to admit it",
+                            key.decode(), self.allow_dir)
+            if count or len(self.refused) < self.MAX_KEYS:
+                self.refused[key] = count + 1
+        return allowed, reason
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -83,7 +107,8 @@ def main(argv: list[str]) -> int:
                 raise UsageError(f"{args.server_key} holds no secret key: give the .key_secret file")
             if not Path(args.allow).is_dir():
                 raise UsageError(f"allow-list directory {args.allow} does not exist")
-            auth = ThreadAuthenticator(ctx, log=logging.getLogger("broker.auth"))
+            auth = LoggingAuthenticator(ctx, log=logging.getLogger("broker.auth"))
+            auth.allow_dir = args.allow
             auth.start()
             auth.configure_curve(domain="*", location=str(args.allow))
             for s in (xsub, xpub):

@@ -31,6 +31,7 @@ from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, Devic
                        pick_channels, pick_rate,
                        resolve_device, to_mono, tone)
 from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSource
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
@@ -111,9 +112,11 @@ class DeviceSource:
 
     def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int,
                  block_ms: float | None = None) -> None:
+        device, server_dev = select_server_device(device, "input")   # a server source name -> pulse
         self.sd = import_sounddevice("input")
         info = resolve_device(self.sd, parse_device(device), "input")
-        self.device_index, self.device_name = int(info["index"]), str(info["name"])
+        self.device_index = int(info["index"])
+        self.device_name = device_in_use(str(info["name"]), "input", server_dev)
         self.rate = pick_rate(self.sd, self.device_index, "input", IN_RATE, device_rate)
         self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
         self.resampler = StreamResampler(self.rate, IN_RATE)
@@ -171,6 +174,8 @@ class DeviceSource:
 
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
+        # One watchdog task rather than asyncio.wait_for per block: cheaper, and before Python 3.12
+        # wait_for swallows a cancel that lands as a block arrives, leaving the process deaf to SIGTERM.
         watchdog = asyncio.create_task(self._watchdog())
         try:
             async for chunk in self._chunks():
@@ -340,7 +345,8 @@ class Capture:
 def build_parser() -> argparse.ArgumentParser:
     p = VerbParser(prog="livepipe capture-audio", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--device", metavar="NAME|INDEX", help="input device (default: the system default)")
+    src.add_argument("--device", metavar="NAME|INDEX", help="input device: a sound server source name "
+                     "(e.g. virtual_mic) or a PortAudio index/name (default: the system default)")
     src.add_argument("--file", metavar="PATH.wav", help="read a WAV file (any rate and channel count) "
                      "instead of a microphone, paced in real time")
     src.add_argument("--tone", type=float, metavar="HZ", help="publish a sine tone (tests)")

@@ -36,6 +36,7 @@ from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, 
                        make_audio_thread_realtime,
                        print_device_list, parse_device, pick_channels, pick_rate, resolve_device, stream_delay_s)
 from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSink
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
@@ -352,10 +353,11 @@ class DeviceSink:
     def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
                  latency_ms: float | None = None) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
+        device, server_dev = select_server_device(device, "output")   # a server sink name -> pulse
         self.sd = import_sounddevice("output")
         info = resolve_device(self.sd, parse_device(device), "output")
         self.device_index = int(info["index"])
-        self.device_name = str(info["name"])
+        self.device_name = device_in_use(str(info["name"]), "output", server_dev)
         self.rate = pick_rate(self.sd, self.device_index, "output", OUT_RATE, device_rate)
         self.channels = pick_channels(self.sd, self.device_index, "output", self.rate)
         self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
@@ -655,7 +657,8 @@ class Player:
 def build_parser() -> argparse.ArgumentParser:
     p = VerbParser(prog="livepipe playback", description=__doc__.split("\n\n")[0])
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--device", metavar="NAME|INDEX", help="output device (default: the system default)")
+    out.add_argument("--device", metavar="NAME|INDEX", help="output device: a sound server sink name "
+                     "(e.g. speaker) or a PortAudio index/name (default: the system default)")
     out.add_argument("--file", metavar="PATH.wav", help="write what a listener would hear to a WAV file, "
                      "in real time (silences included), instead of a device")
     out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
