@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from livepipe.services.lib.audio import StreamResampler, read_wav_int16, write_wav_int16
-from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, play_wav
+from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, loud_spans, play_wav  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -118,15 +118,3 @@ def similarity(reference: np.ndarray, recording: np.ndarray) -> float:
     b = recording.astype(np.float64)
     den = np.sqrt(np.sum(a * a) * np.sum(b * b))
     return float(np.sum(a * b) / den) if den else 0.0
-
-
-def loud_spans(x: np.ndarray, rate: int, threshold: int = 300, min_gap_ms: float = 30.0) -> list[tuple[int, int]]:
-    """[start, end) sample spans where |x| exceeds `threshold`, merging gaps shorter than min_gap_ms."""
-    idx = np.nonzero(np.abs(x.astype(np.int32)) > threshold)[0]
-    if not len(idx):
-        return []
-    gap = int(rate * min_gap_ms / 1000)
-    breaks = np.nonzero(np.diff(idx) > gap)[0]
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return list(zip(starts.tolist(), ends.tolist()))

@@ -43,7 +43,7 @@ import psutil
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig
 from livepipe.services.dev.harness import HarnessError, spawn_livepipe, start_broker, stop_process
-from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, play_wav
+from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, loud_spans, play_wav
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
 from livepipe.services.lib.verb import VerbParser
 
@@ -116,17 +116,6 @@ class System:
 
 
 # ------------------------------------------------------------------ signals
-def loud_spans(x: np.ndarray, rate: int, min_gap_ms: float = 30.0) -> list[tuple[int, int]]:
-    idx = np.nonzero(np.abs(x.astype(np.int32)) > LOUD)[0]
-    if not len(idx):
-        return []
-    gap = int(rate * min_gap_ms / 1000)
-    breaks = np.nonzero(np.diff(idx) > gap)[0]
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    return list(zip(starts.tolist(), ends.tolist()))
-
-
 def make_utterances(workdir: Path, count: int) -> list[tuple[Path, float]]:
     """espeak-ng utterances at 16 kHz with 100 ms of silence around: (path, loud length s)."""
     if shutil.which("espeak-ng") is None:
@@ -140,7 +129,7 @@ def make_utterances(workdir: Path, count: int) -> list[tuple[Path, float]]:
         pad = np.zeros(IN_RATE // 10, np.int16)
         path = workdir / f"utt{i}.wav"
         write_wav_int16(path, np.concatenate([pad, x, pad]), IN_RATE)
-        spans = loud_spans(x, IN_RATE)
+        spans = loud_spans(x, IN_RATE, LOUD)
         out.append((path, (spans[-1][1] - spans[0][0]) / IN_RATE))
     return out
 
@@ -234,7 +223,7 @@ def run_turn(sysm: System, index: int, wav: Path, loud_s: float, daemon_env: dic
     play_wav(wav, sysm.devices.mic_feed, daemon_env)
     mic_t0 = mic.t0_ns()
     x = mic.samples(max(0, mic.index_at(t_play, mic_t0)))
-    spans = loud_spans(x, IN_RATE)
+    spans = loud_spans(x, IN_RATE, LOUD)
     if not spans:
         raise BenchError(f"{sysm.name}: the utterance was not heard at the mic feed's monitor")
     base = max(0, mic.index_at(t_play, mic_t0))
@@ -249,7 +238,7 @@ def run_turn(sysm: System, index: int, wav: Path, loud_s: float, daemon_env: dic
         spk_t0 = spk.t0_ns()
         start_idx = max(0, spk.index_at(end_ns, spk_t0))
         y = spk.samples(start_idx)
-        reply = loud_spans(y, OUT_RATE)
+        reply = loud_spans(y, OUT_RATE, LOUD)
         if reply and (reply[-1][1] - reply[0][0]) / OUT_RATE >= loud_s - 0.05 and len(y) - reply[-1][1] > 0.4 * OUT_RATE:
             break
     for name, t in sysm.cpu_times().items():

@@ -379,3 +379,16 @@ class MonitorRecorder:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def loud_spans(x: np.ndarray, rate: int, threshold: int = 300, min_gap_ms: float = 30.0) -> list[tuple[int, int]]:
+    """[start, end) sample spans of a recording where |x| exceeds `threshold`, merging gaps shorter
+    than min_gap_ms: where sound was heard, for benchmarks and tests that listen at a null sink."""
+    idx = np.nonzero(np.abs(x.astype(np.int32)) > threshold)[0]
+    if not len(idx):
+        return []
+    gap = int(rate * min_gap_ms / 1000)
+    breaks = np.nonzero(np.diff(idx) > gap)[0]
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    return list(zip(starts.tolist(), ends.tolist()))
