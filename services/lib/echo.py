@@ -1,0 +1,247 @@
+"""Acoustic echo cancellation for capture-audio: the model's voice, played on a loudspeaker, is
+removed from the microphone signal before it becomes audio.in.
+
+- `ReferenceTrack` holds what playback handed to its device (topic audio.ref), placed on the
+  wall clock by the device output time PortAudio gave, at 16 kHz.
+- `DelayEstimator` finds the delay between that reference and its echo in the microphone by
+  cross-correlation (timestamps of two devices plus the room: never a constant).
+- `Canceller` is the declared interface of the DSP: `process(mic, ref)` on 10 ms frames.
+  `ApmCanceller` is WebRTC's audio processing module (AEC3, plus optional noise suppression,
+  high-pass filter and gain control) from the `livekit` package (extra `aec`).
+- `EchoStage` ties them together for one microphone: `cancel`, `gate` (half duplex: the
+  microphone is silenced while the model is heard, plus a tail) or `off`, with metrics
+  (ERLE, estimated delay) for the heartbeat.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+import numpy as np
+
+from livepipe.services.lib.audio import IN_RATE, StreamResampler
+
+FRAME = IN_RATE // 100           # 10 ms: the unit every WebRTC APM call takes
+NS = 1_000_000_000
+MODES = ("cancel", "gate", "off")
+
+
+class Canceller(Protocol):
+    """Removes the echo of `ref` from `mic`: both int16 mono 16 kHz, FRAME samples, `ref`
+    already aligned so that its echo reaches `mic` no earlier than `delay_hint_ms` later."""
+
+    name: str
+
+    def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray: ...
+
+
+def aec_available() -> bool:
+    try:
+        import livekit.rtc  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class ApmCanceller:
+    """WebRTC AudioProcessingModule through livekit.rtc (a Rust FFI; 10 ms frames)."""
+
+    name = "webrtc-apm"
+
+    def __init__(self, noise_suppression: bool = False, auto_gain: bool = False, high_pass: bool = True) -> None:
+        from livekit import rtc   # the `aec` extra: imported only when cancelling
+        self._rtc = rtc
+        self.apm = rtc.AudioProcessingModule(echo_cancellation=True, noise_suppression=noise_suppression,
+                                             high_pass_filter=high_pass, auto_gain_control=auto_gain)
+
+    def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
+        rtc = self._rtc
+        far = rtc.AudioFrame(bytearray(ref.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
+        self.apm.process_reverse_stream(far)
+        near = rtc.AudioFrame(bytearray(mic.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
+        self.apm.set_stream_delay_ms(int(delay_hint_ms))   # the APM wants it before every process_stream
+        self.apm.process_stream(near)
+        return np.frombuffer(near._data, dtype="<i2").copy()
+
+
+class ReferenceTrack:
+    """audio.ref blocks placed on a 16 kHz wall-clock grid (sample k sounds at k / 16000 s)."""
+
+    def __init__(self, seconds: float = 8.0) -> None:
+        self.size = int(seconds * IN_RATE)
+        self.buf = np.zeros(self.size, np.int16)
+        self.stamp = np.full(self.size, -1, np.int64)   # absolute index held by each slot
+        self._rs: StreamResampler | None = None
+        self._next: int | None = None                    # grid index where the current run continues
+        self._next_ns = 0
+        self.blocks = 0
+        self.last_loud_index = -(1 << 62)                # newest grid index with audible reference
+
+    def add(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
+        """`pcm` (int16 mono at `rate`) whose first sample sounds at `first_ns`."""
+        self.blocks += 1
+        idx = first_ns * IN_RATE // NS
+        # A block that continues the previous one (within 5 ms) keeps the resampler and the
+        # running index, so timestamp jitter does not tear the signal.
+        if self._rs is None or self._rs.in_rate != rate or self._next is None or abs(first_ns - self._next_ns) > 5_000_000:
+            self._rs = StreamResampler(rate, IN_RATE)
+            self._next = idx
+        self._next_ns = first_ns + len(pcm) * NS // rate
+        out = self._rs.process(pcm)
+        if not len(out):
+            return
+        start = self._next
+        self._next += len(out)
+        k = np.arange(start, start + len(out), dtype=np.int64)
+        self.buf[k % self.size] = out
+        self.stamp[k % self.size] = k
+        if np.max(np.abs(out.astype(np.int32))) > 100:
+            self.last_loud_index = max(self.last_loud_index, start + len(out))
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Grid samples [start, start+n); silence where nothing was played."""
+        k = np.arange(start, start + n, dtype=np.int64)
+        slots = k % self.size
+        return np.where(self.stamp[slots] == k, self.buf[slots], 0).astype(np.int16)
+
+
+class DelayEstimator:
+    """Delay of the echo behind the reference, by cross-correlation over the last ~2 s.
+
+    Accepts a peak only when the correlation coefficient is clear (echo, not the user talking
+    over it); reports the median of the last accepted peaks."""
+
+    def __init__(self, max_ms: int = 500, min_ms: int = -60, window_s: float = 2.0, min_corr: float = 0.25) -> None:
+        self.max_lag, self.min_lag = max_ms * IN_RATE // 1000, min_ms * IN_RATE // 1000
+        self.n = int(window_s * IN_RATE)
+        self.min_corr = min_corr
+        self.mic: deque[np.ndarray] = deque()
+        self.ref: deque[np.ndarray] = deque()
+        self.frames = 0
+        self.accepted: deque[int] = deque(maxlen=5)
+        self.last_corr = 0.0
+        self.runs = 0
+
+    def push(self, mic: np.ndarray, ref_wall: np.ndarray) -> None:
+        """`ref_wall`: the reference at the same wall time as `mic` (no delay applied)."""
+        self.mic.append(mic)
+        self.ref.append(ref_wall)
+        self.frames += len(mic)
+        while self.frames > self.n + self.max_lag:
+            self.frames -= len(self.mic.popleft())
+            self.ref.popleft()
+
+    def update(self) -> int | None:
+        """Run one estimate (call a few times a second); returns the delay in samples or None."""
+        if self.frames < self.n // 2:
+            return self.delay
+        mic = np.concatenate(self.mic).astype(np.float64)
+        ref = np.concatenate(self.ref).astype(np.float64)
+        if float(np.mean(ref * ref)) < 1e4 or float(np.mean(mic * mic)) < 100:   # nothing played / heard
+            return self.delay
+        self.runs += 1
+        n = 1 << int(np.ceil(np.log2(len(mic) + self.max_lag - self.min_lag)))
+        corr = np.fft.irfft(np.fft.rfft(mic, n) * np.conj(np.fft.rfft(ref, n)), n)
+        lags = np.concatenate([np.arange(0, self.max_lag + 1), np.arange(self.min_lag, 0)])
+        vals = np.concatenate([corr[:self.max_lag + 1], corr[n + self.min_lag:]])
+        best = int(np.argmax(np.abs(vals)))
+        lag = int(lags[best])
+        # correlation coefficient at that lag, over the overlapping part
+        a = mic[max(0, lag):len(mic) + min(0, lag)]
+        b = ref[max(0, -lag):len(ref) - max(0, lag)]
+        m = min(len(a), len(b))
+        den = np.sqrt(np.sum(a[:m] ** 2) * np.sum(b[:m] ** 2))
+        self.last_corr = float(abs(np.sum(a[:m] * b[:m])) / den) if den else 0.0
+        if self.last_corr >= self.min_corr:
+            self.accepted.append(lag)
+        return self.delay
+
+    @property
+    def delay(self) -> int | None:
+        return int(np.median(self.accepted)) if self.accepted else None
+
+
+class EchoStage:
+    """Echo handling for one microphone stream (16 kHz int16 chunks with capture times)."""
+
+    MARGIN_MS = 30          # the APM gets the reference this much ahead of its echo
+    GATE_TAIL_MS = 250      # gate: stay muted this long after the model's voice stopped
+
+    def __init__(self, mode: str, canceller: Canceller | None = None) -> None:
+        assert mode in MODES, mode
+        self.mode = mode
+        self.canceller = canceller
+        self.ref = ReferenceTrack()
+        self.estimator = DelayEstimator()
+        self._pending = np.zeros(0, np.int16)
+        self._pending_index = 0
+        self._since_estimate = 0
+        self._erle: deque[tuple[float, float]] = deque(maxlen=300)   # (mic, out) energy of echo frames, 3 s
+        self.frames = 0
+        self.echo_frames = 0
+        self.gated_frames = 0
+
+    def add_reference(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
+        self.ref.add(pcm, rate, first_ns)
+
+    @property
+    def delay_samples(self) -> int:
+        d = self.estimator.delay
+        return 0 if d is None else d
+
+    def process(self, chunk: np.ndarray, capture_ns: int) -> np.ndarray:
+        """One microphone chunk -> the chunk to publish (same length; 10 ms frames inside, the
+        remainder of a chunk whose length is not a multiple of 10 ms passes through)."""
+        if self.mode == "off" or not len(chunk):
+            return chunk
+        start = capture_ns * IN_RATE // NS
+        out = chunk.copy()
+        for i in range(0, len(chunk) - FRAME + 1, FRAME):
+            out[i:i + FRAME] = self._frame(chunk[i:i + FRAME], start + i)
+        return out
+
+    def _frame(self, mic: np.ndarray, index: int) -> np.ndarray:
+        self.frames += 1
+        ref_wall = self.ref.read(index, FRAME)
+        self.estimator.push(mic, ref_wall)
+        self._since_estimate += 1
+        if self._since_estimate >= 50:   # every 0.5 s of audio
+            self._since_estimate = 0
+            self.estimator.update()
+        delay = self.delay_samples
+        if self.mode == "gate":
+            # Muted while the reference (shifted by the echo delay) was loud recently.
+            if index - delay <= self.ref.last_loud_index + self.GATE_TAIL_MS * IN_RATE // 1000 \
+                    and index - delay >= self.ref.last_loud_index - 60 * IN_RATE:
+                self.gated_frames += 1
+                return np.zeros(FRAME, np.int16)
+            return mic
+        margin = self.MARGIN_MS * IN_RATE // 1000
+        ref = self.ref.read(index - delay + margin, FRAME)
+        assert self.canceller is not None
+        out = self.canceller.process(mic, ref, self.MARGIN_MS)
+        echo_ref = self.ref.read(index - delay, FRAME).astype(np.float64)
+        if float(np.mean(echo_ref * echo_ref)) > 1e4:   # the model is audible in this frame
+            self.echo_frames += 1
+            m = mic.astype(np.float64)
+            o = out.astype(np.float64)
+            self._erle.append((float(np.mean(m * m)), float(np.mean(o * o))))
+        return out
+
+    @property
+    def erle_db(self) -> float | None:
+        """Echo return loss enhancement over the last 3 s of frames where the model was audible."""
+        if len(self._erle) < 20:
+            return None
+        mic = sum(e[0] for e in self._erle)
+        out = sum(e[1] for e in self._erle)
+        if mic < 1e3:
+            return None     # the echo is below the noise floor: nothing to measure
+        return round(10 * np.log10(mic / max(out, 1.0)), 1)
+
+    def metrics(self) -> dict[str, Any]:
+        d = self.estimator.delay
+        return {"echo_mode": self.mode, "echo_canceller": getattr(self.canceller, "name", None) if self.mode == "cancel" else None,
+                "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
+                "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
+                "echo_gated_frames": self.gated_frames, "echo_ref_blocks": self.ref.blocks}
