@@ -31,6 +31,7 @@ class Canceller(Protocol):
     already aligned so that its echo reaches `mic` no earlier than `delay_hint_ms` later."""
 
     name: str
+    latency: int     # samples the output lags the input by
 
     def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray: ...
 
@@ -51,12 +52,32 @@ class ApmCanceller:
     def __init__(self, noise_suppression: bool = False, auto_gain: bool = False, high_pass: bool = True) -> None:
         from livekit import rtc   # the `aec` extra: imported only when cancelling
         self._rtc = rtc
-        self.apm = rtc.AudioProcessingModule(echo_cancellation=True, noise_suppression=noise_suppression,
-                                             high_pass_filter=high_pass, auto_gain_control=auto_gain)
+        opts = dict(echo_cancellation=True, noise_suppression=noise_suppression, high_pass_filter=high_pass,
+                    auto_gain_control=auto_gain)
+        self.apm = rtc.AudioProcessingModule(**opts)
+        self.latency = self._measure_latency(rtc.AudioProcessingModule(**opts))
+
+    def _measure_latency(self, apm: Any) -> int:
+        """Samples the module delays its output by (its internal resampling), measured once on a
+        throwaway instance with noise and no echo, so the bypass path can be delayed to match."""
+        rng = np.random.default_rng(7)
+        noise = (rng.standard_normal(FRAME * 40) * 3000).astype(np.int16)
+        out = np.zeros_like(noise)
+        silent = bytearray(FRAME * 2)
+        for i in range(0, len(noise), FRAME):
+            self.apm, keep = apm, self.apm
+            out[i:i + FRAME] = self._run(noise[i:i + FRAME], silent, 0)
+            self.apm = keep
+        a, b = noise.astype(np.float64), out.astype(np.float64)
+        corr = [float(np.dot(a[:len(a) - k], b[k:])) for k in range(0, 4 * FRAME)]
+        return int(np.argmax(corr))
 
     def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
+        return self._run(mic, bytearray(ref.astype("<i2").tobytes()), delay_hint_ms)
+
+    def _run(self, mic: np.ndarray, ref: bytearray, delay_hint_ms: int) -> np.ndarray:
         rtc = self._rtc
-        far = rtc.AudioFrame(bytearray(ref.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
+        far = rtc.AudioFrame(ref, IN_RATE, 1, FRAME)
         self.apm.process_reverse_stream(far)
         near = rtc.AudioFrame(bytearray(mic.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
         self.apm.set_stream_delay_ms(int(delay_hint_ms))   # the APM wants it before every process_stream
@@ -162,24 +183,34 @@ class DelayEstimator:
 
 
 class EchoStage:
-    """Echo handling for one microphone stream (16 kHz int16 chunks with capture times)."""
+    """Echo handling for one microphone stream (16 kHz int16 chunks with capture times).
+
+    `cancel` runs every frame through the canceller (so it stays converged) but publishes its
+    output only while the model is audible at the microphone (the delayed reference was loud
+    within the last ACTIVE_TAIL_MS); otherwise the microphone passes unchanged, delayed by the
+    canceller's own latency so both paths line up, with a 10 ms crossfade at each switch. The
+    user's voice is then untouched whenever the model is silent."""
 
     MARGIN_MS = 30          # the APM gets the reference this much ahead of its echo
+    ACTIVE_TAIL_MS = 300    # the room (and the canceller) still ring this long after the model stops
     GATE_TAIL_MS = 250      # gate: stay muted this long after the model's voice stopped
 
     def __init__(self, mode: str, canceller: Canceller | None = None) -> None:
         assert mode in MODES, mode
         self.mode = mode
         self.canceller = canceller
+        self.latency = canceller.latency if canceller is not None and mode == "cancel" else 0
         self.ref = ReferenceTrack()
         self.estimator = DelayEstimator()
-        self._pending = np.zeros(0, np.int16)
-        self._pending_index = 0
         self._since_estimate = 0
         self._erle: deque[tuple[float, float]] = deque(maxlen=300)   # (mic, out) energy of echo frames, 3 s
+        self._raw = np.zeros(self.latency, np.int16)                  # bypass delay line
+        self._active = False
+        self._fade = np.linspace(0.0, 1.0, FRAME, endpoint=False)
         self.frames = 0
-        self.echo_frames = 0
+        self.echo_frames = 0        # frames in which the model was audible
         self.gated_frames = 0
+        self.cancelled_frames = 0   # frames published from the canceller's output
 
     def add_reference(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
         self.ref.add(pcm, rate, first_ns)
@@ -189,9 +220,13 @@ class EchoStage:
         d = self.estimator.delay
         return 0 if d is None else d
 
+    @property
+    def latency_ns(self) -> int:
+        return self.latency * NS // IN_RATE
+
     def process(self, chunk: np.ndarray, capture_ns: int) -> np.ndarray:
-        """One microphone chunk -> the chunk to publish (same length; 10 ms frames inside, the
-        remainder of a chunk whose length is not a multiple of 10 ms passes through)."""
+        """One microphone chunk (a multiple of 10 ms) -> the chunk to publish, same length. With
+        `cancel` it lags the input by `latency` samples (the caller shifts its capture time)."""
         if self.mode == "off" or not len(chunk):
             return chunk
         start = capture_ns * IN_RATE // NS
@@ -199,6 +234,12 @@ class EchoStage:
         for i in range(0, len(chunk) - FRAME + 1, FRAME):
             out[i:i + FRAME] = self._frame(chunk[i:i + FRAME], start + i)
         return out
+
+    def _audible(self, index: int, delay: int, tail_ms: int) -> bool:
+        """Was the model's voice heard by the microphone at `index` (or within tail_ms before)?"""
+        tail = tail_ms * IN_RATE // 1000
+        window = self.ref.read(index - delay - tail, tail + FRAME)
+        return bool(len(window)) and int(np.max(np.abs(window.astype(np.int32)))) > 100
 
     def _frame(self, mic: np.ndarray, index: int) -> np.ndarray:
         self.frames += 1
@@ -210,23 +251,30 @@ class EchoStage:
             self.estimator.update()
         delay = self.delay_samples
         if self.mode == "gate":
-            # Muted while the reference (shifted by the echo delay) was loud recently.
-            if index - delay <= self.ref.last_loud_index + self.GATE_TAIL_MS * IN_RATE // 1000 \
-                    and index - delay >= self.ref.last_loud_index - 60 * IN_RATE:
+            if self._audible(index, delay, self.GATE_TAIL_MS):
                 self.gated_frames += 1
                 return np.zeros(FRAME, np.int16)
             return mic
         margin = self.MARGIN_MS * IN_RATE // 1000
-        ref = self.ref.read(index - delay + margin, FRAME)
         assert self.canceller is not None
-        out = self.canceller.process(mic, ref, self.MARGIN_MS)
+        out = self.canceller.process(mic, self.ref.read(index - delay + margin, FRAME), self.MARGIN_MS)
+        line = np.concatenate([self._raw, mic])
+        raw, self._raw = line[:FRAME], line[FRAME:]
         echo_ref = self.ref.read(index - delay, FRAME).astype(np.float64)
         if float(np.mean(echo_ref * echo_ref)) > 1e4:   # the model is audible in this frame
             self.echo_frames += 1
             m = mic.astype(np.float64)
             o = out.astype(np.float64)
             self._erle.append((float(np.mean(m * m)), float(np.mean(o * o))))
-        return out
+        # the output lags by `latency`: judge activity at the time of the samples it holds
+        active = self._audible(index - self.latency, delay, self.ACTIVE_TAIL_MS)
+        was, self._active = self._active, active
+        if active:
+            self.cancelled_frames += 1
+        if active == was:
+            return out if active else raw
+        w = self._fade if active else self._fade[::-1]   # weight of the canceller's output
+        return (out * w + raw * (1.0 - w)).astype(np.int16)
 
     @property
     def erle_db(self) -> float | None:
@@ -244,4 +292,93 @@ class EchoStage:
         return {"echo_mode": self.mode, "echo_canceller": getattr(self.canceller, "name", None) if self.mode == "cancel" else None,
                 "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
                 "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
-                "echo_gated_frames": self.gated_frames, "echo_ref_blocks": self.ref.blocks}
+                "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
+                "echo_ref_blocks": self.ref.blocks, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1)}
+
+
+class EchoLink:
+    """capture-audio's side of echo handling: finds the local playback (its heartbeat's host is
+    ours), takes its audio.ref, and runs an EchoStage on the microphone chunks.
+
+    `requested` is cancel | gate | off | auto. auto = cancel when a playback runs on this
+    machine and the APM is installed, gate when it runs here but the APM is missing, off when
+    no playback runs here (nothing of ours can echo)."""
+
+    LOCAL_TIMEOUT_S = 5.0     # a local playback silent this long (no heartbeat) is gone
+
+    def __init__(self, requested: str, host: str, log: Any, clock: Any = None) -> None:
+        import time
+        self.requested, self.host, self.log = requested, host, log
+        self.clock = clock or time.monotonic
+        self.local_playback: dict[str, float] = {}    # playback instance -> last heartbeat (monotonic)
+        self.stage: EchoStage | None = None
+        self.ignored_refs = 0                         # audio.ref from a playback on another machine
+        self.bad_refs = 0
+        self._said_none = False
+        self._started = self.clock()
+
+    # ---------------------------------------------------------------- bus
+    def on_status(self, msg: Any) -> None:
+        if msg["src"] == "playback" and msg.get("host") == self.host:
+            if msg["inst"] not in self.local_playback:
+                self.log.info("playback runs on this machine (%s): echo handling %s", self.host, self._resolve())
+            self.local_playback[msg["inst"]] = self.clock()
+
+    def on_ref(self, msg: Any) -> None:
+        if msg["inst"] not in self.local_playback:
+            self.ignored_refs += 1
+            return
+        if msg["sample_width"] != 2 or msg["channels"] != 1:
+            self.bad_refs += 1
+            return
+        stage = self._stage()
+        if stage is not None:
+            stage.add_reference(np.frombuffer(msg.payload, dtype="<i2"), msg["rate"], msg["out_ts"])
+
+    # ---------------------------------------------------------------- audio
+    @property
+    def local(self) -> bool:
+        now = self.clock()
+        return any(now - t < self.LOCAL_TIMEOUT_S for t in self.local_playback.values())
+
+    def _resolve(self) -> str:
+        if self.requested != "auto":
+            if self.requested == "cancel" and not aec_available():
+                return "gate"    # said once at startup by the caller
+            return self.requested
+        if not self.local_playback:
+            return "off"
+        return "cancel" if aec_available() else "gate"
+
+    def _stage(self) -> EchoStage | None:
+        mode = self._resolve()
+        if mode == "off":
+            return None
+        if self.stage is None or self.stage.mode != mode:
+            self.stage = EchoStage(mode, ApmCanceller() if mode == "cancel" else None)
+        return self.stage
+
+    def process(self, chunk: np.ndarray, capture_ns: int) -> tuple[np.ndarray, int]:
+        """A microphone chunk -> (chunk to publish, capture time of its first sample)."""
+        if len(chunk) % FRAME:
+            return chunk, capture_ns   # not whole 10 ms frames (--chunk-ms not a multiple of 10): said at startup
+        if not self.local_playback:
+            if (self.requested in ("cancel", "gate") and not self._said_none
+                    and self.clock() - self._started > self.LOCAL_TIMEOUT_S):
+                self._said_none = True
+                self.log.warning("--echo %s: no playback runs on this machine (no heartbeat from host %s); "
+                                 "nothing to cancel until one does", self.requested, self.host)
+            return chunk, capture_ns
+        stage = self._stage()
+        if stage is None:
+            return chunk, capture_ns
+        return stage.process(chunk, capture_ns), capture_ns - stage.latency_ns
+
+    def metrics(self) -> dict[str, Any]:
+        m: dict[str, Any] = {"echo": self.requested, "echo_reference": "local" if self.local else "none",
+                             "echo_ignored_refs": self.ignored_refs, "echo_bad_refs": self.bad_refs}
+        if self.stage is not None:
+            m.update(self.stage.metrics())
+        else:
+            m["echo_mode"] = self._resolve() if self.local_playback else "off"
+        return m
