@@ -15,7 +15,7 @@ removed from the microphone signal before it becomes audio.in.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -48,6 +48,7 @@ class ApmCanceller:
     """WebRTC AudioProcessingModule through livekit.rtc (a Rust FFI; 10 ms frames)."""
 
     name = "webrtc-apm"
+    _latency: dict[tuple, int] = {}   # measured once per option set
 
     def __init__(self, noise_suppression: bool = False, auto_gain: bool = False, high_pass: bool = True) -> None:
         from livekit import rtc   # the `aec` extra: imported only when cancelling
@@ -55,7 +56,10 @@ class ApmCanceller:
         opts = dict(echo_cancellation=True, noise_suppression=noise_suppression, high_pass_filter=high_pass,
                     auto_gain_control=auto_gain)
         self.apm = rtc.AudioProcessingModule(**opts)
-        self.latency = self._measure_latency(rtc.AudioProcessingModule(**opts))
+        key = tuple(opts.values())
+        if key not in ApmCanceller._latency:
+            ApmCanceller._latency[key] = self._measure_latency(rtc.AudioProcessingModule(**opts))
+        self.latency = ApmCanceller._latency[key]
 
     def _measure_latency(self, apm: Any) -> int:
         """Samples the module delays its output by (its internal resampling), measured once on a
@@ -195,15 +199,24 @@ class EchoStage:
     ACTIVE_TAIL_MS = 300    # the room (and the canceller) still ring this long after the model stops
     GATE_TAIL_MS = 250      # gate: stay muted this long after the model's voice stopped
 
-    def __init__(self, mode: str, canceller: Canceller | None = None) -> None:
+    REALIGN_MS = 20         # a delay estimate this far from the one applied re-aligns the reference
+    QUIET_MS = 500          # ... once the model has been silent this long
+
+    def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None) -> None:
         assert mode in MODES, mode
         self.mode = mode
-        self.canceller = canceller
-        self.latency = canceller.latency if canceller is not None and mode == "cancel" else 0
+        self.make_canceller = make_canceller
+        self.canceller = make_canceller() if make_canceller is not None and mode == "cancel" else None
+        self.latency = self.canceller.latency if self.canceller is not None else 0
+        # The delay the canceller's reference is aligned by. It changes only between model turns,
+        # with a fresh canceller: WebRTC's AEC3 never recovers from a reference that jumps
+        # (measured: a 60 ms step took ERLE from 40 dB to 0 dB for good).
+        self.applied_delay = 0
+        self.realigns = 0
         self.ref = ReferenceTrack()
         self.estimator = DelayEstimator()
         self._since_estimate = 0
-        self._erle: deque[tuple[float, float]] = deque(maxlen=300)   # (mic, out) energy of echo frames, 3 s
+        self._erle: deque[float] = deque(maxlen=500)   # per-frame ERLE (dB) of the last 5 s of echo frames
         self._raw = np.zeros(self.latency, np.int16)                  # bypass delay line
         self._active = False
         self._fade = np.linspace(0.0, 1.0, FRAME, endpoint=False)
@@ -256,8 +269,13 @@ class EchoStage:
                 return np.zeros(FRAME, np.int16)
             return mic
         margin = self.MARGIN_MS * IN_RATE // 1000
-        assert self.canceller is not None
-        out = self.canceller.process(mic, self.ref.read(index - delay + margin, FRAME), self.MARGIN_MS)
+        assert self.canceller is not None and self.make_canceller is not None
+        if (abs(delay - self.applied_delay) > self.REALIGN_MS * IN_RATE // 1000
+                and not self._audible(index, self.applied_delay, self.QUIET_MS)):
+            self.applied_delay = delay
+            self.canceller = self.make_canceller()
+            self.realigns += 1
+        out = self.canceller.process(mic, self.ref.read(index - self.applied_delay + margin, FRAME), self.MARGIN_MS)
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
         echo_ref = self.ref.read(index - delay, FRAME).astype(np.float64)
@@ -265,7 +283,9 @@ class EchoStage:
             self.echo_frames += 1
             m = mic.astype(np.float64)
             o = out.astype(np.float64)
-            self._erle.append((float(np.mean(m * m)), float(np.mean(o * o))))
+            em = float(np.mean(m * m))
+            if em > 1e3:   # the echo is above the noise floor: there is something to cancel
+                self._erle.append(10 * np.log10(em / max(float(np.mean(o * o)), 1.0)))
         # the output lags by `latency`: judge activity at the time of the samples it holds
         active = self._audible(index - self.latency, delay, self.ACTIVE_TAIL_MS)
         was, self._active = self._active, active
@@ -278,14 +298,11 @@ class EchoStage:
 
     @property
     def erle_db(self) -> float | None:
-        """Echo return loss enhancement over the last 3 s of frames where the model was audible."""
+        """Echo return loss enhancement: the median over the last 5 s of frames in which the
+        model was audible (the median, so the user talking over the model does not hide it)."""
         if len(self._erle) < 20:
             return None
-        mic = sum(e[0] for e in self._erle)
-        out = sum(e[1] for e in self._erle)
-        if mic < 1e3:
-            return None     # the echo is below the noise floor: nothing to measure
-        return round(10 * np.log10(mic / max(out, 1.0)), 1)
+        return round(float(np.median(self._erle)), 1)
 
     def metrics(self) -> dict[str, Any]:
         d = self.estimator.delay
@@ -293,7 +310,7 @@ class EchoStage:
                 "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
                 "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
                 "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
-                "echo_ref_blocks": self.ref.blocks, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1)}
+                "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1)}
 
 
 class EchoLink:
@@ -355,7 +372,7 @@ class EchoLink:
         if mode == "off":
             return None
         if self.stage is None or self.stage.mode != mode:
-            self.stage = EchoStage(mode, ApmCanceller() if mode == "cancel" else None)
+            self.stage = EchoStage(mode, ApmCanceller if mode == "cancel" else None)
         return self.stage
 
     def process(self, chunk: np.ndarray, capture_ns: int) -> tuple[np.ndarray, int]:

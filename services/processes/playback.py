@@ -369,8 +369,9 @@ class DeviceSink:
         self._last_callback = 0.0
         self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
         self.realtime: bool | None = None   # decided in the callback thread itself
-        # Echo reference (audio.ref): called from the audio thread with each audible block and
-        # the wall time its first sample sounds. Set by the Player.
+        # Echo reference (audio.ref): called from the audio thread with each block of a turn
+        # (silences inside it too, so the reference stays contiguous) and the wall time its
+        # first sample sounds. Set by the Player.
         self.on_block: Callable[[np.ndarray, int], None] | None = None
         self.stream = self._open()
         self.latency_s = float(self.stream.latency)
@@ -397,7 +398,7 @@ class DeviceSink:
             delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
             out_ns = time.time_ns() + int(delay * 1e9)
             block = self.jb.pull(frames, out_ns)
-            if self.on_block is not None and block.any():
+            if self.on_block is not None and (block.any() or self.jb.active):
                 self.on_block(block, out_ns)
             if self.channels > 1:
                 block = np.repeat(block, self.channels)

@@ -1,0 +1,150 @@
+"""Echo cancellation through a real acoustic path: the speaker's output is fed back into the
+virtual microphone (PulseAudio module-loopback, with a delay and an attenuation), as a laptop's
+loudspeaker is heard by its microphone. The test is the user: it speaks into the microphone at
+its turns, and once over the model (a barge-in).
+
+With `--echo cancel` the emulator hears no speech while the model talks except the real
+barge-in (no self-interruption); with `--echo off` the same room makes the model interrupt
+itself, which shows the test can fail."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from livepipe.services.dev.pulse import DeviceSet, pactl
+from livepipe.services.lib.audio import write_wav_int16
+from tests.bridge_support import Live, live_factory, speech  # noqa: F401
+from tests.conftest import spawn, stop
+from tests.pulse_support import play_into_mic, pulse, pulse_devices, record_speaker  # noqa: F401
+
+pytestmark = pytest.mark.timeout(90)
+
+pytest.importorskip("livekit.rtc", reason="the echo canceller is the `aec` extra (pip install 'livepipe[aec]')")
+
+ECHO_LATENCY_MS = 80      # the room: speaker -> microphone delay asked of module-loopback
+ECHO_VOLUME = "60%"       # and its attenuation (PulseAudio's cubic scale: about -13 dB)
+
+TURNS = ["What is the weather like in the city today?", "And what about tomorrow morning?",
+         "Tell me a story about a quick brown fox and a lazy dog."]
+BARGE_IN = "Stop. Just say hello."
+
+
+def add_room(devices: DeviceSet) -> str:
+    """module-loopback speaker.monitor -> mic feed, attenuated: the microphone hears the speaker."""
+    env = devices.daemon.env
+    mod = pactl("load-module", "module-loopback", f"source={devices.speaker}.monitor", f"sink={devices.mic_feed}",
+                f"latency_msec={ECHO_LATENCY_MS}", "source_dont_move=true", "sink_dont_move=true", env=env).strip()
+    devices._modules.append(mod)   # unloaded with the devices
+    for block in pactl("list", "sink-inputs", env=env).split("Sink Input #")[1:]:
+        if f"Owner Module: {mod}\n" in block:
+            pactl("set-sink-input-volume", block.split()[0], ECHO_VOLUME, env=env)
+            return mod
+    raise AssertionError("the loopback's sink input did not appear")
+
+
+class Conversation:
+    """The pipeline on real devices in a room with an echo, and the user's turns in it."""
+
+    def __init__(self, live: Live, env: dict[str, str], devices: DeviceSet, echo: str, tmp: Path) -> None:
+        self.live, self.devices, self.tmp = live, devices, tmp
+        self.user: list[tuple[int, int]] = []          # (start, end) wall ns of each user utterance
+        self.playback = spawn(["playback"], {**env, **devices.playback_env()})
+        self.capture = spawn(["capture-audio", "--echo", echo], {**env, **devices.capture_env()})
+        self.live.rec.until(lambda ms: {"playback", "capture-audio"} <= {m["src"] for m in ms if m.topic == "status"},
+                            20, "playback and capture-audio heartbeats")
+        self.live.rec.until(lambda ms: any(m.topic == "status" and m["src"] == "capture-audio"
+                                           and m["metrics"].get("echo_reference") == "local" for m in ms),
+                            10, "capture-audio to find the local playback")
+
+    def say(self, text: str, wait: bool = True):
+        pcm = speech(text)
+        path = self.tmp / f"u{len(self.user)}.wav"
+        write_wav_int16(path, np.concatenate([pcm, np.zeros(3200, np.int16)]), 16000)
+        start = time.time_ns()
+        proc = play_into_mic(self.devices, path, wait=wait)
+        self.user.append((start, start + int(len(pcm) / 16000 * 1e9) + 400_000_000))   # + paplay's buffer
+        return proc
+
+    def turns_finished(self) -> list:
+        return self.live.rec.select("playback", "turn_finished")
+
+    def wait_turns_finished(self, n: int, timeout: float = 20) -> None:
+        self.live.rec.until(lambda ms: len(self.turns_finished()) >= n, timeout, f"{n} replies heard")
+
+    def heard_user(self, t_ns: int, slack_ns: int = 600_000_000) -> bool:
+        return any(a <= t_ns <= b + slack_ns for a, b in self.user)
+
+    def self_interruptions(self) -> list[int]:
+        """Interrupts of the model while the user was not speaking."""
+        return [m["ts"] for m in self.live.rec.select("control", "interrupt") if not self.heard_user(m["ts"])]
+
+    def phantom_speech(self) -> list[dict]:
+        """Speech the emulator detected while the user was not speaking (the model's own voice)."""
+        return [e for e in self.live.emu.events("speech_start") if not self.heard_user(int(e["t_ns"]))]
+
+    def capture_metrics(self) -> dict:
+        self.live.rec.pump()
+        beats = [m for m in self.live.rec.select("status", "heartbeat") if m["src"] == "capture-audio"]
+        return beats[-1]["metrics"]
+
+    def story(self) -> str:
+        """What happened when, in seconds from the first utterance (printed for a failing run)."""
+        t0 = self.user[0][0] if self.user else 0
+        ev = [(a, f"user {i} speaks ({(b - a) / 1e9:.1f} s)") for i, (a, b) in enumerate(self.user)]
+        ev += [(m["first_sample_ts"], f"model turn {m['turn']} heard") for m in self.live.rec.select("playback", "turn_started")]
+        ev += [(m.get("silent_ts") or m["ts"], f"model turn {m['turn']} ends{' (interrupted)' if m['interrupted'] else ''}")
+               for m in self.turns_finished()]
+        ev += [(int(e["t_ns"]), "emulator: speech_start") for e in self.live.emu.events("speech_start")]
+        ev += [(m["ts"], f"interrupt turn {m['turn']}") for m in self.live.rec.select("control", "interrupt")]
+        return "\n".join(f"  {(t - t0) / 1e9:7.2f}  {what}" for t, what in sorted(ev))
+
+    def close(self) -> None:
+        stop(self.capture)
+        stop(self.playback)
+
+
+@pytest.mark.parametrize("echo", ["cancel", "off"])
+def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_factory, bus_env) -> None:
+    add_room(pulse_devices)
+    live = live_factory()
+    conv = Conversation(live, bus_env, pulse_devices, echo, tmp_path)
+    try:
+        with record_speaker(pulse_devices, 24000):   # keeps the speaker's null sink rendering in small blocks
+            if echo == "off":
+                # One question is enough: the model hears its own answer and cuts itself off.
+                conv.say(TURNS[0])
+                live.rec.until(lambda ms: conv.self_interruptions(), 15, "the model to interrupt itself")
+                print(conv.story())
+                assert conv.self_interruptions() and conv.phantom_speech()
+                print(f"\necho off: {len(conv.self_interruptions())} self-interruption(s), "
+                      f"{len(conv.phantom_speech())} phantom speech start(s)")
+                return
+            for i, text in enumerate(TURNS):
+                conv.say(text)
+                if i < len(TURNS) - 1:
+                    conv.wait_turns_finished(i + 1)
+            # The user talks over the third reply: that must still interrupt it.
+            live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
+            time.sleep(0.8)
+            barge_start = time.time_ns()
+            conv.say(BARGE_IN)
+            live.rec.until(lambda ms: live.rec.select("control", "interrupt"), 5, "the barge-in to interrupt")
+            conv.wait_turns_finished(4)
+        interrupts = live.rec.select("control", "interrupt")
+        metrics = conv.capture_metrics()
+        print(f"\necho cancel: interrupts {len(interrupts)}, self-interruptions {len(conv.self_interruptions())}, "
+              f"phantom speech {len(conv.phantom_speech())}; ERLE {metrics.get('echo_erle_db')} dB, "
+              f"delay estimate {metrics.get('echo_delay_ms')} ms (corr {metrics.get('echo_delay_corr')})")
+        print(conv.story())
+        assert conv.phantom_speech() == [], "the emulator heard speech while the user was silent"
+        assert conv.self_interruptions() == []
+        assert len(interrupts) == 1 and 0 < (interrupts[0]["ts"] - barge_start) / 1e6 < 1500
+        finished = {m["turn"]: m for m in conv.turns_finished()}
+        assert sum(m["interrupted"] for m in finished.values()) == 1
+        assert metrics["echo_mode"] == "cancel" and metrics["echo_erle_db"] is not None
+        assert metrics["echo_delay_ms"] is not None
+    finally:
+        conv.close()
