@@ -18,7 +18,8 @@ from livepipe.services.dev.pulse import DeviceSet, pactl
 from livepipe.services.lib.audio import write_wav_int16
 from tests.bridge_support import Live, live_factory, speech  # noqa: F401
 from tests.conftest import spawn, stop
-from tests.pulse_support import play_into_mic, pulse, pulse_devices, record_speaker  # noqa: F401
+from livepipe.services.dev.pulse import MonitorRecorder
+from tests.pulse_support import align, play_into_mic, pulse, pulse_devices, record_source, record_speaker  # noqa: F401
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -65,7 +66,7 @@ class Conversation:
         write_wav_int16(path, np.concatenate([pcm, np.zeros(3200, np.int16)]), 16000)
         start = time.time_ns()
         proc = play_into_mic(self.devices, path, wait=wait)
-        self.user.append((start, start + int(len(pcm) / 16000 * 1e9) + 400_000_000))   # + paplay's buffer
+        self.user.append((start, start + int(len(pcm) / 16000 * 1e9)))
         return proc
 
     def turns_finished(self) -> list:
@@ -74,15 +75,17 @@ class Conversation:
     def wait_turns_finished(self, n: int, timeout: float = 20) -> None:
         self.live.rec.until(lambda ms: len(self.turns_finished()) >= n, timeout, f"{n} replies heard")
 
-    def heard_user(self, t_ns: int, slack_ns: int = 600_000_000) -> bool:
-        return any(a <= t_ns <= b + slack_ns for a, b in self.user)
+    def heard_user(self, t_ns: int, within_ns: int = 1_200_000_000) -> bool:
+        """Did the user start speaking just before `t_ns`? (The emulator detects the start of an
+        utterance within a few hundred ms of its first word, and a barge-in interrupts then.)"""
+        return any(a <= t_ns <= a + within_ns for a, _ in self.user)
 
     def self_interruptions(self) -> list[int]:
-        """Interrupts of the model while the user was not speaking."""
+        """Interrupts that no utterance of the user caused."""
         return [m["ts"] for m in self.live.rec.select("control", "interrupt") if not self.heard_user(m["ts"])]
 
     def phantom_speech(self) -> list[dict]:
-        """Speech the emulator detected while the user was not speaking (the model's own voice)."""
+        """Speech starts the emulator detected that no utterance of the user explains (the model's own voice)."""
         return [e for e in self.live.emu.events("speech_start") if not self.heard_user(int(e["t_ns"]))]
 
     def capture_metrics(self) -> dict:
@@ -106,17 +109,32 @@ class Conversation:
         stop(self.playback)
 
 
+def room_delay_ms(spk: MonitorRecorder, mic: MonitorRecorder) -> float:
+    """Delay from a sample at the speaker's monitor to its echo at the microphone, on the wall
+    clock: the loudest second of the speaker found in the microphone recording after it."""
+    s, m = spk.samples(), mic.samples()
+    t_s, t_m = spk.t0_ns(), mic.t0_ns()
+    k = max(0, int(np.argmax(np.abs(s))) - 8000)
+    piece = s[k:k + 16000]
+    start_m = max(0, k + (t_s - t_m) * 16000 // 1_000_000_000)     # the same wall time in the mic recording
+    lag = align(piece, m[start_m:start_m + 16000 + 8000])
+    return lag * 1000 / 16000
+
+
 @pytest.mark.parametrize("echo", ["cancel", "off"])
 def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_factory, bus_env) -> None:
     add_room(pulse_devices)
     live = live_factory()
     conv = Conversation(live, bus_env, pulse_devices, echo, tmp_path)
     try:
-        with record_speaker(pulse_devices, 24000):   # keeps the speaker's null sink rendering in small blocks
+        # The speaker's monitor and the microphone, both recorded: the room's true delay. (Recording
+        # the speaker also keeps its null sink rendering in small blocks.)
+        with record_speaker(pulse_devices, 16000) as spk, record_source(pulse_devices, pulse_devices.virtual_mic, 16000) as mic:
             if echo == "off":
                 # One question is enough: the model hears its own answer and cuts itself off.
                 conv.say(TURNS[0])
                 live.rec.until(lambda ms: conv.self_interruptions(), 15, "the model to interrupt itself")
+                true_ms = room_delay_ms(spk, mic)
                 print(conv.story())
                 assert conv.self_interruptions() and conv.phantom_speech()
                 print(f"\necho off: {len(conv.self_interruptions())} self-interruption(s), "
@@ -133,11 +151,13 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
             conv.say(BARGE_IN)
             live.rec.until(lambda ms: live.rec.select("control", "interrupt"), 5, "the barge-in to interrupt")
             conv.wait_turns_finished(4)
+            true_ms = room_delay_ms(spk, mic)
         interrupts = live.rec.select("control", "interrupt")
         metrics = conv.capture_metrics()
         print(f"\necho cancel: interrupts {len(interrupts)}, self-interruptions {len(conv.self_interruptions())}, "
               f"phantom speech {len(conv.phantom_speech())}; ERLE {metrics.get('echo_erle_db')} dB, "
-              f"delay estimate {metrics.get('echo_delay_ms')} ms (corr {metrics.get('echo_delay_corr')})")
+              f"delay estimate {metrics.get('echo_delay_ms')} ms, room delay measured at the devices {true_ms:.1f} ms")
+        print(f"room delay {true_ms:.1f} ms")
         print(conv.story())
         assert conv.phantom_speech() == [], "the emulator heard speech while the user was silent"
         assert conv.self_interruptions() == []
