@@ -12,6 +12,7 @@ BENCHES = {
     "goaway": "audio.in delivery gap to the model across goAway switchovers",
     "capture": "capture chunk length vs latency and CPU (why 20 ms)",
     "pipeline": "voice-to-voice on null-sink devices against a one-process client in the same run",
+    "aec": "echo cancellers on a synthetic echo: ERLE, the near voice kept, CPU (why WebRTC APM)",
 }
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import socket
 import time
 from collections import deque
 from typing import Any, AsyncIterator
@@ -34,6 +36,7 @@ from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSource
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
+from livepipe.services.lib.echo import MODES as ECHO_MODES, EchoLink, aec_available
 from livepipe.bus.message import Message
 
 log = logging.getLogger("capture-audio")
@@ -292,8 +295,10 @@ class PacedSource:
 
 
 class Capture:
-    def __init__(self, svc: Service, source: AudioSource, publisher: Publisher, chunk_ms: int) -> None:
+    def __init__(self, svc: Service, source: AudioSource, publisher: Publisher, chunk_ms: int,
+                 echo: EchoLink | None = None) -> None:
         self.svc, self.source, self.pub, self.chunk_ms = svc, source, publisher, chunk_ms
+        self.echo = echo   # only for a microphone: the model's voice from a local speaker
 
     def on_control(self, msg: Message) -> None:
         if msg.kind == "mute" and not self.pub.muted:
@@ -315,6 +320,8 @@ class Capture:
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
             async for chunk, ts in self.source.chunks():
+                if self.echo is not None:
+                    chunk, ts = self.echo.process(chunk, ts)
                 self.pub.offer(chunk, ts, getattr(self.source, "last_arrival_ns", None))
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
@@ -337,6 +344,8 @@ class Capture:
     def _update_metrics(self) -> None:
         m = self.svc.metrics
         m.update(self.source.metrics())
+        if self.echo is not None:
+            m.update(self.echo.metrics())
         m.update(source=self.source.kind, chunk_ms=self.chunk_ms, chunks_published=self.pub.published,
                  dropped_chunks=self.pub.dropped_chunks, backlog_ms=round(self.pub.backlog_frames * 1000 / IN_RATE),
                  muted=int(self.pub.muted), muted_chunks=self.pub.muted_chunks, level_dbfs=self.pub.level_dbfs)
@@ -364,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"device callback block (default {DEFAULT_BLOCK_MS} ms)")
     p.add_argument("--backlog-s", type=float, default=30.0,
                    help="audio held while nobody subscribes to audio.in (default 30 s)")
+    p.add_argument("--echo", choices=("auto", *ECHO_MODES), default=os.environ.get("LIVEPIPE_ECHO") or "auto",
+                   help="the model's voice from a local speaker: cancel (WebRTC echo canceller, extra `aec`), "
+                        "gate (half duplex: microphone silent while the model is heard), off; auto (default, "
+                        "env LIVEPIPE_ECHO) = cancel when playback runs on this machine, else off")
     add_bus_arguments(p)
     return p
 
@@ -382,6 +395,8 @@ def main(argv: list[str]) -> int:
         raise UsageError("--loop and --hold apply to --file")
     if args.tone is not None and not 0 < args.tone < IN_RATE / 2:
         raise UsageError(f"--tone must be between 0 and {IN_RATE // 2} Hz")
+    if args.echo not in ("auto", *ECHO_MODES):
+        raise UsageError(f"LIVEPIPE_ECHO must be one of auto, {', '.join(ECHO_MODES)}")
     cfg = BusConfig.from_args(args)
     chunk_frames = IN_RATE * args.chunk_ms // 1000
     try:
@@ -397,9 +412,19 @@ def main(argv: list[str]) -> int:
             source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms)
     except (DeviceError, AudioFileError) as exc:
         return fail("capture-audio", exc)
+    if args.echo == "cancel" and not aec_available():
+        log.warning("--echo cancel needs the echo canceller (pip install 'livepipe[aec]'): using gate instead")
+    echo = EchoLink(args.echo, socket.gethostname(), log) if isinstance(source, DeviceSource) else None
+    if echo is not None and args.chunk_ms % 10:
+        log.warning("echo handling works on 10 ms frames: --chunk-ms %d is not a multiple of 10, so it is off",
+                    args.chunk_ms)
+        echo = None
     svc = Service("capture-audio", cfg)
-    capture = Capture(svc, source, Publisher(svc, args.backlog_s), args.chunk_ms)
+    capture = Capture(svc, source, Publisher(svc, args.backlog_s), args.chunk_ms, echo)
     svc.on("control", capture.on_control)
+    if echo is not None:
+        svc.on("audio.ref", echo.on_ref)
+        svc.on("status", echo.on_status)
     try:
         return svc.main(capture.run)
     finally:

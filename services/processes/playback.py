@@ -369,6 +369,10 @@ class DeviceSink:
         self._last_callback = 0.0
         self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
         self.realtime: bool | None = None   # decided in the callback thread itself
+        # Echo reference (audio.ref): called from the audio thread with each block of a turn
+        # (silences inside it too, so the reference stays contiguous) and the wall time its
+        # first sample sounds. Set by the Player.
+        self.on_block: Callable[[np.ndarray, int], None] | None = None
         self.stream = self._open()
         self.latency_s = float(self.stream.latency)
 
@@ -392,7 +396,10 @@ class DeviceSink:
             if status.output_underflow:
                 self.underflows += 1
             delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
-            block = self.jb.pull(frames, time.time_ns() + int(delay * 1e9))
+            out_ns = time.time_ns() + int(delay * 1e9)
+            block = self.jb.pull(frames, out_ns)
+            if self.on_block is not None and (block.any() or self.jb.active):
+                self.on_block(block, out_ns)
             if self.channels > 1:
                 block = np.repeat(block, self.channels)
             outdata[:] = block.tobytes()
@@ -654,6 +661,19 @@ class Player:
             m["interrupt_reset_ms_last"] = round(self.reset_ms[-1], 2)
 
 
+def echo_reference_publisher(svc: Service, rate: int) -> Callable[[np.ndarray, int], None]:
+    """audio.ref: exactly what went to the device, for a local capture-audio's echo canceller."""
+    def publish(block: np.ndarray, out_ns: int) -> None:
+        if svc.stopping:
+            return
+        try:
+            svc.publish_threadsafe("audio.ref", "audio", block.tobytes(), rate=rate, channels=1, sample_width=2,
+                                   frames=len(block), out_ts=out_ns)
+        except (AssertionError, RuntimeError):   # the loop is not running yet / any more
+            pass
+    return publish
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = VerbParser(prog="livepipe playback", description=__doc__.split("\n\n")[0])
     out = p.add_mutually_exclusive_group()
@@ -716,6 +736,8 @@ def main(argv: list[str]) -> int:
     except (DeviceError, AudioFileError) as exc:
         return fail("playback", exc)
     player = holder["player"] = Player(svc, jb, sink, device_reset=not args.no_device_reset)
+    if isinstance(sink, DeviceSink):
+        sink.on_block = echo_reference_publisher(svc, sink.rate)
     svc.on("audio.out", player.on_audio)
     svc.on("control", player.on_control)
     try:
