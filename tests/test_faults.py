@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 from typing import Iterator
 
@@ -15,6 +16,7 @@ from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.bus.message import encode, make_header
 from livepipe.services.lib.audio import OUT_RATE, tone
+from livepipe.services.lib.jpeg import ImageRejected, check_image
 from tests.bridge_support import live_factory, start_bridge  # noqa: F401
 from tests.conftest import stop
 from tests.playback_burst import publish_turn, start_playback, wait_event
@@ -92,3 +94,56 @@ def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factor
         assert playback_metrics(listener).get("audio_dropped") == 0
     finally:
         stop(player)
+
+
+# ---------------------------------------------------------------- 2. decompression bomb
+def bomb_jpeg(width: int = 20000, height: int = 20000) -> bytes:
+    """A real 16x16 JPEG (631 bytes) whose frame header claims `width` x `height`."""
+    import cv2
+    ok, buf = cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))
+    data = bytearray(buf.tobytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The process's peak resident memory (VmHWM): catches a spike between two samples."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_image_header_check_refuses_what_no_camera_produces():
+    import cv2
+    ok, buf = cv2.imencode(".jpg", np.zeros((720, 1280, 3), np.uint8))
+    assert check_image(buf.tobytes()) == (1280, 720)
+    ok, png = cv2.imencode(".png", np.zeros((10, 20, 3), np.uint8))
+    assert check_image(png.tobytes(), "image/png") == (20, 10)
+    for bad in (bomb_jpeg(), bomb_jpeg(8000, 8000), b"\xff\xd8\xff\xd9", b"GIF89a", b""):
+        with pytest.raises(ImageRejected):
+            check_image(bad)
+
+
+def test_a_decompression_bomb_on_video_in_is_refused_unread(live_factory):  # noqa: F811
+    rig = live_factory(bridge_args=("--backend", "emulator"))
+    rig.pub.wait_subscriber("video.in")
+    bomb = bomb_jpeg()
+    assert len(bomb) < 1000
+    rig.pub.publish("video.in", "image", bomb, image_width=16, image_height=16, mime="image/jpeg")
+    rig.rec.until(lambda ms: any(m.topic == "status" and m["src"] == "gemini-bridge"
+                                 and m["metrics"].get("video_frames_too_large") == 1 for m in ms),
+                  15, "the bridge to count the refused frame")
+    assert peak_rss_bytes(rig.bridge.pid) < 400e6
+    # It keeps serving: a real frame goes to the model.
+    import cv2
+    ok, frame = cv2.imencode(".jpg", np.full((480, 640, 3), 90, np.uint8))
+    rig.pub.publish("video.in", "image", frame.tobytes(), image_width=640, image_height=480, mime="image/jpeg")
+    rig.rec.until(lambda ms: any(m.topic == "status" and m["src"] == "gemini-bridge"
+                                 and m["metrics"].get("video_frames_sent") == 1 for m in ms),
+                  15, "a real frame to be sent")
+    assert rig.metrics()["video_frames_rejected"] == 1
+    out, err = rig.close()
+    assert err.count("20000x20000") == 1, err
