@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import subprocess
+import sys
 import time
 from typing import Iterator
 
@@ -17,8 +19,8 @@ from livepipe.bus.config import BusConfig
 from livepipe.bus.message import encode, make_header
 from livepipe.services.lib.audio import OUT_RATE, tone
 from livepipe.services.lib.jpeg import ImageRejected, check_image
-from tests.bridge_support import live_factory, start_bridge  # noqa: F401
-from tests.conftest import stop
+from tests.bridge_support import Recorder, live_factory, start_bridge  # noqa: F401
+from tests.conftest import ROOT, free_port, spawn, stop
 from tests.playback_burst import publish_turn, start_playback, wait_event
 
 
@@ -29,9 +31,12 @@ def listener(bus_cfg: BusConfig) -> Iterator[BusClient]:
         yield c
 
 
+def metrics_of(client: BusClient, src: str, timeout: float = 5.0) -> dict:
+    return client.wait_for("status", "heartbeat", timeout, src=src)["metrics"]
+
+
 def playback_metrics(client: BusClient, timeout: float = 5.0) -> dict:
-    beat = client.wait_for("status", "heartbeat", timeout, src="playback")
-    return beat["metrics"]
+    return metrics_of(client, "playback", timeout)
 
 
 # ---------------------------------------------------------------- 1. turn identity
@@ -147,3 +152,139 @@ def test_a_decompression_bomb_on_video_in_is_refused_unread(live_factory):  # no
     assert rig.metrics()["video_frames_rejected"] == 1
     out, err = rig.close()
     assert err.count("20000x20000") == 1, err
+
+
+# ---------------------------------------------------------------- 3. supervision
+def launch_lines() -> dict[str, str]:
+    """launch/Procfile as a user runs it, minus what needs a sound card: the microphone is replaced
+    by text.in from the test, the speaker by `playback --null`. The camera is missing."""
+    from honcho.environ import parse_procfile
+    lines = dict(parse_procfile((ROOT / "launch" / "Procfile").read_text()).processes)
+    del lines["capture-audio"]
+    assert lines["playback"].endswith("livepipe playback"), lines["playback"]
+    lines["playback"] += " --null"
+    return lines
+
+
+def beat(rec: Recorder, src: str, timeout: float, not_pid: int | None = None, **metrics: object) -> dict:
+    """The first heartbeat of `src` (from a process other than `not_pid`) whose metrics match."""
+    def found(msgs: list) -> dict | None:
+        for m in msgs:
+            if (m.topic == "status" and m["src"] == src and m.get("pid") != not_pid
+                    and all(m["metrics"].get(k) == v for k, v in metrics.items())):
+                return m.header
+        return None
+    return rec.until(found, timeout, f"a heartbeat of {src} {metrics} (pid != {not_pid})")
+
+
+def playback_event(rec: Recorder, kind: str, turn: int, after: int, timeout: float = 15) -> dict:
+    return rec.until(lambda ms: next((m.header for m in ms[after:] if m.topic == "playback" and m.kind == kind
+                                      and m["turn"] == turn), None), timeout, f"playback {kind} {turn}")
+
+
+def connected(rec: Recorder, after: int, timeout: float = 30) -> None:
+    rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
+                             for m in ms[after:]), timeout, "the bridge to connect")
+
+
+def test_under_honcho_a_killed_process_comes_back_and_a_missing_camera_ends_nothing(tmp_path):
+    pub, sub = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API"))}
+    env.update(LIVEPIPE_PUB_BIND=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_BIND=f"tcp://127.0.0.1:{sub}",
+               LIVEPIPE_PUB_ENDPOINT=f"tcp://127.0.0.1:{pub}", LIVEPIPE_SUB_ENDPOINT=f"tcp://127.0.0.1:{sub}",
+               LIVEPIPE_STATE_DIR=str(tmp_path / "state"), LIVEPIPE_EMULATOR_PORT="0",
+               LIVEPIPE_VIDEO_SOURCE="7", PYTHONUNBUFFERED="1")
+    procfile = tmp_path / "Procfile"
+    procfile.write_text("".join(f"{name}: {cmd}\n" for name, cmd in launch_lines().items()))
+    log_path = tmp_path / "honcho.log"
+    with open(log_path, "w") as log_file:
+        honcho = subprocess.Popen([sys.executable, "-m", "honcho", "start", "--no-colour", "-f", str(procfile)],
+                                  cwd=tmp_path, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        rec = Recorder(BusConfig.from_env(env), all_topics=True)
+        try:
+            # No camera: one line, a heartbeat that says so, and the others keep running.
+            video = beat(rec, "capture-video", 20, source_state="no_camera")
+            beat(rec, "playback", 20)
+            connected(rec, 0)
+            rec.client.wait_subscriber("text.in")
+            mark = len(rec.messages)
+            rec.client.publish("text.in", "text", text="first")
+            playback_event(rec, "turn_finished", 1, mark)
+
+            # capture-video killed: it comes back (still without a camera), nothing else stops.
+            os.kill(video["pid"], signal.SIGKILL)
+            beat(rec, "capture-video", 20, not_pid=video["pid"], source_state="no_camera")
+
+            # The bridge killed: it comes back and the conversation goes on, heard from its first reply.
+            bridge = beat(rec, "gemini-bridge", 10)
+            os.kill(bridge["pid"], signal.SIGKILL)
+            mark = len(rec.messages)
+            connected(rec, mark)
+            rec.client.publish("text.in", "text", text="second")
+            playback_event(rec, "turn_started", 1, mark)
+            finished = playback_event(rec, "turn_finished", 1, mark)
+            assert finished["played_ms"] > 100 and not finished["interrupted"]
+            assert honcho.poll() is None
+        finally:
+            rec.close()
+    finally:
+        honcho.send_signal(signal.SIGTERM)
+        honcho.wait(20)
+    out = log_path.read_text()
+    assert out.count("continuing without video (set LIVEPIPE_VIDEO_SOURCE=test or screen)") == 2, out  # once per start
+    assert out.count("capture-video killed by SIGKILL") == 1 and out.count("gemini-bridge killed by SIGKILL") == 1, out
+    assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("source, line", [("7", "camera 7: cannot open"),
+                                          ("/dev/video77", "camera /dev/video77: no such device")])
+def test_a_missing_camera_is_a_conversation_without_video_said_once(bus_env, listener, source, line):
+    proc = spawn(["capture-video", source], bus_env)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            metrics = metrics_of(listener, "capture-video")
+            if metrics.get("source_state") == "no_camera":
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, metrics
+        for _ in range(3):   # it stays up, saying nothing more
+            assert metrics_of(listener, "capture-video").get("source_state") == "no_camera"
+        assert proc.poll() is None
+    finally:
+        out, err = stop(proc)
+    assert proc.returncode == 0, err
+    lines = [ln for ln in err.splitlines() if "capture-video" in ln and ("WARNING" in ln or "ERROR" in ln)]
+    assert lines == [f"capture-video: WARNING {line} (no such camera, or in use by another program): continuing "
+                     "without video (set LIVEPIPE_VIDEO_SOURCE=test or screen)"] if source == "7" else \
+        len(lines) == 1 and line in lines[0] and "continuing without video" in lines[0], err
+
+
+def test_supervise_policy_restarts_gives_up_and_passes_signals_on(tmp_path):
+    def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "livepipe.services", "supervise", *args], capture_output=True,
+                              text=True, timeout=timeout)
+    # A crash is restarted, with a counted line each time, until the limit; then its code is passed on.
+    res = run("--max-restarts", "2", "--backoff", "0", "--", "sh", "-c", "echo run >&2; exit 3")
+    assert res.returncode == 3 and res.stderr.count("run") == 3, res.stderr
+    assert res.stderr.count("restarting in") == 2 and "2 restarts within 30 s each; giving up" in res.stderr
+    # A usage or configuration error (exit 2) is not restarted, nor a clean exit 0 (on-failure).
+    res = run("--", "sh", "-c", "echo run >&2; exit 2")
+    assert res.returncode == 2 and res.stderr.count("run") == 1 and "not restarted" in res.stderr, res.stderr
+    res = run("--", "sh", "-c", "exit 0")
+    assert res.returncode == 0 and res.stderr == ""
+    # A process that ends by itself after a while, then succeeds: restarted once.
+    marker = tmp_path / "ran"
+    res = run("--backoff", "0", "--", "sh", "-c", f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; kill -9 $$")
+    assert res.returncode == 0 and "sh killed by SIGKILL" in res.stderr, res.stderr
+    # SIGTERM to supervise reaches the process; supervise exits with its code, no restart.
+    proc = subprocess.Popen([sys.executable, "-m", "livepipe.services", "supervise", "--", "sh", "-c",
+                             f"trap 'exit 0' TERM; touch {tmp_path / 'up'}; while :; do sleep 0.05; done"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "up").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)   # the child creates the file within milliseconds
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0 and "restarting" not in err, err
