@@ -47,19 +47,28 @@ COUNTER_NAMES = ("sent", "received", "gaps", "rejected", "dropped", "stale_dropp
 
 
 class RateLimitedLog:
-    """Log one line per key per `interval` seconds, saying how many were suppressed."""
+    """Log one line per key per `interval` seconds, saying how many were suppressed.
+
+    Keys must come from a small set (never from message content); the table is bounded anyway,
+    forgetting the longest-quiet keys, so hostile input cannot grow it."""
+
+    MAX_KEYS = 256
 
     def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
         self.log, self.interval = log, interval
-        self._last: dict[str, float] = {}
+        self._last: OrderedDict[str, float] = OrderedDict()
         self._suppressed: Counter[str] = Counter()
 
     def warning(self, key: str, text: str) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -1e9) >= self.interval:
             extra = f" ({self._suppressed[key]} more suppressed)" if self._suppressed[key] else ""
-            self._suppressed[key] = 0
+            self._suppressed.pop(key, None)
             self._last[key] = now
+            self._last.move_to_end(key)
+            while len(self._last) > self.MAX_KEYS:
+                old, _ = self._last.popitem(last=False)
+                self._suppressed.pop(old, None)
             self.log.warning("%s%s", text, extra)
         else:
             self._suppressed[key] += 1
@@ -346,14 +355,20 @@ class Service:
         return wait
 
     async def _dispatch(self, frames: list[bytes]) -> None:
-        if len(frames) == 1 or frames[0].startswith(self._probe_prefix):
-            return  # a probe of ours (or a stray single frame): not for handlers
+        if frames[0].startswith(self._probe_prefix):
+            return  # a readiness probe: not for handlers
         try:
-            msg = decode(frames, self.cfg.session)
+            msg = decode(frames, self.cfg.session)   # a single frame is rejected there, and counted
         except SchemaError as exc:
             self.counters["rejected"] += 1
             topic = bytes(frames[0][:40]) if frames else b""
-            self.ratelog.warning(f"reject:{topic!r}", f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
+            name = topic.decode("utf-8", "replace")
+            if self.cfg.session:
+                name = name.removeprefix(self.cfg.session + "/")
+            # One rate-limit key per declared topic, one for all others: random topic names
+            # cannot multiply the lines (or the table).
+            key = f"reject:{name}" if name in TOPICS else "reject:?"
+            self.ratelog.warning(key, f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
             return
         self.counters["received"] += 1
         self._check_seq(msg)

@@ -3,6 +3,7 @@ process down. Real processes on a real broker; no sound card needed (playback --
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -11,12 +12,14 @@ import sys
 import time
 from typing import Iterator
 
+import msgpack
 import numpy as np
 import pytest
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.bus.message import encode, make_header
+from livepipe.bus.topics import TOPICS
 from livepipe.services.lib.audio import OUT_RATE, tone
 from livepipe.services.lib.jpeg import ImageRejected, check_image
 from tests.bridge_support import Recorder, live_factory, start_bridge  # noqa: F401
@@ -288,3 +291,46 @@ def test_supervise_policy_restarts_gives_up_and_passes_signals_on(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0 and "restarting" not in err, err
+
+
+# ---------------------------------------------------------------- 6. bad input side effects
+def test_random_topics_and_single_frames_are_counted_and_said_in_few_lines(bus_env, bus_cfg, listener):
+    proc = start_playback(["--null"], bus_env, listener)
+    sender = BusClient("garbage", bus_cfg)
+    header = msgpack.packb({"v": 1, "kind": "interrupt", "src": "x", "inst": "x", "seq": 0, "ts": 0, "turn": 1})
+    try:
+        metrics_of(listener, "playback", 15)
+        sender.wait_ready()
+        for _ in range(1000):   # topics with random suffixes (playback subscribes to the prefix "control")
+            sender.send_raw([f"control.{os.urandom(6).hex()}".encode(), header])
+        for _ in range(100):    # single-frame messages
+            sender.send_raw([b"control"])
+        deadline = time.monotonic() + 15
+        while True:
+            beat = listener.wait_for("status", "heartbeat", 5, src="playback")
+            if beat["counters"]["rejected"] >= 1100:
+                break
+            assert time.monotonic() < deadline, beat["counters"]
+        assert beat["counters"]["rejected"] == 1100
+    finally:
+        sender.close()
+        out, err = stop(proc)
+    rejected_lines = [ln for ln in err.splitlines() if "rejected a message" in ln]
+    assert 1 <= len(rejected_lines) <= 2, err[:3000]     # one per declared topic, one for all others
+
+
+def test_tap_stats_keeps_one_row_for_undeclared_topics(bus_env, bus_cfg):
+    tap = spawn(["tap", "--stats", "--json", "--interval", "0.2", "--seconds", "4"], bus_env)
+    sender = BusClient("garbage", bus_cfg)
+    try:
+        assert "listening to" in tap.stderr.readline()
+        sender.wait_ready()
+        for _ in range(500):
+            sender.send_raw([f"x.{os.urandom(6).hex()}".encode(), b"\x80"])
+        out, err = tap.communicate(timeout=20)
+    finally:
+        sender.close()
+        stop(tap)
+    last = json.loads(out.strip().splitlines()[-1])
+    assert set(last["topics"]) <= set(TOPICS) | {"(undeclared topics)"}, list(last["topics"])[:10]
+    assert last["topics"]["(undeclared topics)"]["rejected"] == 500
