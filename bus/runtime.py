@@ -36,7 +36,7 @@ import zmq.asyncio
 
 from livepipe.bus import sockets
 from livepipe.bus.config import BusConfig, ConfigError
-from livepipe.bus.message import Message, decode, encode, make_header, wire_topic
+from livepipe.bus.message import MAX_FRAME_BYTES, Message, decode, encode, make_header, wire_topic
 from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
@@ -109,6 +109,12 @@ class Service:
         """Publish one message; returns False (and counts `dropped`) if the queue is full.
 
         Call from the event loop thread; from other threads use publish_threadsafe."""
+        if payload is not None and len(payload) > MAX_FRAME_BYTES:
+            # The broker would refuse it and drop our connection: refuse it here, in one line.
+            self.counters["dropped"] += 1
+            self.ratelog.warning(f"big:{topic}", f"not sent: a {topic} payload of {len(payload)} bytes "
+                                                 f"(the bus carries at most {MAX_FRAME_BYTES} per frame)")
+            return False
         seq = self._seq[topic]
         header = make_header(kind, self.name, self.inst, seq, fields)
         validate(topic, header, None if payload is None else memoryview(payload))  # never send wrong

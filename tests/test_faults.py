@@ -334,3 +334,32 @@ def test_tap_stats_keeps_one_row_for_undeclared_topics(bus_env, bus_cfg):
     last = json.loads(out.strip().splitlines()[-1])
     assert set(last["topics"]) <= set(TOPICS) | {"(undeclared topics)"}, list(last["topics"])[:10]
     assert last["topics"]["(undeclared topics)"]["rejected"] == 500
+
+
+def test_a_50_mb_control_message_never_reaches_a_service(bus_env, bus_cfg, listener):
+    proc = start_playback(["--null"], bus_env, listener)
+    sender = BusClient("garbage", bus_cfg)
+    try:
+        metrics_of(listener, "playback", 15)
+        sender.wait_ready()
+        before = peak_rss_bytes(proc.pid)
+        header = msgpack.packb({"v": 1, "kind": "mute", "src": "x", "inst": "x", "seq": 0, "ts": 0})
+        sender.send_raw([b"control", header, bytes(50 * 1024 * 1024)])
+        sender.send_raw([b"control", b"\xc1"])    # a small bad message after it
+        deadline = time.monotonic() + 15
+        while True:
+            beat = listener.wait_for("status", "heartbeat", 5, src="playback")
+            if beat["counters"]["rejected"] >= 1:
+                break
+            assert time.monotonic() < deadline, beat["counters"]
+        # Only the small one was received: the big one never reached the service.
+        assert beat["counters"]["rejected"] == 1
+        assert peak_rss_bytes(proc.pid) - before < 20e6
+        # And the sender still publishes: the next message from it arrives.
+        sender.send_raw([b"control", b"\xc1"])
+        while beat["counters"]["rejected"] < 2:
+            assert time.monotonic() < deadline, beat["counters"]
+            beat = listener.wait_for("status", "heartbeat", 5, src="playback")
+    finally:
+        sender.close()
+        stop(proc)
