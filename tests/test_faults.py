@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Iterator
 
 import msgpack
@@ -22,7 +23,7 @@ from livepipe.bus.message import encode, make_header
 from livepipe.bus.topics import TOPICS
 from livepipe.services.lib.audio import OUT_RATE, tone
 from livepipe.services.lib.jpeg import ImageRejected, check_image
-from tests.bridge_support import Recorder, live_factory, start_bridge  # noqa: F401
+from tests.bridge_support import Emulator, Recorder, live_factory, start_bridge  # noqa: F401
 from tests.conftest import ROOT, free_port, spawn, stop
 from tests.playback_burst import publish_turn, start_playback, wait_event
 
@@ -363,3 +364,29 @@ def test_a_50_mb_control_message_never_reaches_a_service(bus_env, bus_cfg, liste
     finally:
         sender.close()
         stop(proc)
+
+
+# ---------------------------------------------------------------- 5. restarts lose records
+def test_a_stale_emulator_json_is_not_dialled(bus_env, bus_cfg, tmp_path):
+    first = Emulator(bus_env, "--latency", "0.05")
+    info = dict(first.info)
+    first.proc.send_signal(signal.SIGKILL)     # killed: its emulator.json stays behind
+    first.proc.wait(5)
+    info_path = Path(bus_env["LIVEPIPE_STATE_DIR"]) / "emulator" / "emulator.json"
+    assert json.loads(info_path.read_text())["pid"] == info["pid"]
+    rec = Recorder(bus_cfg, ["control", "status"])
+    bridge = start_bridge(bus_env, "--backend", "emulator")
+    emu = None
+    try:
+        rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m.get("detail") ==
+                                 "waiting for the emulator" for m in ms), 20, "the bridge to wait for an emulator")
+        emu = Emulator(bus_env, "--latency", "0.05")
+        rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
+                                 for m in ms), 20, "the bridge to connect to the new emulator")
+    finally:
+        out, err = stop(bridge)
+        if emu is not None:
+            emu.stop()
+        rec.close()
+    assert err.count("is stale (process %d is gone)" % info["pid"]) == 1, err
+    assert "cannot connect" not in err, err
