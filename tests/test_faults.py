@@ -390,3 +390,30 @@ def test_a_stale_emulator_json_is_not_dialled(bus_env, bus_cfg, tmp_path):
         rec.close()
     assert err.count("is stale (process %d is gone)" % info["pid"]) == 1, err
     assert "cannot connect" not in err, err
+
+
+def test_a_restarted_file_playback_continues_the_record(bus_env, listener, tmp_path):
+    from livepipe.services.lib.audio import WavReader, dominant_frequency
+    from tests.pulse_support import loud_spans
+    path = tmp_path / "heard.wav"
+    for freq in (440.0, 880.0):
+        proc = start_playback(["--file", str(path)], bus_env, listener)
+        try:
+            metrics_of(listener, "playback", 15)
+            publish_turn(listener, 1, tone(freq, 0.3, OUT_RATE, -12.0))
+            listener.publish("control", "turn_complete", turn=1)
+            wait_event(listener, "turn_finished", 1)
+            for _ in range(2):     # two heartbeats: the writer has flushed since the turn ended
+                metrics_of(listener, "playback")
+        finally:
+            if freq == 440.0:
+                proc.send_signal(signal.SIGKILL)   # a crash: the file must survive the restart
+                proc.wait(5)
+            else:
+                _, err = stop(proc)
+                assert "exists: appending" in err, err
+    with WavReader(path) as r:
+        heard = (r.read(r.frames)[:, 0] * 32768).astype(np.int16)
+    spans = loud_spans(heard, OUT_RATE, min_gap_ms=100)
+    assert len(spans) == 2, spans
+    assert [round(dominant_frequency(heard[a:b], OUT_RATE)) for a, b in spans] == [440, 880]

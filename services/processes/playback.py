@@ -468,7 +468,10 @@ class ClockedSink:
         self.rate = jb.rate
         self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
         self.latency_s = 0.0
-        self.writer = WavWriter(path, self.rate) if path else None
+        # A restarted playback continues the file (the record of what was heard before), never truncates it.
+        self.writer = WavWriter(path, self.rate, append=True) if path else None
+        if self.writer and self.writer.appended_frames:
+            log.info("%s exists: appending (it holds %.1f s already)", path, self.writer.appended_frames / self.rate)
         self.path = path
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{self.kind}-sink", daemon=True)
@@ -734,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--device", metavar="NAME|INDEX", help="output device: a sound server sink name "
                      "(e.g. speaker) or a PortAudio index/name (default: the system default)")
     out.add_argument("--file", metavar="PATH.wav", help="write what a listener would hear to a WAV file, "
-                     "in real time (silences included), instead of a device")
+                     "in real time (silences included), instead of a device; an existing one (a restart) "
+                     "is appended to")
     out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--prebuffer-ms", type=float, default=DEFAULT_PREBUFFER_MS,
