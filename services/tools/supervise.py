@@ -29,11 +29,13 @@ import sys
 import threading
 import time
 
+from livepipe.services.lib.verb import UsageError, VerbParser, verb
+
 log = logging.getLogger("supervise")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="livepipe supervise", description=__doc__.split("\n\n")[0],
+    p = VerbParser(prog="livepipe supervise", description=__doc__.split("\n\n")[0],
                                 usage="livepipe supervise [options] -- COMMAND [ARGS...]")
     p.add_argument("--restart", choices=("on-failure", "always", "never"), default="on-failure",
                    help="when to start the process again (default on-failure)")
@@ -66,21 +68,20 @@ def _name_of(command: list[str]) -> str:
     return prog
 
 
+@verb("supervise")
 def main(argv: list[str]) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(name)s: %(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
-        log.error("no command: use livepipe supervise [options] -- COMMAND [ARGS...]")
-        return 2
+        raise UsageError("no command: use livepipe supervise [options] -- COMMAND [ARGS...]")
     if args.backoff < 0 or args.backoff_max < args.backoff or args.max_restarts < 0:
-        log.error("--backoff must be >= 0, --backoff-max >= --backoff and --max-restarts >= 0")
-        return 2
+        raise UsageError("--backoff must be >= 0, --backoff-max >= --backoff and --max-restarts >= 0")
     try:
         final_codes = {int(c) for c in args.no_restart_on.split(",") if c.strip()}
     except ValueError:
-        log.error("--no-restart-on %r: use exit codes separated by commas, e.g. 1,2", args.no_restart_on)
-        return 2
+        raise UsageError(f"--no-restart-on {args.no_restart_on!r}: use exit codes separated by commas, "
+                         "e.g. 1,2") from None
     name = args.name or _name_of(command)
     stopping = threading.Event()
     child: dict[str, subprocess.Popen] = {}
