@@ -14,6 +14,9 @@ import msgpack
 from livepipe.bus.topics import SCHEMA_VERSION, SchemaError, Topic, validate
 
 MAX_HEADER_BYTES = 64 * 1024
+# Largest frame on the bus. The broker refuses a bigger one from its size field, before reading it,
+# and drops that publisher's connection (it reconnects at once), so no subscriber ever receives it.
+MAX_FRAME_BYTES = 32 * 1024 * 1024
 
 _packer = msgpack.Packer(use_bin_type=True)
 

@@ -36,7 +36,7 @@ import zmq.asyncio
 
 from livepipe.bus import sockets
 from livepipe.bus.config import BusConfig, ConfigError
-from livepipe.bus.message import Message, decode, encode, make_header, wire_topic
+from livepipe.bus.message import MAX_FRAME_BYTES, Message, decode, encode, make_header, wire_topic
 from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
@@ -47,19 +47,28 @@ COUNTER_NAMES = ("sent", "received", "gaps", "rejected", "dropped", "stale_dropp
 
 
 class RateLimitedLog:
-    """Log one line per key per `interval` seconds, saying how many were suppressed."""
+    """Log one line per key per `interval` seconds, saying how many were suppressed.
+
+    Keys must come from a small set (never from message content); the table is bounded anyway,
+    forgetting the longest-quiet keys, so hostile input cannot grow it."""
+
+    MAX_KEYS = 256
 
     def __init__(self, log: logging.Logger, interval: float = 5.0) -> None:
         self.log, self.interval = log, interval
-        self._last: dict[str, float] = {}
+        self._last: OrderedDict[str, float] = OrderedDict()
         self._suppressed: Counter[str] = Counter()
 
     def warning(self, key: str, text: str) -> None:
         now = time.monotonic()
         if now - self._last.get(key, -1e9) >= self.interval:
             extra = f" ({self._suppressed[key]} more suppressed)" if self._suppressed[key] else ""
-            self._suppressed[key] = 0
+            self._suppressed.pop(key, None)
             self._last[key] = now
+            self._last.move_to_end(key)
+            while len(self._last) > self.MAX_KEYS:
+                old, _ = self._last.popitem(last=False)
+                self._suppressed.pop(old, None)
             self.log.warning("%s%s", text, extra)
         else:
             self._suppressed[key] += 1
@@ -100,6 +109,12 @@ class Service:
         """Publish one message; returns False (and counts `dropped`) if the queue is full.
 
         Call from the event loop thread; from other threads use publish_threadsafe."""
+        if payload is not None and len(payload) > MAX_FRAME_BYTES:
+            # The broker would refuse it and drop our connection: refuse it here, in one line.
+            self.counters["dropped"] += 1
+            self.ratelog.warning(f"big:{topic}", f"not sent: a {topic} payload of {len(payload)} bytes "
+                                                 f"(the bus carries at most {MAX_FRAME_BYTES} per frame)")
+            return False
         seq = self._seq[topic]
         header = make_header(kind, self.name, self.inst, seq, fields)
         validate(topic, header, None if payload is None else memoryview(payload))  # never send wrong
@@ -346,14 +361,20 @@ class Service:
         return wait
 
     async def _dispatch(self, frames: list[bytes]) -> None:
-        if len(frames) == 1 or frames[0].startswith(self._probe_prefix):
-            return  # a probe of ours (or a stray single frame): not for handlers
+        if frames[0].startswith(self._probe_prefix):
+            return  # a readiness probe: not for handlers
         try:
-            msg = decode(frames, self.cfg.session)
+            msg = decode(frames, self.cfg.session)   # a single frame is rejected there, and counted
         except SchemaError as exc:
             self.counters["rejected"] += 1
             topic = bytes(frames[0][:40]) if frames else b""
-            self.ratelog.warning(f"reject:{topic!r}", f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
+            name = topic.decode("utf-8", "replace")
+            if self.cfg.session:
+                name = name.removeprefix(self.cfg.session + "/")
+            # One rate-limit key per declared topic, one for all others: random topic names
+            # cannot multiply the lines (or the table).
+            key = f"reject:{name}" if name in TOPICS else "reject:?"
+            self.ratelog.warning(key, f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
             return
         self.counters["received"] += 1
         self._check_seq(msg)

@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "playback": ("livepipe.services.processes.playback", "audio.out -> speaker or WAV file, with instant interrupt"),
     "capture-video": ("livepipe.services.processes.capture_video", "camera, file or screen -> JPEG frames on video.in"),
     "console": ("livepipe.services.processes.console", "a local web page to watch and steer the conversation"),
+    "supervise": ("livepipe.services.tools.supervise", "run one process, restarting it when it dies (for Procfiles)"),
     "demo": ("livepipe.services.demo.demo", "a scripted conversation that runs anywhere"),
     "bench": ("livepipe.services.bench", "benchmarks printing JSON: bench bus | interrupt | ..."),
 }

@@ -235,7 +235,7 @@ def test_runtime_dispatch_survives_fuzzed_frames():
 
     asyncio.run(run())
     assert not seen
-    assert svc.counters["rejected"] == len(frames_list) - 1  # the single empty frame is a probe-shaped no-op
+    assert svc.counters["rejected"] == len(frames_list)  # single frames too: counted, not silently dropped
 
 
 def test_session_prefix_isolates_pipelines(bus_env):

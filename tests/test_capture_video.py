@@ -412,14 +412,13 @@ def test_missing_and_corrupt_sources_fail_in_one_line(bus_env, tmp_path):
         "garbage": ([str(garbage)], 1, "not a video OpenCV can read"),
         "headless": ([str(headless)], 1, "headless.avi"),
         "directory": ([str(tmp_path)], 1, "is a directory"),
-        "camera": (["7"], 1, "camera 7: cannot open"),
-        "device": (["/dev/video77"], 1, "camera /dev/video77: no such device"),
         "stream": ([f"http://127.0.0.1:{free_port()}/live.mjpg"], 1, "cannot open stream"),
         "fps": (["test", "--fps", "0"], 2, "--fps 0"),
         "quality": (["test", "--quality", "101"], 2, "--quality '101': must be between 1 and 100"),
         "region": (["screen:1,2,3"], 2, "screen:LEFT,TOP,WIDTH,HEIGHT"),
         "loop": (["test", "--loop"], 2, "--loop applies to video files only"),
     }
+    # (A missing camera is not a failure: tests/test_faults.py, a conversation without video.)
     procs = {name: spawn(["capture-video", *args], bus_env) for name, (args, _, _) in cases.items()}
     for name, proc in procs.items():
         _, err = proc.communicate(timeout=30)

@@ -61,7 +61,7 @@ def test_procfile_passes_honcho_check_and_execs_every_process(name: str) -> None
     assert len(raw) == len(lines) and set(lines) == PROCFILES[name]
     for proc, cmd in lines.items():
         # honcho reports a shell's exit code unless the process replaces it: every livepipe runs via exec
-        assert not re.search(r"(?<!exec )\blivepipe\b", cmd), f"{name} {proc}: livepipe without exec: {cmd}"
+        assert not re.search(r"(?<!exec )(?<!-- )\blivepipe\b", cmd), f"{name} {proc}: livepipe without exec: {cmd}"
         assert re.search(r"\bexec livepipe\b", cmd), f"{name} {proc}: {cmd}"
 
 
@@ -73,8 +73,11 @@ def test_every_procfile_command_parses(tmp_path: Path) -> None:
     commands = set()
     for name in PROCFILES:
         for cmd in procfile_lines(name).values():
-            for m in re.finditer(r"exec livepipe ([^;]*?)(?:;|$)", cmd):
-                text = re.sub(r'"?\$(\w+)"?', lambda v: shlex.quote(fill.get(v.group(1), "x")), m.group(1).strip())
+            # under `livepipe supervise [options] -- livepipe VERB ARGS`: check both commands
+            for m in re.finditer(r"exec livepipe (?:(supervise(?: [^;]*?)?) -- livepipe )?([^;]*?)(?:;|$)", cmd):
+                if m.group(1):
+                    commands.add(tuple(shlex.split(m.group(1))))
+                text = re.sub(r'"?\$(\w+)"?', lambda v: shlex.quote(fill.get(v.group(1), "x")), m.group(2).strip())
                 commands.add(tuple(shlex.split(text)))
     assert len(commands) >= 8
     procs = {c: subprocess.Popen([sys.executable, "-m", "livepipe.services", *c, "--help"], cwd=ROOT, env=base_env(tmp_path),
@@ -140,7 +143,7 @@ def test_emulator_line_runs_only_without_a_key(tmp_path: Path, key_env: dict, ru
     try:
         if runs_emulator:
             cmdline = wait_exec(proc)
-            assert os.path.basename(cmdline[1]) == "livepipe" and cmdline[2] == "emulator", cmdline
+            assert os.path.basename(cmdline[1]) == "livepipe" and cmdline[2:] == ["supervise", "--", "livepipe", "emulator"], cmdline
             info = tmp_path / "state" / "emulator" / "emulator.json"
             deadline = time.monotonic() + 15
             while not info.is_file():

@@ -325,17 +325,38 @@ class WavWriter:
     killed leaves a playable file holding everything flushed so far.
     """
 
-    def __init__(self, path: str | os.PathLike, rate: int, channels: int = 1, sample_width: int = SAMPLE_WIDTH) -> None:
+    def __init__(self, path: str | os.PathLike, rate: int, channels: int = 1, sample_width: int = SAMPLE_WIDTH,
+                 append: bool = False) -> None:
+        """`append`: continue a WAV this class wrote (same format) instead of truncating it, e.g.
+        after a crash; its data size is taken from the file's length (the header may lag)."""
         self.path, self.rate, self.channels, self.sample_width = str(path), rate, channels, sample_width
+        self._align = align = channels * sample_width
+        fmt = b"fmt " + struct.pack("<IHHIIHH", 16, _WAVE_FORMAT_PCM, channels, rate, rate * align, align,
+                                    8 * sample_width)
+        self.appended_frames = 0
         try:
-            self._f: BinaryIO = open(self.path, "wb")
+            if append and os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+                self._f: BinaryIO = open(self.path, "r+b")
+                head = self._f.read(44)
+                if len(head) < 44 or head[:4] != b"RIFF" or head[8:12] != b"WAVE" or head[12:36] != fmt \
+                        or head[36:40] != b"data":
+                    self._f.close()
+                    raise AudioFileError(f"{self.path} exists and is not a {rate} Hz {channels}-channel "
+                                         f"{8 * sample_width}-bit WAV "
+                                         "to continue: choose another path")
+                size = self._f.seek(0, os.SEEK_END)
+                self.appended_frames = self.frames = (size - 44) // align
+                self._f.truncate(44 + self.frames * align)   # a half frame left by a kill
+                self._f.seek(44 + self.frames * align)
+                self._dirty = True
+                self.flush()
+                return
+            self._f = open(self.path, "wb")
         except OSError as exc:
             raise AudioFileError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         self.frames = 0
-        self._align = align = channels * sample_width
         self._f.write(b"RIFF" + struct.pack("<I", 36) + b"WAVE")
-        self._f.write(b"fmt " + struct.pack("<IHHIIHH", 16, _WAVE_FORMAT_PCM, channels, rate,
-                                            rate * align, align, 8 * sample_width))
+        self._f.write(fmt)
         self._f.write(b"data" + struct.pack("<I", 0))
         self._dirty = True
         self.flush()

@@ -21,6 +21,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
 from livepipe.bus.config import ConfigError, broker_address
+from livepipe.bus.message import MAX_FRAME_BYTES
 from livepipe.bus.runtime import setup_logging
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 
@@ -98,6 +99,9 @@ def main(argv: list[str]) -> int:
         for s in (xsub, xpub):
             s.linger = 0
             s.sndhwm = s.rcvhwm = BROKER_HWM
+        # A 50 MB message would reach (and be buffered by) every subscriber of its topic: refuse
+        # oversized frames here. (Not on subscribers: ZeroMQ never reconnects a socket after such a refusal.)
+        xsub.maxmsgsize = MAX_FRAME_BYTES
         if args.server_key:
             try:
                 server_public, server_secret = zmq.auth.load_certificate(args.server_key)

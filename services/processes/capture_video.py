@@ -63,6 +63,7 @@ DEFAULT_SKIP_THRESHOLD = 0.1       # percent of the thumbnail that must change f
 THUMB_SIDE = 160                   # long side of the change-detection thumbnail (8x8 px cells at 1280)
 THUMB_NOISE_LEVEL = 12             # grey levels: sensor noise and JPEG ringing stay below this
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
+CAMERA_RETRY_S = 5.0     # a missing camera is looked for again this often (plugged in later), quietly
 STREAM_TIMEOUT_MS = 5000           # open/read timeout for network streams (FFmpeg's default is 30 s)
 AGE_WINDOW = 30                    # frames in the heartbeat's frame-age statistics
 COUNTER_BITS = 16                  # cells of the test pattern's machine-readable frame counter
@@ -786,13 +787,32 @@ def main(argv: list[str]) -> int:
     cfg = BusConfig.from_args(args)
     capture = CaptureVideo(args, spec)
     # Open before joining the bus: a missing file or camera is reported at once, broker or not.
-    capture.open()                    # SourceError: one line, exit 1 (@verb)
+    no_camera = False
+    try:
+        capture.open()                # SourceError: one line, exit 1 (@verb)
+    except SourceError as exc:
+        if spec.kind != "camera":
+            raise
+        # No camera means a conversation without video, not no conversation: say it once, stay up
+        # (so a supervisor or honcho keeps the other processes) and look for it again slowly.
+        log.warning("%s: continuing without video (set LIVEPIPE_VIDEO_SOURCE=test or screen)", exc)
+        no_camera = True
     svc = Service(NAME, cfg, log)
     for key in COUNTERS:
         svc.counters[key] = 0     # every heartbeat has them; created before the grabber thread runs
     svc.metrics.update(source=spec.describe())
 
     async def run(svc: Service) -> int:
+        nonlocal no_camera
+        while no_camera:
+            svc.metrics["source_state"] = "no_camera"
+            await asyncio.sleep(CAMERA_RETRY_S)
+            svc.counters["reopens"] += 1
+            try:
+                await asyncio.to_thread(capture.open)   # opening a camera can block
+                no_camera = False
+            except SourceError:
+                continue
         try:
             await capture.run(svc)
         except SourceError as exc:

@@ -5,11 +5,16 @@ Design:
   prebuffer is queued (or the prebuffer time has passed since its first chunk, or the turn is
   complete); bursts faster than real time are simply queued (minutes fit), and a turn that
   runs dry and then gets more audio counts an underrun.
+- A turn is known by (publisher instance, turn number): a restarted bridge counts from 1
+  again and is a new sequence, never "late". The buffer sees local keys, allocated in order
+  of first arrival.
 - The device is a sounddevice OutputStream in callback mode: the PortAudio thread pulls from
   the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
-  docs on headless audio.) On `control: interrupt` for turn T we drop turns <= T from the
-  buffer, ignore their late chunks, and abort + restart the stream so what the device
-  already holds is dropped too: silence within one device period.
+  docs on headless audio.) On `control: interrupt` for turn T from instance I we drop the
+  turns <= T of I that we hold, ignore chunks of those turns published before the interrupt
+  (an interrupt never reaches audio published after it: a forged turn=10**9 cuts nothing new),
+  and abort + restart the stream so what the device already holds is dropped too: silence
+  within one device period.
 - `--file` and `--null` sinks pull from the same buffer on a real-time clock, so a WAV file
   holds exactly what a listener would have heard, silences between turns included.
 - `playback` events say what was really heard: turn_started (wall-clock time of the first
@@ -139,7 +144,7 @@ class JitterBuffer:
         # Turns wholly handed to the sink whose last sample has not sounded yet: turn_finished
         # goes out when it has (what the user heard), or they become interrupted.
         self._finishing: OrderedDict[int, _Turn] = OrderedDict()
-        self.cut_turn = 0              # turns <= this were interrupted: their audio is ignored
+        self._cut: OrderedDict[int, None] = OrderedDict()   # interrupted turns: their audio is ignored
         self.highest_turn = 0
         self.segment = 0               # bumped by every interrupt
         self.queued_frames = 0
@@ -156,7 +161,7 @@ class JitterBuffer:
             return True
         events: list[tuple[str, dict]] = []
         with self._lock:
-            if turn <= self.cut_turn or (turn < self.highest_turn and turn not in self._turns):
+            if turn in self._cut or (turn < self.highest_turn and turn not in self._turns):
                 self.stats["late_chunks"] += 1          # an interrupted or already finished turn
                 return False
             if self.queued_frames + len(pcm) > self.max_frames:
@@ -208,21 +213,33 @@ class JitterBuffer:
                     self._flush_finishing(events)
         self._emit(events)
 
-    def interrupt(self, turn: int, cut_ns: int | None) -> tuple[list[TurnFinished], bool]:
-        """Drop every turn <= `turn`. `cut_ns` is when the device buffer gets dropped (None: a
-        sink with no buffer, everything handed over was heard). Returns the cut turns and
-        whether audio of theirs may still sound (so the device buffer must be reset)."""
+    def is_cut(self, turn: int) -> bool:
+        return turn in self._cut
+
+    def interrupt(self, turn: int, cut_ns: int | None,
+                  turns: set[int] | None = None) -> tuple[list[TurnFinished], bool]:
+        """Drop the turns held that are <= `turn` (or, given `turns`, those of them held) and
+        ignore their later chunks. Only audio we hold is cut: no high-water mark is kept.
+        `cut_ns` is when the device buffer gets dropped (None: a sink with no buffer,
+        everything handed over was heard). Returns the cut turns and whether audio of theirs
+        may still sound (so the device buffer must be reset)."""
         cut: list[TurnFinished] = []
         events: list[tuple[str, dict]] = []
+        hit = (lambda k: k in turns) if turns is not None else (lambda k: k <= turn)
         with self._lock:
-            self.cut_turn = max(self.cut_turn, turn)
+            held = [k for k in (*self._turns, *self._finishing) if hit(k)]
+            for k in held + ([] if turns is not None else [turn]):
+                self._cut[k] = None
+                self._cut.move_to_end(k)
+            while len(self._cut) > 256:   # bounded: the oldest cuts are long finished
+                self._cut.popitem(last=False)
             self.segment += 1
             audible = False
             survivor_in_device = False
             for k in list(self._finishing):   # wholly handed over, but maybe still sounding
                 t = self._finishing[k]
                 sounding = cut_ns is not None and t.end_ns is not None and t.end_ns > cut_ns
-                if k > turn:
+                if not hit(k):
                     survivor_in_device |= sounding
                 elif sounding:
                     del self._finishing[k]
@@ -237,7 +254,7 @@ class JitterBuffer:
             for k in list(self._turns):
                 t = self._turns[k]
                 sounding = t.end_ns is not None and (cut_ns is None or t.end_ns > cut_ns)
-                if k > turn:
+                if not hit(k):
                     survivor_in_device |= sounding and t.pulled > 0
                     continue
                 del self._turns[k]
@@ -458,7 +475,10 @@ class ClockedSink:
         self.rate = jb.rate
         self.period_frames = max(16, int(round(self.rate * period_ms / 1000)))
         self.latency_s = 0.0
-        self.writer = WavWriter(path, self.rate) if path else None
+        # A restarted playback continues the file (the record of what was heard before), never truncates it.
+        self.writer = WavWriter(path, self.rate, append=True) if path else None
+        if self.writer and self.writer.appended_frames:
+            log.info("%s exists: appending (it holds %.1f s already)", path, self.writer.appended_frames / self.rate)
         self.path = path
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{self.kind}-sink", daemon=True)
@@ -531,22 +551,55 @@ class Player:
         self._audio_mono = 0.0          # when the last audio.out was handled
         self._completed: OrderedDict[int, None] = OrderedDict()   # turns whose end was applied
         self._pending_ends: set[asyncio.Task] = set()
-        self.stamps: dict[int, dict[str, int]] = {}   # turn -> latency-budget stamps of its first chunk
+        self.stamps: dict[int, dict[str, int]] = {}   # local turn key -> latency-budget stamps of its first chunk
+        # A turn is (publisher instance, turn number): a restarted bridge counts from 1 again
+        # and must be a new sequence. The buffer gets local keys, allocated in arrival order.
+        self._keys: OrderedDict[tuple[str, int], int] = OrderedDict()
+        self._names: dict[int, tuple[str, int]] = {}
+        self._next_key = 0
+        # Per publisher: its last interrupt (turn, publish time). Chunks of turns <= turn published
+        # before it are dropped; audio published after an interrupt is never cut by it.
+        self._cuts: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self.cut_chunks = 0
+
+    def _key(self, inst: str, turn: int) -> int:
+        key = self._keys.get((inst, turn))
+        if key is None:
+            self._next_key += 1
+            key = self._keys[(inst, turn)] = self._next_key
+            self._names[key] = (inst, turn)
+            while len(self._keys) > 1024:   # bounded: the oldest turns are long finished
+                _, old = self._keys.popitem(last=False)
+                self._names.pop(old, None)
+        return key
+
+    def _turn_of(self, key: int) -> int:
+        name = self._names.get(key)
+        return name[1] if name is not None else key
+
+    def _push(self, key: int, pcm: np.ndarray) -> None:
+        """Queue audio; a chunk the buffer drops is counted (heartbeat) and logged once."""
+        late, over = self.jb.stats["late_chunks"], self.jb.stats["overflow_chunks"]
+        if self.jb.push(key, pcm):
+            return
+        inst, turn = self._names.get(key, ("?", key))
+        if self.jb.stats["overflow_chunks"] != over:
+            self.svc.ratelog.warning("drop-overflow", f"dropped audio.out of turn {turn}: the buffer holds "
+                                                      f"{self.jb.max_frames / self.jb.rate:.0f} s already (--max-buffer-s)")
+        elif self.jb.stats["late_chunks"] != late:
+            self.svc.ratelog.warning("drop-late", f"dropped audio.out of turn {turn} (from {inst}): "
+                                                  "that turn was interrupted or has finished")
 
     def publish_event(self, kind: str, fields: dict) -> None:
         if kind == "turn_started":   # latency budget (README): the turn's stamps, plus when it reached the sink
             fields = {**fields, "stamps": {**self.stamps.pop(fields["turn"], {}),
                                            "handed_ts": self.jb.started_handed_ns}}
         if not self.svc.stopping:
-            self.svc.publish_threadsafe("playback", kind, **fields)
+            self.svc.publish_threadsafe("playback", kind, **{**fields, "turn": self._turn_of(fields["turn"])})
 
     # --------------------------------------------------------- handlers
     def on_audio(self, msg: Message) -> None:
-        turn = msg["turn"]
-        if "stamps" in msg.header and turn not in self.stamps:
-            self.stamps[turn] = {**msg["stamps"], "out_pub_ts": msg["ts"], "play_recv_ts": time.time_ns()}
-            while len(self.stamps) > 16:   # turns that never started (interrupted first)
-                self.stamps.pop(next(iter(self.stamps)))
+        inst, turn = msg["inst"], msg["turn"]
         self._audio_ts = max(self._audio_ts, msg["ts"])
         self._audio_mono = time.monotonic()
         if msg["sample_width"] != 2:
@@ -561,37 +614,48 @@ class Player:
         if rate != OUT_RATE:
             self.converted_chunks += 1
             self.svc.ratelog.warning("rate", f"audio.out at {rate} Hz (the contract says {OUT_RATE}): resampling")
-        if turn <= self.jb.cut_turn:
-            self.jb.push(turn, pcm)   # counted there as late; no resampler state to keep
+        cut = self._cuts.get(inst)
+        if cut is not None and turn <= cut[0] and msg["ts"] <= cut[1]:
+            self.cut_chunks += 1       # published before the interrupt that cut its turn
+            self.svc.ratelog.warning("drop-cut", f"dropped audio.out of interrupted turn {turn} (from {inst})")
             return
-        if turn in self._completed:
+        key = self._key(inst, turn)
+        if "stamps" in msg.header and key not in self.stamps:
+            self.stamps[key] = {**msg["stamps"], "out_pub_ts": msg["ts"], "play_recv_ts": time.time_ns()}
+            while len(self.stamps) > 16:   # turns that never started (interrupted first)
+                self.stamps.pop(next(iter(self.stamps)))
+        if self.jb.is_cut(key):
+            self._push(key, pcm)   # counted there as late; no resampler state to keep
+            return
+        if key in self._completed:
             # Audio after its turn's end was applied: resample it on its own, keep nothing back.
-            self.jb.push(turn, StreamResampler(rate, self.sink.rate).process(pcm, last=True))
+            self._push(key, StreamResampler(rate, self.sink.rate).process(pcm, last=True))
             return
-        rs = self._resamplers.get(turn)
+        rs = self._resamplers.get(key)
         if rs is None or rs.in_rate != rate:
             if rs is not None:
-                self.jb.push(turn, rs.process(np.empty(0, np.int16), last=True))
-            rs = self._resamplers[turn] = StreamResampler(rate, self.sink.rate)
-            for old in [k for k in self._resamplers if k < turn]:   # a newer turn began: flush older
+                self._push(key, rs.process(np.empty(0, np.int16), last=True))
+            rs = self._resamplers[key] = StreamResampler(rate, self.sink.rate)
+            for old in [k for k in self._resamplers if k < key]:   # a newer turn began: flush older
                 self._flush_resampler(old)
-        self.jb.push(turn, rs.process(pcm))
+        self._push(key, rs.process(pcm))
 
-    def _flush_resampler(self, turn: int) -> None:
-        rs = self._resamplers.pop(turn, None)
+    def _flush_resampler(self, key: int) -> None:
+        rs = self._resamplers.pop(key, None)
         if rs is not None and not rs.passthrough:
-            self.jb.push(turn, rs.process(np.empty(0, np.int16), last=True))
+            self._push(key, rs.process(np.empty(0, np.int16), last=True))
 
     def on_control(self, msg: Message) -> None:
         kind = msg.kind
         if kind == "interrupt":
-            self.interrupt(msg["turn"])
+            # A publish time in the future (a forged header) may cut at most 1 s of what follows.
+            self.interrupt(msg["inst"], msg["turn"], min(msg["ts"], (msg.recv_ns or time.time_ns()) + 1_000_000_000))
         elif kind in ("turn_complete", "generation_complete"):
-            task = asyncio.get_running_loop().create_task(self._end_turn(msg["turn"], msg["ts"]))
+            task = asyncio.get_running_loop().create_task(self._end_turn(msg["inst"], msg["turn"], msg["ts"]))
             self._pending_ends.add(task)
             task.add_done_callback(self._pending_ends.discard)
 
-    async def _end_turn(self, turn: int, published_ns: int) -> None:
+    async def _end_turn(self, inst: str, turn: int, published_ns: int) -> None:
         """Apply a turn's end once its audio is in. The control lane overtakes the audio lane,
         so chunks published before turn_complete may still be queued behind it: wait until
         the audio lane has handled something published later, or has gone quiet."""
@@ -599,19 +663,27 @@ class Player:
         while (self._audio_ts < published_ns and time.monotonic() - self._audio_mono < 0.03
                and time.monotonic() < deadline):
             await asyncio.sleep(0.01)
-        if turn <= self.jb.cut_turn:
-            return
-        self._flush_resampler(turn)
-        self._completed[turn] = None
+        key = self._keys.get((inst, turn))
+        if key is None or self.jb.is_cut(key):
+            return   # no audio of that turn came (or it was cut): nothing to end
+        self._flush_resampler(key)
+        self._completed[key] = None
         while len(self._completed) > 64:
             self._completed.popitem(last=False)
-        self.jb.end_turn(turn)
+        self.jb.end_turn(key)
 
-    def interrupt(self, turn: int) -> None:
+    def interrupt(self, inst: str, turn: int, published_ns: int) -> None:
+        """Cut the turns <= `turn` of publisher `inst` that we hold, and their chunks still in
+        flight (published before `published_ns`)."""
         t0 = time.perf_counter()
+        self._cuts[inst] = (turn, published_ns)
+        self._cuts.move_to_end(inst)
+        while len(self._cuts) > 64:
+            self._cuts.popitem(last=False)
+        keys = {k for (i, t), k in self._keys.items() if i == inst and t <= turn}
         cut_ns = time.time_ns() if self.sink.has_device_buffer and self.device_reset else None
-        cut, audible = self.jb.interrupt(turn, cut_ns)
-        for k in [k for k in self._resamplers if k <= turn]:
+        cut, audible = self.jb.interrupt(0, cut_ns, turns=keys)
+        for k in [k for k in self._resamplers if k in keys]:
             del self._resamplers[k]
         if audible and self.sink.has_device_buffer and self.device_reset:
             self.sink.reset()
@@ -619,7 +691,8 @@ class Player:
         self.interrupts += 1
         self.reset_ms.append((time.perf_counter() - t0) * 1000)
         for f in cut:
-            fields: dict[str, Any] = {"turn": f.turn, "played_ms": round(f.played_frames * 1000 / self.jb.rate, 1),
+            fields: dict[str, Any] = {"turn": self._turn_of(f.turn),
+                                      "played_ms": round(f.played_frames * 1000 / self.jb.rate, 1),
                                       "interrupted": True}
             if f.started and f.end_ns is not None:
                 fields["silent_ts"] = min(f.end_ns, silent_ns) if cut_ns is not None else f.end_ns
@@ -651,8 +724,12 @@ class Player:
         m = self.svc.metrics
         m.update(self.jb.stats)
         m.update(self.sink.metrics())
+        # Audio dropped for any reason, in one figure (`livepipe top` adds it to DROPS).
+        m["audio_dropped"] = (self.jb.stats["late_chunks"] + self.jb.stats["overflow_chunks"] + self.cut_chunks
+                              + self.rejected_chunks)
         m.update(sink=self.sink.kind, buffered_ms=round(self.jb.buffered_ms, 1), interrupts=self.interrupts,
                  prebuffer_ms=self.jb.prebuffer_ms,
+                 cut_chunks=self.cut_chunks,
                  rejected_chunks=self.rejected_chunks, converted_chunks=self.converted_chunks,
                  period_ms=round(self.sink.period_frames * 1000 / self.sink.rate, 2),
                  played_s=round(self.jb.stats["played_frames"] / self.jb.rate, 2))
@@ -680,7 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--device", metavar="NAME|INDEX", help="output device: a sound server sink name "
                      "(e.g. speaker) or a PortAudio index/name (default: the system default)")
     out.add_argument("--file", metavar="PATH.wav", help="write what a listener would hear to a WAV file, "
-                     "in real time (silences included), instead of a device")
+                     "in real time (silences included), instead of a device; an existing one (a restart) "
+                     "is appended to")
     out.add_argument("--null", action="store_true", help="play to nowhere (events and metrics only)")
     p.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
     p.add_argument("--prebuffer-ms", type=float, default=DEFAULT_PREBUFFER_MS,

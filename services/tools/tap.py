@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -97,6 +98,8 @@ def rejected_json(frames: list[bytes], error: str, recv_ns: int) -> dict[str, An
 
 
 # ------------------------------------------------------------------- stats
+UNKNOWN_TOPICS = "(undeclared topics)"
+
 @dataclass
 class TopicStats:
     count: int = 0            # since tap started
@@ -116,7 +119,7 @@ class TopicStats:
 class StatsTable:
     def __init__(self) -> None:
         self.topics: dict[str, TopicStats] = {}
-        self.last_seq: dict[tuple[str, str], int] = {}
+        self.last_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     def add(self, msg: Message, size: int) -> None:
         st = self.topics.setdefault(msg.topic, TopicStats())
@@ -131,9 +134,13 @@ class StatsTable:
         if last is not None and seq > last + 1:
             st.gaps += seq - last - 1
         self.last_seq[key] = seq
+        self.last_seq.move_to_end(key)
+        if len(self.last_seq) > 1024:   # bounded: forget the longest-silent sources
+            self.last_seq.popitem(last=False)
 
     def reject(self, topic: str) -> None:
-        self.topics.setdefault(topic, TopicStats()).rejected += 1
+        # Rows only for declared topics: random topic names share one row, so the table is bounded.
+        self.topics.setdefault(topic if topic in TOPICS else UNKNOWN_TOPICS, TopicStats()).rejected += 1
 
     def snapshot(self, window_s: float) -> dict[str, dict[str, Any]]:
         out = {}

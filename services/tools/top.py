@@ -2,7 +2,8 @@
 
 It fits the terminal. At 80 columns: process, STATE (the bridge's session state, capture-audio's
 live/muted, capture-video's source state, playback's playing/idle), CPU %, RSS, messages in and
-out per second, DROP (send queue full + stale video frames), REJ (rejected messages) and the key
+out per second, DROP (send queue full + stale video frames + audio playback
+dropped), REJ (rejected messages) and the key
 figures (microphone level, playback underruns and buffer, the bridge's backend and turns, the
 camera's frame age). From 120 columns also PID, sequence GAPS, handler ERRors and how long ago
 the last heartbeat came. A process silent for more than 3 s is SILENT; after 60 s it leaves the
@@ -204,7 +205,10 @@ def render(rows: list[dict[str, Any]], width: int = 120, header: str = "") -> st
         if name == "OUT/s":
             return compact(r["out_per_s"])
         if name == "DROP":
-            return compact(None if r["dropped"] is None else r["dropped"] + (r["stale_dropped"] or 0))
+            if r["dropped"] is None:
+                return compact(None)
+            extra = r["metrics"].get("audio_dropped")   # playback: audio it could not play, any reason
+            return compact(r["dropped"] + (r["stale_dropped"] or 0) + (extra if isinstance(extra, int) else 0))
         if name == "REJ":
             return compact(r["rejected"])
         if name == "GAPS":

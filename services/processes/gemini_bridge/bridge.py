@@ -63,7 +63,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         for k in ("audio_in_chunks", "audio_in_sent_ms", "audio_in_converted", "audio_in_rejected",
                   "audio_in_dropped_ms", "audio_buffered_ms", "audio_out_chunks", "audio_out_ms",
                   "audio_out_dropped_interrupted", "video_frames_sent", "video_frames_skipped",
-                  "video_frames_rejected", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
+                  "video_frames_rejected", "video_frames_too_large", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
                   "tool_results_unknown", "turns", "interrupts", "connections", "reconnects", "go_aways",
                   "resumption_handles", "silent_server_detected"):
             svc.metrics[k] = 0

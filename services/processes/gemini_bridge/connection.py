@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import re
 import ssl
 import time
 from pathlib import Path
@@ -20,6 +22,27 @@ from livepipe.services.processes.gemini_bridge.link import Link
 from livepipe.services.processes.gemini_bridge.settings import BYTES_PER_SECOND_IN, NAME, live_config
 
 log = logging.getLogger(NAME)
+
+
+async def _stale_emulator(info: dict[str, Any]) -> str:
+    """Why emulator.json describes no running emulator ("" if it does): its process is gone,
+    or nothing accepts connections on its port."""
+    pid = info.get("pid")
+    if isinstance(pid, int) and pid > 0:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return f"process {pid} is gone"
+        except PermissionError:
+            pass   # alive, someone else's
+    m = re.match(r"^https?://([^/:]+|\[[^\]]+\]):(\d+)", str(info.get("url", "")))
+    if m:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(m[1].strip("[]"), int(m[2])), 2.0)
+            writer.close()
+        except (OSError, asyncio.TimeoutError):
+            return f"nothing listens on port {m[2]}"
+    return ""
 
 
 class ConnectionSide:
@@ -93,16 +116,23 @@ class ConnectionSide:
         path = self.s.state_dir / "emulator" / "emulator.json"
         t0 = time.monotonic()
         next_log = 0.0
+        stale_said = ""
         while True:
             try:
                 info = json.loads(path.read_text())
                 url, ca = info["url"], info["ca_file"]
                 if isinstance(url, str) and isinstance(ca, str) and Path(ca).is_file():
-                    return url, ca
+                    why = await _stale_emulator(info)
+                    if not why:
+                        return url, ca
+                    if why != stale_said:   # a killed emulator leaves its file: do not dial a dead port
+                        log.warning("%s is stale (%s): waiting for a running emulator", path, why)
+                        stale_said = why
             except (OSError, ValueError, KeyError, TypeError):
                 pass   # not there yet, or being written
             waited = time.monotonic() - t0
-            if waited >= self.s.emulator_wait:
+            # Only a first start gives up: once connected, a restarting emulator is waited for.
+            if waited >= self.s.emulator_wait and not self.svc.metrics.get("connections"):
                 raise FatalBridgeError(f"no emulator: {path} did not appear within {self.s.emulator_wait:g} s "
                                        "(start `livepipe emulator`, or set GEMINI_API_KEY for the real service)")
             if waited >= next_log:

@@ -7,6 +7,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from livepipe.bus.message import Message
+from livepipe.services.lib.jpeg import ImageRejected
 from livepipe.services.processes.gemini_bridge.errors import describe_error
 from livepipe.services.processes.gemini_bridge.link import Link
 from livepipe.services.processes.gemini_bridge.live_options import STREAM_END_MARK
@@ -180,7 +181,9 @@ class InputSide:
                                                      self.s.video_max_side)
             except Exception as exc:
                 self.svc.metrics["video_frames_rejected"] += 1
-                self.svc.ratelog.warning("video-reject", f"rejected a video.in frame: {exc}")
+                if isinstance(exc, ImageRejected):
+                    self.svc.metrics["video_frames_too_large"] += 1
+                self.svc.ratelog.warning("video-reject", f"rejected a video.in frame from {msg['src']}: {exc}")
                 continue
             try:
                 link.next_index()

@@ -8,6 +8,7 @@ import numpy as np
 from livepipe.bus.message import Message
 from livepipe.services.lib.audio import decode_pcm, float_to_int16, to_mono
 from livepipe.services.lib.vad import VoiceFramer
+from livepipe.services.lib.jpeg import check_image
 from livepipe.services.processes.gemini_bridge.settings import MODEL_RATE, NAME
 
 log = logging.getLogger(NAME)
@@ -39,8 +40,10 @@ class AudioNormalizer:
 
 
 def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, int]:
-    """Decode (which proves the frame is an image) and fit inside max_side x max_side as JPEG."""
+    """Decode (which proves the frame is an image) and fit inside max_side x max_side as JPEG.
+    The header's declared size is checked first: a decompression bomb is never decoded."""
     import cv2
+    check_image(data, mime)   # raises ImageRejected
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"undecodable {mime} frame of {len(data)} bytes")
