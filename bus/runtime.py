@@ -136,8 +136,11 @@ class Service:
         assert self._loop is not None, "service not running"
         self._loop.call_soon_threadsafe(lambda: self.publish(topic, kind, payload, **fields))
 
-    def publish_interrupt(self, turn: int, reason: str = "") -> bool:
-        fields = {"reason": reason} if reason else {}
+    def publish_interrupt(self, turn: int, reason: str = "", of: str | None = None) -> bool:
+        """`control: interrupt` of `turn`: the turn of instance `of` (default: this service's own)."""
+        fields: dict[str, Any] = {"reason": reason} if reason else {}
+        if of:
+            fields["of"] = of
         return self.publish("control", "interrupt", turn=turn, **fields)
 
     def has_subscriber(self, topic: str) -> bool:

@@ -97,7 +97,9 @@ TRANSCRIPT = _declare(Topic("transcript", "events", {
     "thought": Kind(required={"role": STR, "text": STR, "turn": INT}),
 }, "user (input) and model (output) transcription"))
 CONTROL = _declare(Topic("control", "control", {
-    "interrupt": Kind(required={"turn": INT}, optional={"reason": STR}),
+    # `of`: the instance whose turn is cut, when another process asks (e.g. the console's button);
+    # by default the sender's own turn. Either way only audio published before the interrupt is cut.
+    "interrupt": Kind(required={"turn": INT}, optional={"reason": STR, "of": STR}),
     "generation_complete": Kind(required={"turn": INT}),
     "turn_complete": Kind(required={"turn": INT}, optional={"usage": MAP}),
     "session": Kind(required={"state": STR}, optional={"detail": STR, "backend": STR}),

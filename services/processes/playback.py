@@ -649,7 +649,9 @@ class Player:
         kind = msg.kind
         if kind == "interrupt":
             # A publish time in the future (a forged header) may cut at most 1 s of what follows.
-            self.interrupt(msg["inst"], msg["turn"], min(msg["ts"], (msg.recv_ns or time.time_ns()) + 1_000_000_000))
+            # `of` names the publisher whose turn is cut when another process (the console) asks.
+            self.interrupt(msg.get("of") or msg["inst"], msg["turn"],
+                           min(msg["ts"], (msg.recv_ns or time.time_ns()) + 1_000_000_000))
         elif kind in ("turn_complete", "generation_complete"):
             task = asyncio.get_running_loop().create_task(self._end_turn(msg["inst"], msg["turn"], msg["ts"]))
             self._pending_ends.add(task)

@@ -219,6 +219,7 @@ class ConsoleState:
         n = msg["turn"]
         db = level_dbfs(msg.payload, msg["sample_width"])
         t = self.turn(n)
+        t["publisher"] = msg["inst"]   # whose turn it is: the console's interrupt names it
         if t["first_audio_ts"] is None:
             t["first_audio_ts"] = msg["ts"]
         ta = self.turn_audio.get(n)
@@ -578,7 +579,7 @@ class Console:
             turn = self.state.playing_turn()
             if turn is None:
                 return web.json_response({"ok": False, "error": "nothing is playing"}, status=409)
-            ok = svc.publish_interrupt(turn, "console")
+            ok = svc.publish_interrupt(turn, "console", of=self.state.turns[turn].get("publisher"))
             return web.json_response({"ok": ok, "turn": turn})
         if op == "text":
             text = body.get("text")
