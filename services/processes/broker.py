@@ -127,9 +127,21 @@ def main(argv: list[str]) -> int:
                  " (CURVE)" if args.server_key else "")
         return run_proxy(ctx, xsub, xpub)
     finally:
+        # Teardown joins the proxy and authenticator threads; bound it so a wedged thread never
+        # keeps a stopping broker alive (honcho and supervise SIGKILL after 5 s).
+        guard = threading.Timer(3.0, _exit_now)
+        guard.daemon = True
+        guard.start()
         if auth is not None:
             auth.stop()
         ctx.destroy(linger=0)
+        guard.cancel()
+
+
+def _exit_now() -> None:
+    log.warning("shutdown took over 3 s (a ZeroMQ thread did not stop): exiting anyway")
+    logging.shutdown()
+    os._exit(0)
 
 
 def run_proxy(ctx: zmq.Context, xsub: zmq.Socket, xpub: zmq.Socket) -> int:
