@@ -62,6 +62,8 @@ def main(argv: list[str]) -> int:
     svc.on("tool.result", bridge.on_tool_result)
     svc.on("audio.in", bridge.note_audio)       # a pause ends the stream for the service (signals.py)
     svc.on("control", bridge.on_control)        # mute, context_update
+    svc.on("tool.announce", bridge.on_tool_announce)   # functions served by other processes (tools.py)
+    svc.on("status", bridge.on_status)                 # their heartbeats keep them
     if model_generation(settings.model) >= 3 and any(
             str(d.get("behavior", "")).upper() == "NON_BLOCKING" for d in settings.tools or []):
         log.warning("%s calls functions synchronously only: NON_BLOCKING declarations are answered "
