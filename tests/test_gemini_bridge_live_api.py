@@ -180,3 +180,49 @@ def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bu
     call = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.call" and m.kind == "call"], 15, "tool.call")[0]
     assert call["name"] == "look_up" and call["args"]["utterance"] >= 2    # numbering goes on: not a new session
     assert _update(bus_env, "--system-instruction", "").returncode == 2   # bad input: one line, nothing sent
+
+
+WEATHER_TOOL = r"""
+import sys
+from livepipe.bus import Service, setup_logging
+from livepipe.services.lib.tool_server import serve_tools
+setup_logging("weather")
+svc = Service("weather")
+tools = serve_tools(svc, {"get_weather": ({"name": "get_weather", "description": "the weather here"},
+                                          lambda args: {"weather": "sunny", "utterance": args["utterance"]})})
+print(svc.inst, flush=True)
+sys.exit(svc.main(tools.run))
+"""
+
+
+def test_a_process_started_mid_session_serves_its_announced_function(live_factory, bus_env):
+    rig = live_factory(emulator_args=("--pace", "0", "--tool-trigger", "1.0"), bridge_args=("--model", MODEL25))
+    rig.rec.until(lambda ms: [m for m in ms if m.topic == "control" and m.kind == "session"
+                              and m["state"] == "connected"], 15, "the session")
+    tool = subprocess.Popen([sys.executable, "-c", WEATHER_TOOL], env=bus_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        inst = tool.stdout.readline().strip()
+        # Announced mid-session: the bridge gives the model the function on the open session.
+        update = wait_for(lambda: rig.emu.events("context_update"), 10, "the announced function to reach the model")[0]
+        assert update["functions"] == ["get_weather"]
+        rig.say(np.concatenate([speech("What is the weather like where I am today?"), silence(0.8)]))
+        call = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.call" and m.kind == "call"], 15,
+                             "tool.call")[0]
+        assert call["name"] == "get_weather" and call["to"] == inst      # routed to the announcer
+        result = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.result"], 10, "tool.result")[0]
+        assert result["src"] == "weather" and result["inst"] == inst and result["id"] == call["id"]
+        assert result["response"] == {"weather": "sunny", "utterance": 1}
+        answered = wait_for(lambda: [e for e in rig.emu.events("tool_response") if e["id"] == call["id"]], 10,
+                            "the result to reach the model")
+        assert answered
+        # A clean stop withdraws the function: the model no longer has it.
+        tool.terminate()
+        assert tool.wait(10) == 0
+        update = wait_for(lambda: rig.emu.events("context_update")[1:], 10, "the withdrawal to reach the model")[0]
+        assert update["functions"] == []
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+        tool.communicate(timeout=5)
+    assert len([s for s in rig.rec.select("control", "session") if s["state"] == "connected"]) == 1
