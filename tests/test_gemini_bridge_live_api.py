@@ -226,3 +226,32 @@ def test_a_process_started_mid_session_serves_its_announced_function(live_factor
             tool.kill()
         tool.communicate(timeout=5)
     assert len([s for s in rig.rec.select("control", "session") if s["state"] == "connected"]) == 1
+
+
+def test_functions_of_a_process_running_before_the_bridge_and_gone_after_it_dies(live_factory, bus_env):
+    tool = subprocess.Popen([sys.executable, "-c", WEATHER_TOOL], env=bus_env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        inst = tool.stdout.readline().strip()
+        # The bridge starts after it: its tool.query brings the announcement.
+        rig = live_factory(emulator_args=("--pace", "0", "--tool-trigger", "1.0"), bridge_args=("--model", MODEL25))
+        wait_for(lambda: rig.metrics().get("tools_announced") == 1, 10, "the bridge to know the function")
+        said = speech("What is the weather like where I am today?")
+        rig.say(np.concatenate([said, silence(0.8)]))
+        rig.reply(1)
+        calls = rig.rec.select("tool.call", "call")
+        assert [(c["name"], c["to"]) for c in calls] == [("get_weather", inst)]
+        assert rig.rec.select("tool.result", id=calls[0]["id"], src="weather")
+        # Killed (no withdraw): its heartbeats stop, and the bridge takes the function away.
+        tool.kill()
+        tool.wait(5)
+        wait_for(lambda: [e for e in rig.emu.events("context_update") if e["functions"] == []], 10,
+                 "the dead process's function to be removed")
+        rig.say(np.concatenate([said, silence(0.8)]))
+        rig.reply(2)
+        assert len(rig.rec.select("tool.call", "call")) == 1        # no call to a function nobody serves
+        wait_for(lambda: rig.metrics().get("tools_announced") == 0, 5, "tools_announced back to 0")
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+        tool.communicate(timeout=5)
