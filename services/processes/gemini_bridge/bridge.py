@@ -53,6 +53,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.base_tools: list[dict[str, Any]] = list(s.tools or [])   # --tools / context_update
         self.announcers: dict[str, tuple[str, list[dict[str, Any]], float]] = {}   # inst -> (src, functions, seen)
         self.tool_routes: dict[str, str] = {}   # announced function name -> announcer inst
+        self.setup_tools: list[dict[str, Any]] = list(s.tools or [])   # the functions the newest connection set up with
         self.stream_open = False                # audio.in flowing since the last audio_stream_end
         self._pause_timer: asyncio.TimerHandle | None = None
         # output side
