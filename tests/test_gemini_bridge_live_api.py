@@ -251,6 +251,11 @@ def test_functions_of_a_process_running_before_the_bridge_and_gone_after_it_dies
         rig.reply(2)
         assert len(rig.rec.select("tool.call", "call")) == 1        # no call to a function nobody serves
         wait_for(lambda: rig.metrics().get("tools_announced") == 0, 5, "tools_announced back to 0")
+        # A nameless declaration: refused with one line, counted, nothing sent to the model.
+        updates = len(rig.emu.events("context_update"))
+        rig.pub.publish("tool.announce", "announce", functions=[{"description": "no name"}])
+        wait_for(lambda: rig.metrics().get("tool_announces_rejected") == 1, 5, "the refusal to be counted")
+        assert len(rig.emu.events("context_update")) == updates
     finally:
         if tool.poll() is None:
             tool.kill()

@@ -6,7 +6,8 @@ tool.call messages routed to this process on tool.result.
                                            lambda args: {"time": time.strftime("%H:%M")})})
     sys.exit(svc.main(tools.run))
 
-A handler takes the call's args (a dict) and returns the response (a dict); it may be async.
+A handler takes the call's args (a dict) and returns the response (a dict); it may be async (run
+on the event loop), a plain function runs in a worker thread.
 An exception becomes {"error": "..."} for the model: a failing tool never stops the process.
 The bridge forgets the functions when the process withdraws them (on a clean stop) or stops
 heartbeating (a crash), and asks for them again when it starts (tool.query).
@@ -69,9 +70,12 @@ class ToolServer:
     async def _answer(self, msg: Message) -> None:
         _, handler = self.functions[msg["name"]]
         try:
-            response = handler(dict(msg["args"]))
-            if inspect.isawaitable(response):
-                response = await response
+            if inspect.iscoroutinefunction(handler):
+                response = await handler(dict(msg["args"]))
+            else:   # a plain function runs in a worker thread: a slow one never stops the heartbeats
+                response = await asyncio.to_thread(handler, dict(msg["args"]))
+                if inspect.isawaitable(response):
+                    response = await response
             if not isinstance(response, dict):
                 raise TypeError(f"returned {type(response).__name__}, not a dict")
             self.svc.metrics["tool_calls_served"] += 1

@@ -5,6 +5,7 @@ module that imports google-genai (lazily, so `--help` stays fast).
 
     audio.in, video.in, text.in, tool.result, control  ->  model  ->  audio.out, transcript, control,
                                                                       tool.call, grounding
+    tool.announce, status: functions other processes serve, joined to --tools (tools.py)
 
 Backend: the real Gemini Live API when GEMINI_API_KEY (or GOOGLE_API_KEY) is set, else the local
 emulator found through `<state>/emulator/emulator.json`; `--backend` forces either. Both go through
