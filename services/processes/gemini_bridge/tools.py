@@ -76,7 +76,7 @@ class ToolSide:
         for inst, (src, functions, _) in self.announcers.items():
             for d in functions:
                 if d["name"] in names:
-                    self.svc.ratelog.warning(f"tool-dup:{d['name']}", f"{src} announces {d['name']!r}, "
+                    self.svc.ratelog.warning("tool-dup", f"{src} announces {d['name']!r}, "
                                              "already declared: the first declaration is kept")
                     continue
                 names.add(d["name"])
