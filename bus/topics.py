@@ -120,7 +120,8 @@ PLAYBACK = _declare(Topic("playback", "events", {
     "underrun": Kind(required={"turn": INT}),
 }, "what the user actually heard"))
 TOOL_CALL = _declare(Topic("tool.call", "events", {
-    "call": Kind(required={"id": STR, "name": STR, "args": MAP}),
+    # to: the inst of the process that announced `name` on tool.announce; only it answers
+    "call": Kind(required={"id": STR, "name": STR, "args": MAP}, optional={"to": STR}),
     "cancel": Kind(required={"ids": LIST}),
 }, "function calls from the model"))
 TOOL_RESULT = _declare(Topic("tool.result", "events", {
@@ -128,6 +129,15 @@ TOOL_RESULT = _declare(Topic("tool.result", "events", {
                    # NON_BLOCKING functions: INTERRUPT | WHEN_IDLE | SILENT; will_continue: more results follow
                    optional={"scheduling": STR, "will_continue": BOOL}),
 }, "function results, from any process"))
+TOOL_ANNOUNCE = _declare(Topic("tool.announce", "events", {
+    # functions: function declarations ({name, description?, parameters?...}) this process serves;
+    # the announcer is the header's src/inst, and it is forgotten when its heartbeats stop
+    "announce": Kind(required={"functions": LIST}),
+    "withdraw": Kind(),
+}, "functions a process serves, for the model (the bridge gathers them)"))
+TOOL_QUERY = _declare(Topic("tool.query", "events", {
+    "query": Kind(),
+}, "the bridge asks every tool process to announce its functions again"))
 GROUNDING = _declare(Topic("grounding", "events", {
     "search": Kind(required={"turn": INT, "queries": LIST, "sources": LIST}),     # sources: [{title, uri}]
     "url_context": Kind(required={"turn": INT, "urls": LIST}),                   # urls: [{url, status}]

@@ -12,6 +12,7 @@ import numpy as np
 
 from tests.bridge_support import live_factory, silence, speech, wait_for  # noqa: F401
 from tests.conftest import ROOT
+from tests.test_first_hour import readme_block
 
 MODEL25 = "gemini-2.5-flash-native-audio-preview-12-2025"
 
@@ -180,3 +181,82 @@ def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bu
     call = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.call" and m.kind == "call"], 15, "tool.call")[0]
     assert call["name"] == "look_up" and call["args"]["utterance"] >= 2    # numbering goes on: not a new session
     assert _update(bus_env, "--system-instruction", "").returncode == 2   # bad input: one line, nothing sent
+
+
+def weather_tool(bus_env: dict, tmp_path) -> subprocess.Popen:
+    """README's "Serving functions to the model" example, run as it is."""
+    script = tmp_path / "weather.py"
+    script.write_text(readme_block("### Serving functions to the model"))
+    return subprocess.Popen([sys.executable, str(script)], env=bus_env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def announcer(rig) -> str:
+    """The inst of the process that announced get_weather."""
+    return rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.announce" and m.kind == "announce"], 10,
+                         "tool.announce")[0]["inst"]
+
+
+def test_a_process_started_mid_session_serves_its_announced_function(live_factory, bus_env, tmp_path):
+    rig = live_factory(emulator_args=("--pace", "0", "--tool-trigger", "1.0"), bridge_args=("--model", MODEL25))
+    rig.rec.until(lambda ms: [m for m in ms if m.topic == "control" and m.kind == "session"
+                              and m["state"] == "connected"], 15, "the session")
+    tool = weather_tool(bus_env, tmp_path)
+    try:
+        inst = announcer(rig)
+        # Announced mid-session: the bridge gives the model the function on the open session.
+        update = wait_for(lambda: rig.emu.events("context_update"), 10, "the announced function to reach the model")[0]
+        assert update["functions"] == ["get_weather"]
+        rig.say(np.concatenate([speech("What is the weather like where I am today?"), silence(0.8)]))
+        call = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.call" and m.kind == "call"], 15,
+                             "tool.call")[0]
+        assert call["name"] == "get_weather" and call["to"] == inst      # routed to the announcer
+        result = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.result"], 10, "tool.result")[0]
+        assert result["src"] == "weather" and result["inst"] == inst and result["id"] == call["id"]
+        assert result["response"] == {"weather": "sunny"}
+        answered = wait_for(lambda: [e for e in rig.emu.events("tool_response") if e["id"] == call["id"]], 10,
+                            "the result to reach the model")
+        assert answered
+        # A clean stop withdraws the function: the model no longer has it.
+        tool.terminate()
+        assert tool.wait(10) == 0
+        update = wait_for(lambda: rig.emu.events("context_update")[1:], 10, "the withdrawal to reach the model")[0]
+        assert update["functions"] == []
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+        tool.communicate(timeout=5)
+    assert len([s for s in rig.rec.select("control", "session") if s["state"] == "connected"]) == 1
+
+
+def test_functions_of_a_process_running_before_the_bridge_and_gone_after_it_dies(live_factory, bus_env, tmp_path):
+    tool = weather_tool(bus_env, tmp_path)
+    try:
+        # The bridge starts after it: its tool.query brings the announcement.
+        rig = live_factory(emulator_args=("--pace", "0", "--tool-trigger", "1.0"), bridge_args=("--model", MODEL25))
+        inst = announcer(rig)
+        wait_for(lambda: rig.metrics().get("tools_announced") == 1, 10, "the bridge to know the function")
+        said = speech("What is the weather like where I am today?")
+        rig.say(np.concatenate([said, silence(0.8)]))
+        rig.reply(1)
+        calls = rig.rec.select("tool.call", "call")
+        assert [(c["name"], c["to"]) for c in calls] == [("get_weather", inst)]
+        assert rig.rec.select("tool.result", id=calls[0]["id"], src="weather")
+        # Killed (no withdraw): its heartbeats stop, and the bridge takes the function away.
+        tool.kill()
+        tool.wait(5)
+        wait_for(lambda: [e for e in rig.emu.events("context_update") if e.get("functions") == []], 10,
+                 "the dead process's function to be removed")
+        rig.say(np.concatenate([said, silence(0.8)]))
+        rig.reply(2)
+        assert len(rig.rec.select("tool.call", "call")) == 1        # no call to a function nobody serves
+        wait_for(lambda: rig.metrics().get("tools_announced") == 0, 5, "tools_announced back to 0")
+        # A nameless declaration: refused with one line, counted, nothing sent to the model.
+        updates = len(rig.emu.events("context_update"))
+        rig.pub.publish("tool.announce", "announce", functions=[{"description": "no name"}])
+        wait_for(lambda: rig.metrics().get("tool_announces_rejected") == 1, 5, "the refusal to be counted")
+        assert len(rig.emu.events("context_update")) == updates
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+        tool.communicate(timeout=5)

@@ -5,6 +5,7 @@ module that imports google-genai (lazily, so `--help` stays fast).
 
     audio.in, video.in, text.in, tool.result, control  ->  model  ->  audio.out, transcript, control,
                                                                       tool.call, grounding
+    tool.announce, status: functions other processes serve, joined to --tools (tools.py)
 
 Backend: the real Gemini Live API when GEMINI_API_KEY (or GOOGLE_API_KEY) is set, else the local
 emulator found through `<state>/emulator/emulator.json`; `--backend` forces either. Both go through
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> int:
     svc.on("tool.result", bridge.on_tool_result)
     svc.on("audio.in", bridge.note_audio)       # a pause ends the stream for the service (signals.py)
     svc.on("control", bridge.on_control)        # mute, context_update
+    svc.on("tool.announce", bridge.on_tool_announce)   # functions served by other processes (tools.py)
+    svc.on("status", bridge.on_status)                 # their heartbeats keep them
     if model_generation(settings.model) >= 3 and any(
             str(d.get("behavior", "")).upper() == "NON_BLOCKING" for d in settings.tools or []):
         log.warning("%s calls functions synchronously only: NON_BLOCKING declarations are answered "

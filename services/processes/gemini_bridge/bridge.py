@@ -50,6 +50,10 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.events_q: deque[tuple[str, Callable[[Any], Awaitable[None]]]] = deque()
         self.events_event = asyncio.Event()
         self.pending_tools: dict[str, tuple[str, asyncio.TimerHandle]] = {}
+        self.base_tools: list[dict[str, Any]] = list(s.tools or [])   # --tools / context_update
+        self.announcers: dict[str, tuple[str, list[dict[str, Any]], float]] = {}   # inst -> (src, functions, seen)
+        self.tool_routes: dict[str, str] = {}   # announced function name -> announcer inst
+        self.setup_tools: list[dict[str, Any]] = list(s.tools or [])   # the functions the newest connection set up with
         self.stream_open = False                # audio.in flowing since the last audio_stream_end
         self._pause_timer: asyncio.TimerHandle | None = None
         # output side
@@ -64,7 +68,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
                   "audio_in_dropped_ms", "audio_buffered_ms", "audio_out_chunks", "audio_out_ms",
                   "audio_out_dropped_interrupted", "video_frames_sent", "video_frames_skipped",
                   "video_frames_rejected", "video_frames_too_large", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
-                  "tool_results_unknown", "turns", "interrupts", "connections", "reconnects", "go_aways",
+                  "tool_results_unknown", "tool_announces_rejected", "tools_announced", "turns", "interrupts", "connections", "reconnects", "go_aways",
                   "resumption_handles", "silent_server_detected"):
             svc.metrics[k] = 0
         svc.metrics["server_ping_ms"] = None
@@ -76,7 +80,8 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.audio_source: tuple[str, str, float] | None = None   # (src, inst, monotonic time) of the last chunk
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender)]
+        tasks = [asyncio.create_task(t()) for t in (self.audio_sender, self.video_sender, self.events_sender,
+                                                              self.expire_announcers)]
         try:
             await self.supervise()
         except FatalBridgeError as exc:

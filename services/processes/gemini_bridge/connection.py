@@ -163,6 +163,7 @@ class ConnectionSide:
     async def _open_link(self) -> Link:
         client = await self._client()
         stack = contextlib.AsyncExitStack()
+        self.setup_tools = list(self.s.tools or [])   # announced functions may change while it connects
         try:
             cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, self.handle))
             session = await asyncio.wait_for(stack.enter_async_context(cm), self.s.connect_timeout)
@@ -217,6 +218,8 @@ class ConnectionSide:
         self.link_ready.set()
         self.audio_event.set()     # flush what was held
         self.events_event.set()
+        if (self.s.tools or []) != self.setup_tools:   # functions announced or withdrawn meanwhile (tools.py)
+            self._push_context(None, list(self.s.tools or []))
 
     def _end_cut_turn(self) -> None:
         """A model turn the old connection will not finish: close it for the bus."""

@@ -100,9 +100,16 @@ class SignalSide:
             return
         if si is not None:
             self.s.system_instruction = si
-        if tools is not None:
-            self.s.tools = list(tools) or None
+        if tools is not None:   # they replace --tools; functions announced on the bus stay (tools.py)
+            self.base_tools = list(tools)
+            tools = self.merged_tools()
+            self.s.tools = tools or None
         self.svc.metrics["context_updates"] = self.svc.metrics.get("context_updates", 0) + 1
+        self._push_context(si, tools)
+
+    def _push_context(self, si: str | None, tools: list[dict[str, Any]] | None) -> None:
+        """Bring the session's new settings to the model: send_context_update on the open session,
+        or a resumption on a new connection."""
         live = self.s.live.context_update == "live" and self.link is not None and hasattr(self.link.session,
                                                                                        "send_context_update")
         if live:

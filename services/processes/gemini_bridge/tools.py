@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from typing import Any
 
@@ -11,12 +12,86 @@ from livepipe.services.processes.gemini_bridge.settings import NAME
 
 log = logging.getLogger(NAME)
 
+ANNOUNCE_TTL_S = 3.5     # an announcer silent this long (no heartbeat, no announce) loses its functions
+FUNCTION_NAME = re.compile(r"^[A-Za-z_][\w.-]{0,63}$")
+
+
+def valid_declarations(decls: Any) -> bool:
+    """A list of function declarations, each a map with a usable name."""
+    return isinstance(decls, list) and all(isinstance(d, dict) and isinstance(d.get("name"), str) and
+                                           FUNCTION_NAME.match(d["name"]) for d in decls)
+
 
 class ToolSide:
     """Tool calls: published on tool.call, answered from tool.result, or with an error after --tool-timeout.
 
     Mixed into Bridge (bridge.py), whose __init__ holds the state."""
 
+    # ------------------------------------------------ functions announced on the bus
+    def on_tool_announce(self, msg: Message) -> None:
+        """A process announces the functions it serves (or withdraws them): they join --tools."""
+        inst = msg["inst"]
+        if msg.kind == "withdraw":
+            if self.announcers.pop(inst, None) is not None:
+                log.info("tools of %s (%s) withdrawn", msg["src"], inst)
+                self._announced_changed()
+            return
+        functions = msg["functions"]
+        if not valid_declarations(functions):
+            self.svc.metrics["tool_announces_rejected"] += 1
+            self.svc.ratelog.warning("tool-announce", f"tool.announce from {msg['src']}: every function needs a "
+                                     "\"name\" (letters, digits, _ . -): ignored")
+            return
+        known = self.announcers.get(inst)
+        self.announcers[inst] = (msg["src"], list(functions), time.monotonic())
+        if known is None or known[1] != functions:
+            log.info("%s (%s) serves %s", msg["src"], inst, ", ".join(d["name"] for d in functions) or "nothing")
+            self._announced_changed()
+
+    def on_status(self, msg: Message) -> None:
+        known = self.announcers.get(msg["inst"])
+        if known is not None:   # a heartbeat keeps an announcer's functions
+            self.announcers[msg["inst"]] = (known[0], known[1], time.monotonic())
+
+    async def expire_announcers(self) -> None:
+        """Drop the functions of processes that stopped heartbeating (crashed or killed)."""
+        self.svc.publish("tool.query", "query")   # processes started before us announce again
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            gone = [i for i, (_, _, seen) in self.announcers.items() if now - seen > ANNOUNCE_TTL_S]
+            for inst in gone:
+                log.warning("tools of %s (%s): no heartbeat for %.1f s: removed", self.announcers[inst][0], inst,
+                            ANNOUNCE_TTL_S)
+                del self.announcers[inst]
+            if gone:
+                self._announced_changed()
+
+    def merged_tools(self) -> list[dict[str, Any]]:
+        """--tools (or the last context_update's tools), then announced functions; the first
+        declaration of a name wins. Sets the routes: function name -> announcer inst."""
+        tools = list(self.base_tools)
+        names = {d["name"] for d in tools}
+        self.tool_routes = {}
+        for inst, (src, functions, _) in self.announcers.items():
+            for d in functions:
+                if d["name"] in names:
+                    self.svc.ratelog.warning("tool-dup", f"{src} announces {d['name']!r}, "
+                                             "already declared: the first declaration is kept")
+                    continue
+                names.add(d["name"])
+                self.tool_routes[d["name"]] = inst
+                tools.append(d)
+        return tools
+
+    def _announced_changed(self) -> None:
+        tools = self.merged_tools()
+        self.svc.metrics["tools_announced"] = len(self.tool_routes)
+        if tools != (self.s.tools or []):
+            self.s.tools = tools or None
+            self._push_context(None, tools)
+
+    # ------------------------------------------------------------------ calls
     def on_tool_result(self, msg: Message) -> None:
         call_id = msg["id"]
         extra = self._result_options(msg)   # scheduling, will_continue (signals.py)
@@ -63,8 +138,9 @@ class ToolSide:
             log.warning("tool call %s(%s): no process subscribes to tool.call: answering with an error", name, call_id)
             self._send_tool_response(call_id, name, {"error": "no tool handler is running"})
             return
+        route = {"to": self.tool_routes[name]} if name in self.tool_routes else {}
         try:
-            self.svc.publish("tool.call", "call", id=call_id, name=name, args=args)
+            self.svc.publish("tool.call", "call", id=call_id, name=name, args=args, **route)
         except Exception as exc:   # args that msgpack cannot carry
             self._send_tool_response(call_id, name, {"error": f"arguments not transportable: {exc}"})
             return
