@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.bridge_support import live_factory, silence, speech, wait_for  # noqa: F401
 from tests.conftest import ROOT
