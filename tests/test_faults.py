@@ -417,3 +417,51 @@ def test_a_restarted_file_playback_continues_the_record(bus_env, listener, tmp_p
     spans = loud_spans(heard, OUT_RATE, min_gap_ms=100)
     assert len(spans) == 2, spans
     assert [round(dominant_frequency(heard[a:b], OUT_RATE)) for a, b in spans] == [440, 880]
+
+
+def test_a_stalled_playback_resumes_with_the_audio_due_now_not_the_backlog(bus_env, listener, tmp_path):
+    """Playback SIGSTOPped for 3 s in the middle of an 8 s reply (streamed in well ahead, as the
+    model does): after SIGCONT the listener hears the part of the reply due at that wall time,
+    the stale part is skipped, counted and said in one line."""
+    from livepipe.services.lib.audio import WavReader
+    path = tmp_path / "heard.wav"
+    rng = np.random.default_rng(15)
+    sent = np.clip(rng.normal(0, 3000, OUT_RATE * 8), -32000, 32000).astype(np.int16)   # every window unique
+    proc = start_playback(["--file", str(path)], bus_env, listener)
+    try:
+        publish_turn(listener, 1, sent)
+        listener.publish("control", "turn_complete", turn=1)
+        started = wait_event(listener, "turn_started", 1)
+        while time.time_ns() < started["first_sample_ts"] + 1_000_000_000:   # 1 s of it heard
+            listener.recv(0.02)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)     # the stall itself
+        proc.send_signal(signal.SIGCONT)
+        wait_event(listener, "turn_finished", 1)
+        deadline = time.monotonic() + 5
+        m = metrics_of(listener, "playback")
+        while m.get("stale_ms", 0) == 0 and time.monotonic() < deadline:   # the next heartbeat counts it
+            m = metrics_of(listener, "playback")
+    finally:
+        _, err = stop(proc)
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert m["stale_ms"] > 1000 and m["stale_skips"] == 1 and m["audio_dropped"] >= 1, m
+    assert err.count("stale audio") == 1, err
+    with WavReader(path) as r:
+        heard = (r.read(r.frames)[:, 0] * 32768).astype(np.int16)
+    o1 = int(np.flatnonzero(heard)[0])
+    assert np.array_equal(heard[o1:o1 + 4800], sent[:4800])
+    # The stall is silence in the file (what a listener heard), then the reply resumes...
+    zero = np.flatnonzero(heard[o1:] == 0)
+    runs = np.split(zero, np.flatnonzero(np.diff(zero) != 1) + 1)
+    stall = max(runs, key=len)
+    assert len(stall) > 2.5 * OUT_RATE, len(stall)
+    resume = o1 + int(stall[-1]) + 1
+    window = heard[resume:resume + 480]
+    at = [int(i) for i in np.flatnonzero(sent == window[0]) if np.array_equal(sent[i:i + 480], window)]
+    assert len(at) == 1, at
+    # ...with the samples due at that wall time (the file runs on the wall clock), not where it stopped.
+    due = resume - o1
+    assert abs(at[0] - due) <= 3 * 480, (at[0], due)
+    stopped_at = o1 + int(stall[0])
+    assert at[0] - (stopped_at - o1) > 2 * OUT_RATE

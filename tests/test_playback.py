@@ -344,3 +344,39 @@ def test_jitter_buffer_starts_at_once_and_grows_its_prebuffer_only_after_an_unde
         jb.push(1, np.full(24000, 1, np.int16))
         pull(jb, clock, 60)
     assert jb.prebuffer_ms == 60.0
+
+
+def test_jitter_buffer_skips_audio_that_fell_behind_its_schedule_to_what_is_due_now():
+    """A stalled sink (SIGSTOP) resumes with the audio due at that wall time: a turn that was
+    wholly due is skipped, the current one jumps to now; audio streamed ahead of time
+    (faster than real time) is never stale."""
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    ramp = (np.arange(OUT_RATE * 10) % 30000).astype(np.int16)   # 10 s: each sample tells where it was
+    jb.push(1, ramp[:OUT_RATE * 2])
+    jb.end_turn(1)
+    jb.push(2, ramp)                      # the next reply streamed in long before it plays
+    jb.end_turn(2)
+    pull(jb, clock, 50)                   # 1 s of turn 1 heard
+    clock.t += 0.5                        # a stall below the bound: nothing is skipped
+    got = pull(jb, clock, 1)
+    assert np.array_equal(got, ramp[OUT_RATE:OUT_RATE + 480]) and jb.stats["stale_frames"] == 0
+    clock.t += 3.0                        # stalled 3 s more
+    got = pull(jb, clock, 1)
+    # On schedule turn 1 (2 s, from t=0) ended at t=2.0 and turn 2 (queued since t=0) followed:
+    # at t=4.52 the listener hears turn 2 from 2.52 s in, not the backlog.
+    due = int(round((4.52 - 2.0) * OUT_RATE))
+    assert np.array_equal(got, ramp[due:due + 480]), (got[:2], ramp[due:due + 2])
+    assert jb.stats["stale_skips"] == 1
+    assert [k for k, _ in events].count("stale") == 1
+    assert jb.stats["turns_started"] == 2
+
+
+def test_jitter_buffer_never_calls_audio_streamed_ahead_of_time_stale():
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, tone(440.0, 1.0, OUT_RATE, -12.0))
+    pull(jb, clock, 60)                   # heard to its end
+    clock.t += 5.0                        # a long silence between replies (nothing queued)
+    jb.push(2, tone(440.0, 1.0, OUT_RATE, -12.0))
+    jb.end_turn(2)
+    heard = pull(jb, clock, 60)
+    assert jb.stats["stale_frames"] == 0 and np.count_nonzero(heard) > OUT_RATE * 0.9

@@ -59,6 +59,12 @@ DEFAULT_PREBUFFER_MS = 0.0
 DEFAULT_PREBUFFER_MAX_MS = 60.0
 PREBUFFER_STEP_MS = 20.0
 DEFAULT_LATENCY_MS = 40.0
+# Staleness (README): audio that fell further than this behind its playing schedule (a stalled
+# process or device) is skipped, so the listener hears what is due now, not a backlog.
+DEFAULT_MAX_LAG_MS = 1000.0
+# A file/null sink descheduled longer than this was stalled: like a device, the listener heard
+# silence meanwhile (shorter delays are caught up, so a busy CPU leaves no gap in the file).
+SINK_STALL_S = 0.25
 
 
 @dataclass
@@ -73,10 +79,11 @@ class TurnFinished:
 
 class _Turn:
     __slots__ = ("turn", "chunks", "head", "queued", "pulled", "ended", "started", "state",
-                 "wait_since", "dry_since", "end_ns", "blocks")
+                 "wait_since", "dry_since", "end_ns", "blocks", "arrived_ns")
 
-    def __init__(self, turn: int, now: float) -> None:
+    def __init__(self, turn: int, now: float, arrived_ns: int = 0) -> None:
         self.turn = turn
+        self.arrived_ns = arrived_ns   # wall time of its first chunk: it cannot be due before that
         self.chunks: deque[np.ndarray] = deque()
         self.head = 0                  # read offset into chunks[0]
         self.queued = 0                # frames waiting to be played
@@ -101,6 +108,20 @@ class _Turn:
                 if sounded < count:
                     heard -= count - sounded
         return max(0, heard)
+
+    def drop(self, n: int) -> int:
+        """Discard the next n queued frames; returns how many chunks were touched."""
+        touched = 0
+        while n and self.chunks:
+            k = min(n, len(self.chunks[0]) - self.head)
+            self.head += k
+            self.queued -= k
+            n -= k
+            touched += 1
+            if self.head == len(self.chunks[0]):
+                self.chunks.popleft()
+                self.head = 0
+        return touched
 
     def take(self, out: np.ndarray, pos: int, n: int) -> None:
         """Copy n queued frames into out[pos:pos+n]."""
@@ -127,8 +148,14 @@ class JitterBuffer:
     def __init__(self, rate: int = OUT_RATE, prebuffer_ms: float = DEFAULT_PREBUFFER_MS, turn_gap_ms: float = 1000.0,
                  max_buffer_s: float = 600.0, on_event: EventSink | None = None,
                  clock: Callable[[], float] = time.monotonic, wall_ns: Callable[[], int] = time.time_ns,
-                 prebuffer_max_ms: float | None = None) -> None:
+                 prebuffer_max_ms: float | None = None, max_lag_ms: float = 1000.0) -> None:
         self.rate = rate
+        # Staleness: audio playing this far behind its schedule (a stalled process) is skipped.
+        self.max_lag_ns = int(max_lag_ms * 1e6)
+        # Wall time the next queued frame is due to sound on the playing schedule: audio plays
+        # back to back from when it started (a turn no earlier than its first chunk came);
+        # None while nothing plays (silence because no audio was there is not lag).
+        self._sched_ns: int | None = None
         self.prebuffer_frames = int(rate * prebuffer_ms / 1000)
         self.prebuffer_s = prebuffer_ms / 1000
         # Adaptive: an underrun grows the prebuffer (for later audio) by a step, up to this.
@@ -152,7 +179,8 @@ class JitterBuffer:
         self.started_handed_ns = 0     # when the newest turn's first sample was handed to the sink
         self.stats: dict[str, int] = dict(underruns=0, late_chunks=0, overflow_chunks=0, turns_started=0,
                                           turns_finished=0, interrupted_turns=0, dropped_on_interrupt_frames=0,
-                                          pushed_frames=0, played_frames=0)
+                                          pushed_frames=0, played_frames=0, stale_chunks=0, stale_frames=0,
+                                          stale_skips=0)
 
     # ----------------------------------------------------------- producer side
     def push(self, turn: int, pcm: np.ndarray) -> bool:
@@ -174,7 +202,7 @@ class JitterBuffer:
                 t = self._turns[turn] = self._finishing.pop(turn)
                 t.state, t.wait_since = PREBUFFER, now
             elif t is None:
-                t = self._turns[turn] = _Turn(turn, now)
+                t = self._turns[turn] = _Turn(turn, now, self.wall_ns())
                 self.highest_turn = max(self.highest_turn, turn)
                 if turn in self._finished:            # more audio after a long gap: same turn goes on
                     t.pulled, t.started = self._finished.pop(turn)[0], True
@@ -234,6 +262,7 @@ class JitterBuffer:
             while len(self._cut) > 256:   # bounded: the oldest cuts are long finished
                 self._cut.popitem(last=False)
             self.segment += 1
+            self._sched_ns = None   # what plays next starts its own schedule
             audible = False
             survivor_in_device = False
             for k in list(self._finishing):   # wholly handed over, but maybe still sounding
@@ -274,6 +303,7 @@ class JitterBuffer:
         """The next `n` frames for the sink; `first_ns` = wall time the first of them sounds."""
         out = np.zeros(n, dtype=np.int16)
         if not self._turns and not self._finishing:   # idle: no lock, no events (dict reads are atomic)
+            self._sched_ns = None
             return out
         events: list[tuple[str, dict]] = []
         pos = 0
@@ -281,6 +311,8 @@ class JitterBuffer:
         with self._lock:
             now = self.clock()
             self._flush_finishing(events)
+            if self._sched_ns is not None and first_ns - self._sched_ns > self.max_lag_ns:
+                self._skip_stale(first_ns, now, events)
             while pos < n and self._turns:
                 t = next(iter(self._turns.values()))
                 later_waiting = len(self._turns) > 1
@@ -314,8 +346,49 @@ class JitterBuffer:
                         continue
                     t.state, t.dry_since = STARVED, now
                     break
+            # Audio to the end of the block: the schedule goes on; any silence restarts it.
+            if pos == n:
+                self._sched_ns = (first_ns if self._sched_ns is None else self._sched_ns) + int(n * ns_per_frame)
+            else:
+                self._sched_ns = None
         self._emit(events)
         return out
+
+    def _skip_stale(self, first_ns: int, now: float, events: list[tuple[str, dict]]) -> None:
+        """Playback fell behind its schedule by more than max_lag (the process or the device
+        was stalled): drop what should have sounded by `first_ns`, so the listener hears the
+        audio due now. A turn queued behind is due from max(end of the one before, its
+        arrival), and is skipped only if it too is more than max_lag behind."""
+        cursor = self._sched_ns
+        assert cursor is not None
+        lag_ns = first_ns - cursor
+        frames = chunks = 0
+        turns: list[int] = []
+        for t in list(self._turns.values()):
+            start = cursor if not turns and t.state == PLAYING else max(cursor, t.arrived_ns)
+            behind = first_ns - start
+            if behind <= self.max_lag_ns or not t.queued:
+                break
+            cursor = start + int(t.queued * 1e9 / self.rate)
+            k = min(t.queued, int(behind * self.rate // 1_000_000_000))
+            chunks += t.drop(k)
+            self.queued_frames -= k
+            frames += k
+            turns.append(t.turn)
+            if t.queued:
+                break                   # this turn goes on from the audio due now
+            if t.ended or len(self._turns) > 1:
+                self._finish(t, events)  # skipped to its end: the next one may be due too
+                continue
+            t.state, t.dry_since = STARVED, now   # still streaming: what comes next is current
+            break
+        self._sched_ns = first_ns
+        if frames:
+            self.stats["stale_chunks"] += chunks
+            self.stats["stale_frames"] += frames
+            self.stats["stale_skips"] += 1
+            events.append(("stale", {"turns": turns, "skipped_ms": round(frames * 1000 / self.rate, 1),
+                                     "lag_ms": round(lag_ns / 1e6, 1)}))
 
     def _finish(self, t: _Turn, events: list[tuple[str, dict]]) -> None:
         """`t` was wholly handed to the sink: report it once its last sample has sounded."""
@@ -483,6 +556,7 @@ class ClockedSink:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"{self.kind}-sink", daemon=True)
         self.late_periods = 0
+        self.stalls = 0
         self.error: Exception | None = None
 
     def start(self) -> None:
@@ -500,6 +574,14 @@ class ClockedSink:
                 if wait > 0:
                     if self._stop.wait(wait):
                         break
+                elif wait < -SINK_STALL_S:
+                    # Stalled (SIGSTOP, suspended VM): a device would have played silence meanwhile.
+                    missed = int(-wait / period_s)
+                    self.stalls += 1
+                    if self.writer:
+                        self.writer.write(np.zeros(missed * self.period_frames, np.int16))
+                    k += missed
+                    due = t0_mono + k * period_s
                 elif wait < -period_s:
                     self.late_periods += 1   # we were descheduled: catch up, the file keeps real time
                 block = self.jb.pull(self.period_frames, t0_wall + int(k * period_s * 1e9))
@@ -530,7 +612,7 @@ class ClockedSink:
                 pass
 
     def metrics(self) -> dict[str, Any]:
-        m: dict[str, Any] = {"late_periods": self.late_periods}
+        m: dict[str, Any] = {"late_periods": self.late_periods, "sink_stalls": self.stalls}
         if self.writer:
             m["file_s"] = round(self.writer.frames / self.rate, 2)
         return m
@@ -591,6 +673,12 @@ class Player:
                                                   "that turn was interrupted or has finished")
 
     def publish_event(self, kind: str, fields: dict) -> None:
+        if kind == "stale":   # counted in the heartbeat (stale_*, audio_dropped); one line each time
+            log.warning("skipped %.1f s of stale audio (turns %s): playback was %.1f s behind its schedule "
+                        "(stalled?); playing the audio due now (--max-lag-ms %d)", fields["skipped_ms"] / 1000,
+                        ", ".join(str(self._turn_of(k)) for k in fields["turns"]), fields["lag_ms"] / 1000,
+                        self.jb.max_lag_ns // 1_000_000)
+            return
         if kind == "turn_started":   # latency budget (README): the turn's stamps, plus when it reached the sink
             fields = {**fields, "stamps": {**self.stamps.pop(fields["turn"], {}),
                                            "handed_ts": self.jb.started_handed_ns}}
@@ -728,9 +816,10 @@ class Player:
         m.update(self.sink.metrics())
         # Audio dropped for any reason, in one figure (`livepipe top` adds it to DROPS).
         m["audio_dropped"] = (self.jb.stats["late_chunks"] + self.jb.stats["overflow_chunks"] + self.cut_chunks
-                              + self.rejected_chunks)
+                              + self.rejected_chunks + self.jb.stats["stale_chunks"])
         m.update(sink=self.sink.kind, buffered_ms=round(self.jb.buffered_ms, 1), interrupts=self.interrupts,
                  prebuffer_ms=self.jb.prebuffer_ms,
+                 stale_ms=round(self.jb.stats["stale_frames"] * 1000 / self.jb.rate, 1),
                  cut_chunks=self.cut_chunks,
                  rejected_chunks=self.rejected_chunks, converted_chunks=self.converted_chunks,
                  period_ms=round(self.sink.period_frames * 1000 / self.sink.rate, 2),
@@ -777,6 +866,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open the device at this rate and resample (default: 24000 if the device takes it)")
     p.add_argument("--turn-gap-ms", type=float, default=1000.0,
                    help="a turn dry this long with no turn_complete is reported finished (default 1000)")
+    p.add_argument("--max-lag-ms", type=float, default=DEFAULT_MAX_LAG_MS,
+                   help=f"playing further behind schedule than this (a stalled process) skips the stale audio "
+                        f"to what is due now (default {DEFAULT_MAX_LAG_MS:g})")
     p.add_argument("--max-buffer-s", type=float, default=600.0,
                    help="most audio held (default 600 s); beyond it chunks are dropped and counted")
     p.add_argument("--no-device-reset", action="store_true",
@@ -791,7 +883,7 @@ def main(argv: list[str]) -> int:
     setup_logging("playback")
     if args.list_devices:
         return print_device_list(log)
-    for name in ("prebuffer_ms", "prebuffer_max_ms", "turn_gap_ms"):
+    for name in ("prebuffer_ms", "prebuffer_max_ms", "turn_gap_ms", "max_lag_ms"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0")
     if not 2.0 <= args.period_ms <= 200.0 or args.max_buffer_s <= 0:
@@ -804,7 +896,7 @@ def main(argv: list[str]) -> int:
         # With a device that needs another rate the buffer holds device-rate audio (resampled on arrival).
         return JitterBuffer(rate, args.prebuffer_ms, args.turn_gap_ms, args.max_buffer_s,
                             on_event=lambda kind, fields: holder["player"].publish_event(kind, fields),
-                            prebuffer_max_ms=args.prebuffer_max_ms)
+                            prebuffer_max_ms=args.prebuffer_max_ms, max_lag_ms=args.max_lag_ms)
     try:
         if args.file or args.null:
             jb = make_buffer(OUT_RATE)

@@ -61,6 +61,13 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.turn_open = False
         self.turn_interrupted = False
         self.complete_owed = 0                  # turn an expected turnComplete belongs to
+        # A reply cut by a lost connection: the resumed session answers that utterance again from
+        # the start (no handle covers a generation in progress), so what it resends of the audio
+        # already published is not published twice (output.py).
+        self.turn_audio = bytearray()           # audio.out published for the open turn (bounded)
+        self.cut_audio: bytes | None = None     # the cut turn's audio, until the turn after it ends
+        self.cut_turn = 0
+        self.cut_pos = 0                        # how much of it the next turn repeated
         self.turn_done = asyncio.Event()
         self.go_away_at = 0.0
         self.totals = {"prompt_tokens": 0, "response_tokens": 0, "total_tokens": 0}

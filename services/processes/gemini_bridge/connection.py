@@ -224,6 +224,8 @@ class ConnectionSide:
     def _end_cut_turn(self) -> None:
         """A model turn the old connection will not finish: close it for the bus."""
         if self.turn_open:
+            if not self.turn_interrupted and self.turn_audio:
+                self.cut_audio, self.cut_turn, self.cut_pos = bytes(self.turn_audio), self.turn, 0
             self.svc.publish("control", "turn_complete", turn=self.turn)
             self._close_turn()
 

@@ -11,6 +11,8 @@ from livepipe.services.processes.gemini_bridge.settings import NAME
 
 log = logging.getLogger(NAME)
 
+MAX_CUT_AUDIO_BYTES = 60 * 24000 * 2   # a cut reply is remembered up to 60 s (its repeat is skipped)
+
 
 class OutputSide:
     """One handler per field of a server message; model turns numbered and published.
@@ -22,12 +24,15 @@ class OutputSide:
             self.turn += 1
             self.turn_open, self.turn_interrupted = True, False
             self.complete_owed = 0
+            self.turn_audio.clear()
             self.turn_done.clear()
             self.svc.metrics["turns"] = self.turn
         return self.turn
 
     def _close_turn(self) -> None:
         self.turn_open = False
+        if self.cut_audio is not None and self.turn > self.cut_turn:
+            self._repeat_done()   # the turn after the cut one is over
         self.turn_done.set()
 
     def on_server_message(self, link: Link, msg: Any) -> None:
@@ -135,6 +140,10 @@ class OutputSide:
             return
         if len(data) % 2:
             data = data[:-1]   # a torn sample would shift every later one
+        if self.cut_audio is not None and turn > self.cut_turn:
+            data = self._unrepeated(data, rate)
+            if not data:
+                return
         frames = len(data) // 2
         extra: dict[str, Any] = {}
         if self.stamped_turn != turn:   # the first chunk of a turn carries the latency budget
@@ -144,6 +153,31 @@ class OutputSide:
                             turn=turn, **extra):
             self.svc.metrics["audio_out_chunks"] += 1
             self.svc.metrics["audio_out_ms"] += frames * 1000 // rate
+            if len(self.turn_audio) < MAX_CUT_AUDIO_BYTES:
+                self.turn_audio += data
+
+    def _unrepeated(self, data: bytes, rate: int) -> bytes:
+        """The part of `data` not already published: the resumed session's reply to the utterance
+        whose reply a lost connection cut starts over; while it repeats the cut turn's audio
+        byte for byte that audio is skipped, and the rest follows the cut turn without a gap. A
+        different reply (a real model may word it anew) is published whole."""
+        assert self.cut_audio is not None
+        ref = self.cut_audio[self.cut_pos:self.cut_pos + len(data)]
+        if not ref or data[:len(ref)] != ref:
+            self._repeat_done()
+            return data
+        self.cut_pos += len(ref)
+        self.svc.metrics["audio_out_repeat_skipped_ms"] = (self.svc.metrics.get("audio_out_repeat_skipped_ms", 0)
+                                                           + len(ref) * 500 // rate)
+        if len(ref) < len(data):
+            self._repeat_done()
+        return data[len(ref):]
+
+    def _repeat_done(self) -> None:
+        if self.cut_pos:
+            log.info("the resumed session repeated %d ms of turn %d, cut by the lost connection: "
+                     "published once", self.cut_pos * 500 // 24000, self.cut_turn)
+        self.cut_audio, self.cut_pos = None, 0
 
     def _usage(self, um: Any) -> dict[str, int]:
         usage = {k: v for k, v in {
