@@ -149,6 +149,10 @@ def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Pat
         page.click("#record")
         page.wait_for_selector("#record[data-active='1']")
         page.wait_for_function("document.querySelector('#rec').textContent.includes(' KB')", timeout=5000)
+        # The recorder is receiving: let one video frame (1 FPS) pass before stopping it.
+        with BusClient("watch-video", cfg, topics=["video.in"]) as video:
+            video.wait_ready()
+            video.wait_for("video.in", "image", 5)
         page.click("#record")
         page.wait_for_selector("#rec:text-matches('saved')", timeout=10000)
         recordings = list((tmp_path / "rec").glob("console-*.lprec"))
