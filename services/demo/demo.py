@@ -626,6 +626,7 @@ def main(argv: list[str]) -> int:
         error, code = "interrupted (Ctrl-C or SIGTERM)", 130
     finally:
         killed = honcho.stop()
+    ended_by_signal: list[int] = []
     summary = watcher.summary()
     try:   # every process's last heartbeat (counters, metrics): what to look at when something sounded wrong
         (run.run_dir / "heartbeats.json").write_text(json.dumps(watcher.heartbeats, indent=1, default=str))
@@ -641,6 +642,8 @@ def main(argv: list[str]) -> int:
                    user_wav=None if args.devices else str(Path(args.user_wav).resolve()),
                    processes=watcher.pids, exit_codes=dict(honcho.stopped), orphans_killed=killed,
                    ok=error is None, error=error)
+    if console is not None:   # from here a Ctrl-C ends the console, never a half-printed summary
+        _end_console_on_signal(console[0], ended_by_signal)
     if args.json:
         print(json.dumps(summary), flush=True)
     elif summary["turns"]:
@@ -648,8 +651,19 @@ def main(argv: list[str]) -> int:
     if error:
         log(f"{error} (logs: {honcho.log_path})")
     if console is not None:
-        serve_console_until_interrupted(console, keep=code != 130)
+        serve_console_until_interrupted(console, keep=code != 130 and not ended_by_signal)
     return code
+
+
+def _end_console_on_signal(proc: subprocess.Popen, ended_by_signal: list[int]) -> None:
+    """SIGINT/SIGTERM after the conversation terminate the console instead of raising: the signal may land
+    anywhere between the summary and the wait, and the demo must still end cleanly with code 0."""
+    def on_signal(signum: int, frame: Any) -> None:
+        ended_by_signal.append(signum)
+        if proc.poll() is None:
+            proc.terminate()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def start_console(args: argparse.Namespace, run: Run) -> tuple[subprocess.Popen, str]:
