@@ -32,4 +32,5 @@ def test_readme_configuration_table_lists_every_gemini_bridge_flag():
     section = README.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
     table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
     flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
-    assert flags and not [f for f in flags if f"`{f}`" not in table], "flags missing from README's configuration table"
+    missing = [f for f in flags if f"`{f}`" not in table]
+    assert flags and not missing, f"README's configuration table lacks {missing}"
