@@ -102,7 +102,8 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
 
 timeline (--timeline): one JSON line per event {"session", "conn", "turn", "event", "t_ns", ...};
   events: session_start (resumed; carried_audio_s, carried_turns: what the handle brought along;
-  input_transcription: languageCodes and customVocabulary as received),
+  input_transcription: languageCodes and customVocabulary as received; sdk: the client's google-genai
+  version from its x-goog-api-client header),
   speech_start, speech_end (seconds, speech_stop_ns = arrival of the last voiced audio, silence_ms),
   text_in, tool_call, tool_response, tool_cancelled, first_byte,
   interrupted (phase, sent_seconds), turn_complete, goaway, drop, closed (code, reason).

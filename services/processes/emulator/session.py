@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections import Counter, deque
@@ -252,6 +253,13 @@ class LiveSession:
 
     # --- setup -----------------------------------------------------------------------------
 
+    def _client_sdk(self) -> str:
+        """The google-genai version the client announces (x-goog-api-client: google-genai-sdk/1.30.0 ...)."""
+        req = self.ws.request
+        header = (req.headers.get("x-goog-api-client") or req.headers.get("user-agent") or "") if req else ""
+        m = re.search(r"google-genai-sdk/([\w.+-]+)", header)
+        return m.group(1) if m else ""
+
     def _check_key(self) -> None:
         if self.opts.api_key is None:
             return
@@ -290,7 +298,8 @@ class LiveSession:
                        "carried_turns": len(self.restored.waiting)}
         self.mark("session_start", self.conv.turns, resumed=self.resumed, generation=self.generation,
                   **({"turn_coverage": self.turn_coverage} if self.turn_coverage else {}),
-                  **({"input_transcription": self.transcription} if self.transcription else {}), **carried)
+                  **({"input_transcription": self.transcription} if self.transcription else {}),
+                  **({"sdk": self._client_sdk()} if self._client_sdk() else {}), **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
         for samples in self._carried_input:      # before any new input: it came earlier
