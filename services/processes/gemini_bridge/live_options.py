@@ -156,7 +156,7 @@ def _sdk_version() -> tuple[int, ...]:
 
 def load_vocabulary(value: str) -> tuple[str, ...]:
     """Terms from "a,b,c" or from @FILE (one per line; blank lines and # comments skipped), in order, once each."""
-    where = f"--transcription-vocabulary {value}"
+    where = f"--transcription-vocabulary {value if len(value) <= 60 else value[:57] + '...'}"
     if value.startswith("@"):
         try:
             lines = Path(value[1:]).expanduser().read_text(encoding="utf-8").splitlines()
