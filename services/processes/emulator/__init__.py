@@ -41,9 +41,10 @@ transcriptions (only when setup asks for input/output audio transcription), n = 
           "reply N: D.DD s, after tool NAME"          (after a tool call round trip)
           'reply N: text "TEXT"'                      (a reply to text; TEXT cut at 200 chars)
   With responseModalities ["TEXT"] the same output text comes as a modelTurn text part, no audio.
-  inputAudioTranscription.customVocabulary (or the deprecated adaptationPhrases) adds to utterance N
-  ', said "TERM"', TERM = term number (N-1) mod count, exactly as listed: the parrot hears no words, so
-  this stands for a listed term recognised and spelled as given. An unknown field in either
+  inputAudioTranscription.customVocabulary (or the deprecated adaptationPhrases) adds ', said "TERM"'
+  to each utterance, the listed terms in turn (utterance 1 the first, then the next, round again),
+  exactly as listed: the parrot hears no words, so this stands for a listed term recognised and
+  spelled as given. An unknown field in either
   transcription config closes 1007 'Invalid JSON payload received. Unknown name "X" at ...'.
 
 tools: when setup declares functions, an utterance of at least --tool-trigger seconds makes the
