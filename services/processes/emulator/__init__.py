@@ -44,8 +44,8 @@ transcriptions (only when setup asks for input/output audio transcription), n = 
   inputAudioTranscription.customVocabulary (or the deprecated adaptationPhrases) adds ', said "TERM"'
   to each utterance, the listed terms in turn (utterance 1 the first, then the next, round again),
   exactly as listed: the parrot hears no words, so this stands for a listed term recognised and
-  spelled as given. An unknown field in either
-  transcription config closes 1007 'Invalid JSON payload received. Unknown name "X" at ...'.
+  spelled as given. An unknown field in either transcription config closes 1007
+  'Invalid JSON payload received. Unknown name "X" at ...'.
 
 tools: when setup declares functions, an utterance of at least --tool-trigger seconds makes the
   model send toolCall {id "fc-SESSION-N", name = the first declared function, args {"utterance": N,
