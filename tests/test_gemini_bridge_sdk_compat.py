@@ -26,8 +26,8 @@ def test_bridge_under_the_oldest_supported_sdk_answers_and_calls_a_tool(old_sdk_
                         "--transcription-vocabulary", "Ilsenmoor"], env={**bus_env, "PYTHONPATH": str(shim)},
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "livepipe gemini-bridge: --transcription-vocabulary needs google-genai >= 2.13 (AudioTranscriptionConfig."
-        "custom_vocabulary): pip install -U google-genai"], r.stderr
+        ("livepipe gemini-bridge: --transcription-vocabulary needs google-genai >= 2.13 (AudioTranscriptionConfig."
+         "custom_vocabulary): pip install -U google-genai")], r.stderr
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"name": "look_up", "description": "search the archive"}]))
     rig = Live(bus_env, bus_cfg, emulator_args=("--pace", "0", "--tool-trigger", "2.5"),
@@ -50,5 +50,5 @@ def test_bridge_under_the_oldest_supported_sdk_answers_and_calls_a_tool(old_sdk_
         start = rig.emu.events("session_start")[0]
         assert start["sdk"].startswith(OLD_SDK + ".") and start["generation"] == 3   # the default model
     finally:
-        out, err = rig.close()
+        _, err = rig.close()
     assert rig.bridge.returncode == 0 and "Traceback" not in err, err[-2000:]
