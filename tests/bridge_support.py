@@ -172,8 +172,13 @@ class Emulator:
         return self.out
 
 
-def start_bridge(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    return spawn(["gemini-bridge", *args], {**env, **(extra_env or {})})
+def start_bridge(env: dict[str, str], *args: str, extra_env: dict[str, str] | None = None,
+                 python: str | None = None) -> subprocess.Popen:
+    """`python`: another interpreter (e.g. a venv with another google-genai) running this checkout's bridge."""
+    if python is None:
+        return spawn(["gemini-bridge", *args], {**env, **(extra_env or {})})
+    return subprocess.Popen([python, "-m", "livepipe.services", "gemini-bridge", *args], env={**env, **(extra_env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def stopped_output(proc: subprocess.Popen) -> tuple[str, str]:
@@ -199,7 +204,7 @@ class Live:
 
     def __init__(self, bus_env: dict, bus_cfg: BusConfig, emulator_args: Iterable[str] = (),
                  bridge_args: Iterable[str] = (), bridge_env: dict[str, str] | None = None,
-                 bridge_first: bool = False) -> None:
+                 bridge_first: bool = False, bridge_python: str | None = None) -> None:
         self.env = bus_env
         self.bridge: subprocess.Popen | None = None
         self.emu: Emulator | None = None
@@ -209,13 +214,13 @@ class Live:
         try:
             self.pub.wait_ready()
             if bridge_first:   # as honcho starts everything at once: the bridge must wait for the emulator
-                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env)
+                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env, python=bridge_python)
                 self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
                                               m.get("detail") == "waiting for the emulator" for m in ms),
                                20, "the bridge to wait for the emulator")
             self.emu = Emulator(bus_env, "--latency", "0.05", *emulator_args)
             if not bridge_first:
-                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env)
+                self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env, python=bridge_python)
             self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
                                           m["state"] == "connected" for m in ms), 20, "the bridge to connect")
             self.pub.wait_subscriber("audio.in")

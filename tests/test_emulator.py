@@ -742,6 +742,7 @@ def test_garbage_frames_close_1007_and_other_sessions_carry_on(emus, voice):
         [setup, json.dumps({"realtime_input": {"media_chunks": {"a": 1}}})],  # wrong shape
         [setup, setup],                                                   # setup twice
         [json.dumps({"setup": {"model": MODEL, "tools": "x"}})],           # bad setup
+        [json.dumps({"setup": {"model": MODEL, "inputAudioTranscription": {"vocabulary": ["x"]}}})],  # no such field
     ]
 
     async def garbage_session(frames):

@@ -1,13 +1,17 @@
-"""The emulator against the oldest google-genai the project allows (pyproject: >=1.30).
+"""The emulator against the oldest google-genai the project allows (pyproject's floor, >=1.30).
 
 The newest (the installed 3.x) drives every test in test_emulator.py. google-genai 1.30 differs
 where it matters: camelCase nested keys (mimeType), v1beta by default, websockets 15. It runs in a
 venv under /tmp (made once, then reused across runs) that sees this interpreter's other packages.
+The venv is built offline from wheels `launch/install.sh --test` downloads into
+~/.cache/livepipe/google-genai-<floor>/: a test never reaches for the network, and skips with one
+line when the wheels are not there.
 """
 from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -18,16 +22,24 @@ import pytest
 
 from tests.emulator_support import ROOT, Emulator, speech, write_wav
 
-OLD_SDK = "1.30"
+
+def _floor() -> str:
+    m = re.search(r'"google-genai>=([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert m, "pyproject.toml names no google-genai floor"
+    return m.group(1)
+
+
+OLD_SDK = _floor()      # the oldest supported; the newest is what this interpreter has installed
 VENV = Path(f"/tmp/livepipe-genai-{OLD_SDK}-venv")
+WHEELS = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "livepipe" / f"google-genai-{OLD_SDK}"
 
 
 def _version(python: Path) -> str:
+    """The google-genai version installed in the venv itself (its metadata: no slow import)."""
     if not python.exists():
         return ""
-    r = subprocess.run([str(python), "-c", "import google.genai as g; print(g.__version__)"],
-                       capture_output=True, text=True, timeout=60)
-    return r.stdout.strip() if r.returncode == 0 else ""
+    found = sorted(VENV.glob("lib/python*/site-packages/google_genai-*.dist-info"))
+    return found[-1].name.removeprefix("google_genai-").removesuffix(".dist-info") if found else ""
 
 
 @pytest.fixture(scope="session")
@@ -36,13 +48,18 @@ def old_sdk_python() -> Path:
     with open(f"{VENV}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)              # parallel runs build it once
         if not _version(python).startswith(OLD_SDK + "."):
+            if not list(WHEELS.glob(f"google_genai-{OLD_SDK}*.whl")):
+                pytest.skip(f"google-genai {OLD_SDK} (the oldest supported) is not in {WHEELS}: "
+                            "run launch/install.sh --test to download it")
             shutil.rmtree(VENV, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True, timeout=120)
-            r = subprocess.run([str(python), "-m", "pip", "install", "-q", f"google-genai=={OLD_SDK}.*"],
+            r = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index",
+                                "--find-links", str(WHEELS), f"google-genai=={OLD_SDK}.*"],
                                capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-                pytest.skip(f"google-genai {OLD_SDK} is not installable here (no package index?): {last}")
+                pytest.skip(f"google-genai {OLD_SDK} does not install from {WHEELS} "
+                            f"(rerun launch/install.sh --test): {last}")
     assert _version(python).startswith(OLD_SDK + ".")
     return python
 

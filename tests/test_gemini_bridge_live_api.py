@@ -32,7 +32,10 @@ def test_settings_the_model_refuses_are_one_line_before_connecting():
              ("--thinking-budget", "512"): "sets thinking with --thinking-level",
              ("--builtin-tools", "google_search,code_execution"): "supports google_search only",
              ("--model", MODEL25, "--thinking-level", "low"): "sets thinking with --thinking-budget",
-             ("--builtin-tools", "web"): "use google_search, url_context, code_execution"}
+             ("--builtin-tools", "web"): "use google_search, url_context, code_execution",
+             ("--transcription-vocabulary", " , "): "no terms",
+             ("--transcription-vocabulary", ",".join(f"t{i}" for i in range(1001))): "the service takes at most 1000",
+             ("--transcription-vocabulary", "Ilsenmoor", "--input-transcription", "off"): "use --input-transcription on"}
     for args, words in cases.items():
         code, err = bridge_config_error(*args)
         assert code == 2 and len(err.splitlines()) == 1 and words in err, (args, err)
@@ -90,8 +93,14 @@ def test_non_blocking_tool_result_scheduling_reaches_the_model(live_factory, tmp
     assert rig.metrics().get("tool_results_unknown") == 0
 
 
-def test_turn_signals_on_the_bus(live_factory):
-    rig = live_factory(emulator_args=("--pace", "0", "--interim-every", "0.5", "--need-more-input", "0.6"))
+def test_turn_signals_on_the_bus(live_factory, tmp_path):
+    """Also the transcription options: language codes and custom vocabulary reach the service, and the
+    user's transcript spells a listed term as given."""
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("# names the transcription should get right\nIlsenmoor\n\nNykvist Roan\n")
+    rig = live_factory(emulator_args=("--pace", "0", "--interim-every", "0.5", "--need-more-input", "0.6"),
+                       bridge_args=("--transcription-vocabulary", f"@{vocabulary}",
+                                    "--transcription-languages", "en-GB,fr-FR"))
     rig.say(np.concatenate([speech("Hello there, how are you today my friend"), silence(0.8)]))
     rig.reply(1)
     rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "turn_status" and m["turn"] == 1 for m in ms),
@@ -102,6 +111,9 @@ def test_turn_signals_on_the_bus(live_factory):
     final = rig.rec.select("transcript", "transcript", role="user", turn=1)
     assert len(interim) >= 2 and all(re.match(r"^utterance 1: \d\.\d\d s so far$", m["text"]) for m in interim)
     assert final and interim[-1]["seq"] < final[0]["seq"]
+    assert re.match(r'^utterance 1: \d\.\d\d s, said "Ilsenmoor"$', final[0]["text"])
+    assert rig.emu.events("session_start")[0]["input_transcription"] == {
+        "language_codes": ["en-GB", "fr-FR"], "custom_vocabulary": ["Ilsenmoor", "Nykvist Roan"]}
     assert rig.rec.select("control", "turn_status", turn=1)[0]["status"] == "IDLE"
     # Too short an utterance: the service says it waits for more instead of answering.
     rig.say(np.concatenate([speech("Hi."), silence(0.8)]))

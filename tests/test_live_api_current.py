@@ -153,6 +153,25 @@ def test_a_too_short_utterance_waits_for_input(emus, voice):
     assert not any(m.server_content and m.server_content.model_turn for m in seen)   # no reply
 
 
+def test_custom_vocabulary_and_language_codes_reach_the_input_transcription(emus, voice):
+    """AudioTranscriptionConfig.custom_vocabulary (google-genai >= 2.13) goes out as customVocabulary and
+    the transcript spells a listed term as given; language_codes arrive as sent."""
+    emu = emus["fast"]
+    terms = ["Ilsenmoor", "Nykvist Roan", "Wrenholt"]
+
+    async def scenario():
+        cfg = types.LiveConnectConfig(response_modalities=["AUDIO"], output_audio_transcription={},
+                                      input_audio_transcription=types.AudioTranscriptionConfig(
+                                          custom_vocabulary=terms, language_codes=["en-GB"]))
+        async with client(emu).aio.live.connect(model=MODEL3, config=cfg) as s:
+            await send_audio(s, np.concatenate([voice["hello"], silence(0.8)]), speed=0)
+            return await collect_turn(s)
+    turn = run(scenario())
+    assert len(turn.input_text) == 1 and re.match(r'^utterance 1: \d\.\d\d s, said "Ilsenmoor"$', turn.input_text[0])
+    start = [e for e in emu.timeline() if e["event"] == "session_start" and e.get("input_transcription")][-1]
+    assert start["input_transcription"] == {"language_codes": ["en-GB"], "custom_vocabulary": terms}
+
+
 # --- non-blocking tools ------------------------------------------------------------------------
 
 NB_TOOL = [{"function_declarations": [{"name": "look_up", "description": "slow search", "behavior": "NON_BLOCKING"}]}]

@@ -25,3 +25,12 @@ def test_readme_gives_the_two_fresh_machine_commands_and_ci_runs_the_test_one():
     assert test_cmd in README
     ci = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
     assert test_cmd in ci
+
+
+def test_readme_configuration_table_lists_every_gemini_bridge_flag():
+    from livepipe.services.processes.gemini_bridge.settings import build_parser
+    section = README.split("\n## Configuration", 1)[1].split("\n## ", 1)[0]
+    table = "\n".join(line for line in section.splitlines() if line.startswith("| `"))
+    flags = [o for a in build_parser()._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    missing = [f for f in flags if f"`{f}`" not in table]
+    assert flags and not missing, f"README's configuration table lacks {missing}"

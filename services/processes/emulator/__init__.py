@@ -41,6 +41,11 @@ transcriptions (only when setup asks for input/output audio transcription), n = 
           "reply N: D.DD s, after tool NAME"          (after a tool call round trip)
           'reply N: text "TEXT"'                      (a reply to text; TEXT cut at 200 chars)
   With responseModalities ["TEXT"] the same output text comes as a modelTurn text part, no audio.
+  inputAudioTranscription.customVocabulary (or the deprecated adaptationPhrases) adds ', said "TERM"'
+  to each utterance, the listed terms in turn (utterance 1 the first, then the next, round again),
+  exactly as listed: the parrot hears no words, so this stands for a listed term recognised and
+  spelled as given. An unknown field in either transcription config closes 1007
+  'Invalid JSON payload received. Unknown name "X" at ...'.
 
 tools: when setup declares functions, an utterance of at least --tool-trigger seconds makes the
   model send toolCall {id "fc-SESSION-N", name = the first declared function, args {"utterance": N,
@@ -97,7 +102,9 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
   1001                                                       the emulator is shutting down
 
 timeline (--timeline): one JSON line per event {"session", "conn", "turn", "event", "t_ns", ...};
-  events: session_start (resumed; carried_audio_s, carried_turns: what the handle brought along),
+  events: session_start (resumed; carried_audio_s, carried_turns: what the handle brought along;
+  input_transcription: languageCodes and customVocabulary as received; sdk: the client's google-genai
+  version from its x-goog-api-client header),
   speech_start, speech_end (seconds, speech_stop_ns = arrival of the last voiced audio, silence_ms),
   text_in, tool_call, tool_response, tool_cancelled, first_byte,
   interrupted (phase, sent_seconds), turn_complete, goaway, drop, closed (code, reason).

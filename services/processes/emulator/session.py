@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import math
+import re
 import secrets
 import time
 from collections import Counter, deque
@@ -38,6 +39,10 @@ AUDIO_TOKENS_PER_S = 32                       # the Gemini API counts audio at 3
 FRAME_TOKENS = {"MEDIA_RESOLUTION_LOW": 64, "MEDIA_RESOLUTION_MEDIUM": 256, "MEDIA_RESOLUTION_HIGH": 256}
 HANDLE_TTL_S = 2 * 3600                       # the real service keeps a handle valid 2 h
 SETUP_TIMEOUT_S = 60.0
+# AudioTranscriptionConfig's fields (google-genai 3.6 types.py; the Gemini API has taken all of them
+# since 2.15, when the SDK stopped filtering them): anything else is an unknown field.
+TRANSCRIPTION_FIELDS = frozenset({"language_codes", "language_auto", "language_hints", "custom_vocabulary",
+                                  "adaptation_phrases", "word_timestamp", "diarization", "mode", "source_text"})
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,8 @@ class LiveSession:
         self.history_turns = 0
         self.interim_next = 0.0               # utterance seconds at which the next interim is due
         self.builtin: set[str] = set()        # built-in tools setup turned on
+        self.vocabulary: list[str] = []       # setup.inputAudioTranscription.customVocabulary
+        self.transcription: dict[str, Any] = {}   # language codes and vocabulary, as received (timeline)
         self.include_thoughts = False
         self.turn_coverage = ""               # noted in the timeline; the parrot's turns are activity only
         self.frame_tokens = 258
@@ -246,6 +253,13 @@ class LiveSession:
 
     # --- setup -----------------------------------------------------------------------------
 
+    def _client_sdk(self) -> str:
+        """The google-genai version the client announces (x-goog-api-client: google-genai-sdk/1.30.0 ...)."""
+        req = self.ws.request
+        header = (req.headers.get("x-goog-api-client") or req.headers.get("user-agent") or "") if req else ""
+        m = re.search(r"google-genai-sdk/([\w.+-]+)", header)
+        return m.group(1) if m else ""
+
     def _check_key(self) -> None:
         if self.opts.api_key is None:
             return
@@ -283,7 +297,9 @@ class LiveSession:
             carried = {"carried_audio_s": round(self.restored.held.seconds, 3),
                        "carried_turns": len(self.restored.waiting)}
         self.mark("session_start", self.conv.turns, resumed=self.resumed, generation=self.generation,
-                  **({"turn_coverage": self.turn_coverage} if self.turn_coverage else {}), **carried)
+                  **({"turn_coverage": self.turn_coverage} if self.turn_coverage else {}),
+                  **({"input_transcription": self.transcription} if self.transcription else {}),
+                  **({"sdk": self._client_sdk()} if self._client_sdk() else {}), **carried)
         self._spawn(self._turn_worker())
         self._start_timers()
         for samples in self._carried_input:      # before any new input: it came earlier
@@ -327,6 +343,7 @@ class LiveSession:
         self.turn_coverage = str(ric.get("turn_coverage") or "")
         self.want_input_text = setup.get("input_audio_transcription") is not None
         self.want_output_text = setup.get("output_audio_transcription") is not None
+        self._transcription_config(setup)
         self.compression = setup.get("context_window_compression") is not None
         self.include_thoughts = bool(_obj(gen.get("thinking_config"), "setup.generation_config.thinking_config")
                                      .get("include_thoughts"))
@@ -355,6 +372,25 @@ class LiveSession:
             self._restore(self.restored)
         else:
             self.conv = self.registry.new_conversation()
+
+    def _transcription_config(self, setup: dict[str, Any]) -> None:
+        """AudioTranscriptionConfig as the service parses it: an unknown field closes 1007, as protobuf
+        JSON parsing does; customVocabulary and languageCodes must be lists of strings."""
+        for where in ("input_audio_transcription", "output_audio_transcription"):
+            cfg = _obj(setup.get(where), f"setup.{where}")
+            unknown = [k for k in cfg if k not in TRANSCRIPTION_FIELDS]
+            if unknown:
+                raise ProtocolError(f'Invalid JSON payload received. Unknown name "{wire.camel(unknown[0])}" '
+                                    f"at 'setup.{where}': Cannot find field.")
+            for name in ("language_codes", "custom_vocabulary", "adaptation_phrases"):
+                values = _list(cfg.get(name), f"setup.{where}.{name}")
+                if not all(isinstance(v, str) for v in values):
+                    raise ProtocolError(f"Invalid value at 'setup.{where}.{name}' (TYPE_STRING): expected strings.")
+        iat = _obj(setup.get("input_audio_transcription"), "setup.input_audio_transcription")
+        # The deprecated name still biases recognition; the new one wins when both come.
+        self.vocabulary = list(iat.get("custom_vocabulary") or iat.get("adaptation_phrases") or [])
+        self.transcription = {k: list(iat[k]) for k in ("language_codes", "custom_vocabulary", "adaptation_phrases")
+                              if iat.get(k)}
 
     def _declare(self, decl: dict[str, Any]) -> None:
         self.functions.append(decl["name"])
@@ -583,6 +619,9 @@ class LiveSession:
                 fps = (self.frames - 1) / max(1e-9, (self.frame_last_ns - self.frame_first_ns) / 1e9)
                 text += f", {fps:.2f} fps"
             prompt["IMAGE"] = self.frames * self.frame_tokens
+        if self.vocabulary:
+            # Stands for a listed term the user said, spelled as given (the parrot hears no words).
+            text += f', said "{self.vocabulary[(n - 1) % len(self.vocabulary)]}"'
         self.mark("speech_end", n, now, seconds=round(seconds, 3), manual=end.manual, frames=self.frames,
                   speech_stop_ns=self._arrival_of(end.last_voiced_sample), silence_ms=0 if end.manual else self.vad.silence_ms)
         self.frames = 0

@@ -57,6 +57,12 @@ def snake(key: str) -> str:
     return _CAMEL_RE.sub(lambda m: "_" + m.group(1).lower(), key)
 
 
+def camel(key: str) -> str:
+    """custom_vocabulary -> customVocabulary (how the service names a field in its errors)."""
+    head, *rest = key.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
 def normalise(value: Any) -> Any:
     """Every dict key at every nesting level to snake_case (mimeType -> mime_type)."""
     if isinstance(value, dict):

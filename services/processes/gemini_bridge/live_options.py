@@ -32,6 +32,11 @@ BUILTIN_TOOLS = ("google_search", "url_context", "code_execution")
 # What a user turn includes: 2.5 defaults to activity only, 3.x to audio activity plus every video frame.
 TURN_COVERAGES = {"activity": "TURN_INCLUDES_ONLY_ACTIVITY", "all": "TURN_INCLUDES_ALL_INPUT",
                   "activity-and-video": "TURN_INCLUDES_AUDIO_ACTIVITY_AND_ALL_VIDEO"}
+# Google documents up to 1,000 custom vocabulary terms (best results with about 100).
+VOCABULARY_MAX = 1000
+# google-genai before 2.15 refuses AudioTranscriptionConfig.language_codes with a Gemini API key
+# (ValueError at connect: "only supported in ... Agent Platform mode"); 2.15 sends it to both.
+LANGUAGE_CODES_SDK = (2, 15)
 STREAM_END_MARK = "audio_stream_end"    # audio queue marker: the user's stream paused (mute, silence)
 
 
@@ -56,6 +61,7 @@ class LiveOptions:
     seed: int | None = None
     builtin_tools: tuple[str, ...] = ()
     transcription_languages: tuple[str, ...] = ()
+    transcription_vocabulary: tuple[str, ...] = ()
     stream_end_after: float = 1.0
     context_update: str = "live"                 # live (send_context_update) | reconnect
     turn_coverage: str | None = None             # TURN_COVERAGES key
@@ -97,6 +103,10 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transcription-languages", default=_env("LIVEPIPE_TRANSCRIPTION_LANGUAGES"), metavar="CODES",
                    help="comma list of language codes for the input transcription, e.g. en-US,fr-FR "
                         "(env LIVEPIPE_TRANSCRIPTION_LANGUAGES)")
+    g.add_argument("--transcription-vocabulary", default=_env("LIVEPIPE_TRANSCRIPTION_VOCABULARY"), metavar="LIST",
+                   help="words and phrases the input transcription should recognise and spell as given (names, "
+                        "jargon): a comma list, or @FILE with one per line; sets inputAudioTranscription."
+                        "customVocabulary, google-genai >= 2.13 (env LIVEPIPE_TRANSCRIPTION_VOCABULARY)")
     g.add_argument("--context-update", default=_env("LIVEPIPE_CONTEXT_UPDATE", "live"),
                    help="how a control context_update (new system instruction / tools) is applied: live "
                         "(send_context_update on the open session) | reconnect (resume on a new connection "
@@ -137,6 +147,33 @@ def load_history(path: str) -> list[dict[str, Any]]:
 def _sdk_has(model: str, field_name: str) -> bool:
     from google.genai import types   # only when the option is used: --help stays fast
     return field_name in getattr(types, model).model_fields
+
+
+def _sdk_version() -> tuple[int, ...]:
+    import google.genai
+    return tuple(int(n) for n in re.findall(r"\d+", google.genai.__version__)[:2])
+
+
+def load_vocabulary(value: str) -> tuple[str, ...]:
+    """Terms from "a,b,c" or from @FILE (one per line; blank lines and # comments skipped), in order, once each."""
+    where = f"--transcription-vocabulary {value if len(value) <= 60 else value[:57] + '...'}"
+    if value.startswith("@"):
+        try:
+            lines = Path(value[1:]).expanduser().read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise ConfigError(f"{where}: no such file (env LIVEPIPE_TRANSCRIPTION_VOCABULARY)") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc})") from None
+        terms = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+    else:
+        terms = [t.strip() for t in value.split(",") if t.strip()]
+    terms = list(dict.fromkeys(terms))
+    if not terms:
+        raise ConfigError(f"{where}: no terms; give a comma list like \"Ilsenmoor,Wrenholt\" or @FILE with one per line")
+    if len(terms) > VOCABULARY_MAX:
+        raise ConfigError(f"{where}: {len(terms)} terms; the service takes at most {VOCABULARY_MAX} "
+                          "(Google advises about 100)")
+    return tuple(terms)
 
 
 def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions:
@@ -189,10 +226,18 @@ def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions
             if not re.match(r"^[a-zA-Z]{2,3}(-[A-Za-z0-9]{2,8})*$", c):
                 raise ConfigError(f"--transcription-languages {c!r}: not a language code like en-US "
                                   "(env LIVEPIPE_TRANSCRIPTION_LANGUAGES)")
-        if not _sdk_has("AudioTranscriptionConfig", "language_codes"):
-            raise ConfigError("--transcription-languages needs a google-genai with AudioTranscriptionConfig.language_codes: "
-                              "pip install -U google-genai")
+        if not _sdk_has("AudioTranscriptionConfig", "language_codes") or _sdk_version() < LANGUAGE_CODES_SDK:
+            raise ConfigError("--transcription-languages needs google-genai >= 2.15 (before, the SDK refuses "
+                              "AudioTranscriptionConfig.language_codes with a Gemini API key): pip install -U google-genai")
         o.transcription_languages = codes
+    if args.transcription_vocabulary:
+        o.transcription_vocabulary = load_vocabulary(args.transcription_vocabulary)
+        if not _sdk_has("AudioTranscriptionConfig", "custom_vocabulary"):
+            raise ConfigError("--transcription-vocabulary needs google-genai >= 2.13 (AudioTranscriptionConfig."
+                              "custom_vocabulary): pip install -U google-genai")
+    if (o.transcription_languages or o.transcription_vocabulary) and not s.input_transcription:
+        flag = "--transcription-vocabulary" if o.transcription_vocabulary else "--transcription-languages"
+        raise ConfigError(f"{flag} configures the input transcription, which is off: use --input-transcription on")
     o.context_update = _choice("--context-update", "LIVEPIPE_CONTEXT_UPDATE", args.context_update,
                                ("live", "reconnect"))
     o.turn_coverage = _choice("--turn-coverage", "LIVEPIPE_TURN_COVERAGE", args.turn_coverage,
@@ -228,5 +273,8 @@ def extend_live_config(cfg: dict[str, Any], s: Settings, handle: str | None) -> 
         cfg.setdefault("tools", []).extend({name: {}} for name in o.builtin_tools)
     if o.turn_coverage:
         cfg["realtime_input_config"]["turn_coverage"] = TURN_COVERAGES[o.turn_coverage]
-    if o.transcription_languages and s.input_transcription:
-        cfg["input_audio_transcription"] = {"language_codes": list(o.transcription_languages)}
+    if s.input_transcription:
+        if o.transcription_languages:
+            cfg["input_audio_transcription"]["language_codes"] = list(o.transcription_languages)
+        if o.transcription_vocabulary:
+            cfg["input_audio_transcription"]["custom_vocabulary"] = list(o.transcription_vocabulary)
