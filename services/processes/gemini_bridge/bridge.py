@@ -61,6 +61,8 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.turn_open = False
         self.turn_interrupted = False
         self.complete_owed = 0                  # turn an expected turnComplete belongs to
+        self.turn_answered = False              # the open turn has reply output (audio, text, a tool call)
+        self.reply_from: tuple[Link, int] | None = None   # (connection, last client message) when it opened
         # A reply cut by a lost connection: the resumed session answers that utterance again from
         # the start (no handle covers a generation in progress), so what it resends of the audio
         # already published is not published twice (output.py).

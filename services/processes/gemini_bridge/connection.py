@@ -173,6 +173,7 @@ class ConnectionSide:
             raise
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
+        link.resumed = self.handle is not None
         await self._seed_history(link)   # a new session's --history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))
@@ -249,9 +250,10 @@ class ConnectionSide:
             closed.cancel()
             done.cancel()
 
-    def _replay_from(self, old: Link) -> None:
-        """Queue again, ahead of what was held, the audio the resumed state does not cover."""
-        items = [item for _, item, _ in old.replay]
+    def _replay_from(self, old: Link, fresh: bool = False) -> None:
+        """Queue again, ahead of what was held, the audio the next session has not heard: beyond
+        what the handle covers when it resumed; for a fresh session, all that was not answered."""
+        items = old.to_send_again(fresh)
         old.replay.clear()
         if not items:
             return
@@ -260,14 +262,15 @@ class ConnectionSide:
         self.audio_q_bytes += replayed
         self.svc.metrics["audio_in_replayed_ms"] = (self.svc.metrics.get("audio_in_replayed_ms", 0)
                                                     + replayed * 1000 // BYTES_PER_SECOND_IN)
-        log.info("sending again %d ms of audio the resumed session has not heard",
-                 replayed * 1000 // BYTES_PER_SECOND_IN)
+        log.info("sending again %d ms of audio the %s session has not heard%s",
+                 replayed * 1000 // BYTES_PER_SECOND_IN, "fresh" if fresh else "resumed",
+                 " (nor answered)" if fresh else "")
 
     async def _replace(self, old: Link, why: str) -> None:
         old.retired = True
         self._end_cut_turn()
         new = await self._connect(why)
-        self._replay_from(old)
+        self._replay_from(old, fresh=not new.resumed)
         self._install(new)
         asyncio.create_task(old.close())
         if old.last_audio_sent:
