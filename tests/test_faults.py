@@ -406,7 +406,8 @@ def test_a_fresh_session_after_an_emulator_restart_hears_what_was_not_answered_a
         live_factory, bus_env):  # noqa: F811
     """Each emulator restart loses its sessions, so the bridge's resumption is refused and a fresh
     session starts: it must not be sent a line the model already answered (it would answer it
-    twice), and it must get whole a line said but not answered yet, even one a handle had covered."""
+    twice), and it must get whole a line said but not answered yet, even one a handle had covered;
+    it starts with the conversation so far as its history."""
     from tests.bridge_support import assert_reply_is, silence, speech, turn_completed
     a, c = speech("Good morning"), speech("What is the weather like today")
     b = speech("Please tell me a long story about a cat and a dog")
@@ -422,16 +423,23 @@ def test_a_fresh_session_after_an_emulator_restart_hears_what_was_not_answered_a
     rig.say(b, pace=1.0)
     rig.rec.until(turn_completed(2), 10, "the reply to C")
     heard2 = [e["seconds"] for e in rig.emu.timeline()[mark:] if e["event"] == "speech_end"]
+    seeded2 = [e["texts"] for e in rig.emu.timeline()[mark:] if e["event"] == "history"]
     mark = _restart_emulator(rig, bus_env, "--pace", "0")
     rig.say(silence(0.8))      # B ends: the next session closes it
     rig.rec.until(turn_completed(3), 20, "a reply on the third emulator")
     heard3 = [e["seconds"] for e in rig.emu.timeline()[mark:] if e["event"] == "speech_end"]
+    seeded3 = [e["texts"] for e in rig.emu.timeline()[mark:] if e["event"] == "history"]
     print("FRESH-SESSION", {"session2_utterances_s": heard2, "session3_utterances_s": heard3})
     assert len(heard2) == 1, f"the second session heard {heard2} (A again, then C?)"
     assert len(heard3) == 1, f"the third session heard {heard3}"
     assert_reply_is(rig.reply(3), b)
     voiced = np.flatnonzero(np.abs(b) > 300)
     assert heard3[0] >= 0.9 * (voiced[-1] - voiced[0]) / 16000, f"B reached it cut: {heard3[0]} s"
+    # Not amnesia either (issue 16): each fresh session starts with the conversation so far as its
+    # history, the words the bus showed for the answered turns (B, not answered, is heard instead).
+    said = [m["text"] for t in (1, 2) for role in ("user", "model")
+            for m in rig.rec.select("transcript", "transcript", turn=t, role=role)]
+    assert seeded2 == [said[:2]] and seeded3 == [said], (seeded2, seeded3, said)
     out, err = rig.close()
     assert "sending again" in err and "fresh session" in err, err
 

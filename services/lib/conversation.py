@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from livepipe.bus.config import ConfigError
 from livepipe.bus.message import Message
 
 READY_LINE = "ready, speak now"
@@ -35,6 +36,24 @@ def join_pieces(pieces: list[str]) -> str:
             out += " "
         out += p
     return " ".join(out.split())
+
+
+def parse_history(data: Any, where: str) -> list[dict[str, Any]]:
+    """Turns [{"role": "user"|"model", "text": "..."} or {"role", "parts": [{"text": ...}]}] as Content
+    dicts [{"role", "parts": [{"text"}]}]; ConfigError saying what is wrong (from a file or the bus)."""
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{where}: expected a non-empty list of turns like {{\"role\": \"user\", \"text\": \"...\"}}")
+    turns = []
+    for i, t in enumerate(data):
+        role = t.get("role") if isinstance(t, dict) else None
+        if role not in ("user", "model"):
+            raise ConfigError(f"{where}: turn {i} needs \"role\": \"user\" or \"model\"")
+        parts = t.get("parts", [{"text": t.get("text")}])
+        if not isinstance(parts, list) or not parts or not all(
+                isinstance(q, dict) and isinstance(q.get("text"), str) and q["text"] for q in parts):
+            raise ConfigError(f"{where}: turn {i} needs a non-empty \"text\" (or \"parts\": [{{\"text\": ...}}])")
+        turns.append({"role": role, "parts": [{"text": q["text"]} for q in parts]})
+    return turns
 
 
 def turn_line(turn: int, role: str, text: str) -> str:

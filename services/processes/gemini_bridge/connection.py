@@ -164,8 +164,10 @@ class ConnectionSide:
         client = await self._client()
         stack = contextlib.AsyncExitStack()
         self.setup_tools = list(self.s.tools or [])   # announced functions may change while it connects
+        handle = self._resume_handle()
+        history = [] if handle else self._history_to_seed()    # a new session: --history / bus, then what was said
         try:
-            cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, self.handle))
+            cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, handle, bool(history)))
             session = await asyncio.wait_for(stack.enter_async_context(cm), self.s.connect_timeout)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -173,19 +175,27 @@ class ConnectionSide:
             raise
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
-        link.resumed = self.handle is not None
-        await self._seed_history(link)   # a new session's --history goes first (signals.py)
+        link.resumed = handle is not None
+        self.fresh_next = False
+        if not link.resumed:
+            self.session_turns_from = self.turn
+        await self._seed_history(link, history)   # a new session's history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))
         self.svc.metrics["connections"] = self.links_opened
         return link
+
+    def _resume_handle(self) -> str | None:
+        """The handle the next connection resumes with: none when a new session is wanted (history
+        from the bus for a session that has not begun) or none was given."""
+        return None if self.fresh_next else self.handle
 
     async def _connect(self, why: str) -> Link:
         """Open a connection (resuming when we hold a handle), retrying transient failures with backoff."""
         delay = 0.2
         fresh_retry_used = False
         while True:
-            resuming = self.handle is not None
+            resuming = self._resume_handle() is not None
             self.publish_state("resuming" if resuming else "connecting", why)
             try:
                 link = await self._open_link()

@@ -109,6 +109,7 @@ class OutputSide:
         turn = self.turn if (self.turn_open and not self.turn_interrupted) else self.turn + 1
         fields = {"final": True} if tr.finished else {}
         self.svc.publish("transcript", "transcript", role="user", text=tr.text, turn=turn, **fields)
+        self._remember("user", tr.text, turn)
 
     def _on_model_turn(self, content: Any) -> None:
         for part in content.parts:
@@ -120,6 +121,7 @@ class OutputSide:
                 self.turn_answered = True
                 if not self.turn_interrupted:
                     self.svc.publish("transcript", "transcript", role="model", text=part.text, turn=turn)
+                    self._remember("model", part.text, turn)
 
     def _on_output_transcription(self, tr: Any) -> None:
         if self.turn_open and self.turn_interrupted:
@@ -128,12 +130,14 @@ class OutputSide:
         self.turn_answered = True
         fields = {"final": True} if tr.finished else {}
         self.svc.publish("transcript", "transcript", role="model", text=tr.text, turn=turn, **fields)
+        self._remember("model", tr.text, turn)
 
     def _on_turn_complete(self, usage: Any) -> None:
         turn = self.complete_owed if (not self.turn_open and self.complete_owed) else self._open_turn()
         self.complete_owed = 0
         fields = {"usage": self._usage(usage)} if usage is not None else {}
         self.svc.publish("control", "turn_complete", turn=turn, **fields)
+        self._remembered_done(turn)
         if self.turn_open and self.turn_answered and not self.turn_interrupted:
             self._forget_answered()
         self._close_turn()
