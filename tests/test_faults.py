@@ -79,7 +79,10 @@ def test_a_forged_interrupt_with_a_huge_turn_mutes_nothing_that_follows(bus_env,
 def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factory, bus_env, listener):  # noqa: F811
     rig = live_factory(bridge_args=("--backend", "emulator"))
     player = start_playback(["--null"], bus_env, listener)
+    # `transcript` keeps the conversation: the restarted bridge's session starts with it (issue 16).
+    keeper = spawn(["transcript", "--no-meter"], bus_env)
     try:
+        assert keeper.stdout.readline().startswith("waiting for")     # on the bus
         playback_metrics(listener, 15)   # its first heartbeat: its bus path is live (the rig's recorder
         rig.pub.wait_subscriber("text.in")   # subscribes to everything, so has_subscriber says nothing)
         for turn in (1, 2):
@@ -101,8 +104,12 @@ def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factor
         assert finished["played_ms"] > 100 and not finished["interrupted"]
         assert started["first_sample_ts"] < finished["silent_ts"]
         assert playback_metrics(listener).get("audio_dropped") == 0
+        replies = [m["text"] for m in rig.rec.messages[:n_before] if m.topic == "transcript" and m["role"] == "model"]
+        seeded = rig.emu.events("history")
+        assert len(seeded) == 1 and seeded[0]["texts"] == [" ".join(replies)], (seeded, replies)
     finally:
         stop(player)
+        stop(keeper)
 
 
 # ---------------------------------------------------------------- 2. decompression bomb

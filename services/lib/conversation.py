@@ -16,6 +16,7 @@ interrupted), so each line shows once, whole.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ READY_LINE = "ready, speak now"
 REASONS = {"barge-in": "the user spoke over the model"}   # control: interrupt reasons, in words
 METER_WIDTH = 20                   # characters of the level bar
 METER_FLOOR_DBFS = -60.0           # an empty bar
+HISTORY_TURNS, HISTORY_CHARS = 40, 8000   # what a `control: history` answer carries, at most
 
 
 def join_pieces(pieces: list[str]) -> str:
@@ -86,6 +88,7 @@ class Conversation:
     muted: bool = False
     _heard_session: bool = False           # session messages seen: heartbeats (a second late) no longer decide
     _pending: dict[tuple[int, str], list[str]] = field(default_factory=dict)   # (turn, role) -> pieces
+    said: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=4 * HISTORY_TURNS))   # (role, text)
 
     def feed(self, msg: Message) -> list[str]:
         topic, kind = msg.topic, msg.kind
@@ -135,6 +138,20 @@ class Conversation:
             return [line for line in lines if line.startswith("turn ")]
         return lines
 
+    def history(self) -> list[dict[str, str]]:
+        """The conversation's finished lines as history turns [{"role", "text"}] (the latest
+        HISTORY_TURNS, at most HISTORY_CHARS characters), for a `control: history` answer."""
+        turns: list[dict[str, str]] = []
+        for role, text in self.said:
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["text"] += " " + text
+            else:
+                turns.append({"role": role, "text": text})
+        turns = turns[-HISTORY_TURNS:]
+        while turns and sum(len(t["text"]) for t in turns) > HISTORY_CHARS:
+            del turns[0]
+        return turns
+
     def flush(self) -> list[str]:
         """Every line still pending (at exit)."""
         return self._flush(lambda t, r: True)
@@ -167,6 +184,8 @@ class Conversation:
             text = join_pieces(self._pending.pop(key))
             if text:
                 lines.append(turn_line(key[0], key[1], text))
+                if key[1] in ("user", "model"):
+                    self.said.append((key[1], text))
         return lines
 
 

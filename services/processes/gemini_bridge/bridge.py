@@ -34,9 +34,9 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.handle: str | None = None
         self.handle_event = asyncio.Event()     # set on every new resumption handle
         self.fresh_next = False                 # the next connection starts a new session (bus history)
-        # Continuity (issue 16): what a fresh session (resumption refused) is seeded with: the
-        # history given (--history, or control history from the bus), then the conversation since.
-        self.base_history: list[dict[str, Any]] = list(s.live.history or [])
+        # Continuity (issue 16): what a new session is seeded with: --history, the conversation
+        # from the bus (control history), then what was said since.
+        self.bus_history: list[dict[str, Any]] = []
         self.memory: list[dict[str, Any]] = []  # {"role", "pieces", "turn", "done"} as published on transcript
         self.session_turns_from = 0             # self.turn when the current session began
         self._gap_from = 0.0                    # last audio write on a replaced connection

@@ -290,6 +290,9 @@ class ConnectionSide:
 
     async def supervise(self) -> None:
         self._install(await self._connect("starting"))
+        # A restarted bridge remembers nothing: a process that kept the conversation (`livepipe
+        # transcript`) answers with control history, and a session with nothing said yet restarts with it.
+        self.svc.publish("control", "history_query")
         while True:
             await self.wake.wait()
             self.wake.clear()

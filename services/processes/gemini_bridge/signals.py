@@ -78,8 +78,8 @@ class SignalSide:
                 break
 
     def _history_to_seed(self) -> list[dict[str, Any]]:
-        """What a new session starts with: the history given (--history or control history), then
-        the latest --history-turns turns of the conversation since, at most MAX_MEMORY_CHARS."""
+        """What a new session starts with: --history, the conversation from the bus (control
+        history), then the latest --history-turns turns said since, at most MAX_MEMORY_CHARS."""
         said: list[dict[str, Any]] = []
         for m in self.memory:
             text = join_pieces(m["pieces"])
@@ -92,12 +92,12 @@ class SignalSide:
         said = said[-self.s.live.history_turns:] if self.s.live.history_turns > 0 else []
         while said and sum(len(t["parts"][0]["text"]) for t in said) > MAX_MEMORY_CHARS:
             del said[0]
-        return [*self.base_history, *said]
+        return [*(self.s.live.history or []), *self.bus_history, *said]
 
     def _bus_history(self, msg: Message) -> None:
-        """control history: the history the next new session starts with (it replaces --history and
-        the conversation remembered so far). Applied at once when the session has had no turn yet
-        (a bridge just restarted); otherwise at the next fresh session."""
+        """control history: the conversation the next new session starts with, after --history (it
+        replaces what the bridge remembered). Applied at once when the session has had no turn yet
+        (a bridge just restarted); otherwise at the next new session."""
         try:
             turns = parse_history(msg["turns"], f"control history from {msg['src']}")
             chars = sum(len(p["text"]) for t in turns for p in t["parts"])
@@ -108,7 +108,7 @@ class SignalSide:
             self.svc.metrics["history_rejected"] = self.svc.metrics.get("history_rejected", 0) + 1
             self.svc.ratelog.warning("history", f"{exc}: ignored")
             return
-        self.base_history = turns
+        self.bus_history = turns
         self.memory.clear()
         self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
         link = self.link
