@@ -312,10 +312,11 @@ class ConnectionSide:
                 budget = max(0.5, min(5.0, link.go_away_ms / 1000 - 1.0))
                 await self._finish_turn_on(link, budget)
                 waited_ms = (time.monotonic() - t0) * 1000
-                if not self.handle:
-                    log.warning("goAway without a resumption handle: the next connection starts a fresh session")
-                await self._replace(link, f"goAway, {link.go_away_ms} ms left")
+                why = link.replace_why or "the goAway"
+                if not self.handle and not self.fresh_next:   # (fresh_next: a new session is wanted)
+                    log.warning("%s without a resumption handle: the next connection starts a fresh session", why)
+                await self._replace(link, link.replace_why or f"goAway, {link.go_away_ms} ms left")
                 self.svc.metrics["switchover_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                log.info("switched to connection %d %.0f ms after the goAway (%.0f ms of it letting the "
-                         "model finish its turn)", self.link.number, self.svc.metrics["switchover_ms"], waited_ms)
+                log.info("switched to connection %d %.0f ms after %s (%.0f ms of it letting the model finish "
+                         "its turn)", self.link.number, self.svc.metrics["switchover_ms"], why, waited_ms)
 

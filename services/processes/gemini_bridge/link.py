@@ -35,6 +35,7 @@ class Link:
         self.closed = asyncio.Event()
         self.error: BaseException | None = None
         self.go_away_ms: int | None = None
+        self.replace_why = ""                   # replaced on our own initiative (not a goAway): why
         self.retired = False                    # replaced: whatever it still says is ignored
         self.opened = time.monotonic()
         # Client messages are numbered as the service counts them (setup = 0). Audio sent and not yet

@@ -118,7 +118,7 @@ class SignalSide:
             return
         # Nothing said yet in this session: start a new one seeded with it (unanswered audio is sent again).
         self.fresh_next = True
-        link.go_away_ms = 1500
+        link.go_away_ms, link.replace_why = 1500, f"a new session with the history from {msg['src']}"
         self.go_away_at = time.monotonic()
         self.link_ready.clear()
         self.wake.set()
@@ -203,7 +203,7 @@ class SignalSide:
         if link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
             return      # a connection is being replaced anyway: the next one has the new settings
         # The goAway switch: let the current turn finish, resume with the handle, resend what it missed.
-        link.go_away_ms = 1500
+        link.go_away_ms, link.replace_why = 1500, "applying a context update"
         self.go_away_at = time.monotonic()
         self.link_ready.clear()
         self.wake.set()
