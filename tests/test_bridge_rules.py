@@ -205,6 +205,17 @@ def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answer
     again = np.frombuffer(b"".join(lk.to_send_again(fresh=True)), "<i2")
     b_start = np.flatnonzero(np.abs(pcm[a_end:]) > 300)[0] + a_end
     assert a_end - 320 * 3 <= len(pcm) - len(again) <= b_start   # A is not sent again; all of B is
+    # --vad off: the activityStart/End the bridge sent say where each utterance is.
+    bridge.s.vad = False
+    lk = link(2)
+    bridge.link = lk
+    from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END as end, ACTIVITY_START as start
+    items = [start, chunks[0], chunks[1], end, chunks[2], start, chunks[3]]
+    for item in items:
+        lk.sent_audio(lk.next_index(), item, limit)
+    bridge.on_server_message(lk, audio())
+    bridge.on_server_message(lk, content(turn_complete=True))
+    assert lk.to_send_again(fresh=True) == [start, chunks[3]]
 
 
 def test_a_tool_call_without_a_handler_or_a_result_gets_an_error_response(rig) -> None:

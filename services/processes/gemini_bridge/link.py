@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
-from livepipe.services.processes.gemini_bridge.settings import NAME
+from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, ACTIVITY_START, NAME
 
 log = logging.getLogger(NAME)
 def parse_duration_ms(text: str | None) -> int:
@@ -69,17 +69,25 @@ class Link:
             last_index = max((i for i, _, t in self.replay if t < horizon), default=self.covered_index)
         self.covered_index = max(self.covered_index, last_index)
 
-    def answered(self, upto_index: int, silence_bytes: int) -> int:
+    def answered(self, upto_index: int, silence_bytes: int, markers: bool = False) -> int:
         """A model turn completed whose reply began after client message `upto_index`: the audio sent
         up to there was heard and answered, except speech still going on when the reply began (no
         `silence_bytes` of silence after it: the service's VAD had not closed it, so it is a new
-        utterance). Forgets the answered audio; returns how many bytes."""
+        utterance; with `markers` (--vad off) the activityStart/End sent say where speech is).
+        Forgets the answered audio; returns how many bytes."""
         cut = 0          # entries before this position are answered
         quiet = silence_bytes
+        inside = False   # markers: between an activityStart and its activityEnd
         framer = VoiceFramer(16000, 30, 2, floor_rms=rms_of_dbfs(-50))   # webrtcvad: room noise is not speech
         for pos, (index, item, _) in enumerate(self.replay):
             if index > upto_index:
                 break
+            if markers:
+                if item == ACTIVITY_START:
+                    inside, cut = True, pos
+                elif item == ACTIVITY_END or not inside:
+                    inside, cut = False, pos + 1
+                continue
             if not isinstance(item, bytes):
                 continue
             if any(voiced for _, _, voiced in framer.feed(np.frombuffer(item, "<i2"))):

@@ -149,7 +149,7 @@ class OutputSide:
         if link is None or link is not self.link or link.retired:
             return
         silence = (self.s.vad_silence_ms or 500) * BYTES_PER_SECOND_IN // 1000
-        link.answered(index, silence)
+        link.answered(index, silence, markers=not self.s.vad)
 
     def _model_audio(self, data: bytes, mime: str) -> None:
         m = re.search(r"rate=(\d+)", mime)
