@@ -39,6 +39,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.bus_history: list[dict[str, Any]] = []
         self.memory: list[dict[str, Any]] = []  # {"role", "pieces", "turn", "done"} as published on transcript
         self.session_turns_from = 0             # self.turn when the current session began
+        self.session_texts_from = 0             # texts sent before it began (typed text is not sent again)
         self._gap_from = 0.0                    # last audio write on a replaced connection
         self._clients: dict[tuple[str, str], Any] = {}
         # input side

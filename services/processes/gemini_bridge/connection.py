@@ -178,7 +178,7 @@ class ConnectionSide:
         link.resumed = handle is not None
         self.fresh_next = False
         if not link.resumed:
-            self.session_turns_from = self.turn
+            self.session_turns_from, self.session_texts_from = self.turn, self.svc.metrics["text_sent"]
         await self._seed_history(link, history)   # a new session's history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))
@@ -289,10 +289,12 @@ class ConnectionSide:
             self._gap_from = old.last_audio_sent
 
     async def supervise(self) -> None:
-        self._install(await self._connect("starting"))
         # A restarted bridge remembers nothing: a process that kept the conversation (`livepipe
-        # transcript`) answers with control history, and a session with nothing said yet restarts with it.
+        # transcript`) answers with control history. Asked before connecting (the SDK import and the
+        # handshake take longer than the answer), so the first session usually starts with it; else a
+        # session with nothing said yet is replaced by one that does (signals.py).
         self.svc.publish("control", "history_query")
+        self._install(await self._connect("starting"))
         while True:
             await self.wake.wait()
             self.wake.clear()

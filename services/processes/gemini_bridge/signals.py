@@ -112,7 +112,9 @@ class SignalSide:
         self.memory.clear()
         self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
         link = self.link
-        begun = self.turn_open or self.turn != self.session_turns_from
+        # Audio not answered is sent again to a new session; typed text is not: a text sent counts.
+        begun = (self.turn_open or self.turn != self.session_turns_from
+                 or self.svc.metrics["text_sent"] != self.session_texts_from)
         if begun or link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
             log.info("history of %d turns from %s: kept for the next new session", len(turns), msg["src"])
             return
