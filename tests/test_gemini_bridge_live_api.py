@@ -217,7 +217,7 @@ def test_history_from_the_bus_starts_the_session_and_a_fresh_session_keeps_the_c
     reply2 = [m["text"] for m in rig.rec.select("transcript", "transcript", turn=2, role="model")]
     assert seeded[0]["texts"] == ["I live in Paris.", "Paris is lovely.", "Where do I live?", *reply2]
     out, err = rig.close()
-    assert "starting a new session with it" in err and "kept for the next new session" in err
+    assert err.count("nothing said yet: starting a new session with the history from the bus") == 1, err
     assert err.count("control history from test-pub: turn 0 needs") == 1, err
 
 

@@ -37,6 +37,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         # Continuity (issue 16): what a new session is seeded with: --history, the conversation
         # from the bus (control history), then what was said since.
         self.bus_history: list[dict[str, Any]] = []
+        self.history_version = 0                # counts control history messages taken
         self.memory: list[dict[str, Any]] = []  # {"role", "pieces", "turn", "done"} as published on transcript
         self.session_turns_from = 0             # self.turn when the current session began
         self.session_texts_from = 0             # texts sent before it began (typed text is not sent again)

@@ -166,6 +166,7 @@ class ConnectionSide:
         self.setup_tools = list(self.s.tools or [])   # announced functions may change while it connects
         handle = self._resume_handle()
         history = [] if handle else self._history_to_seed()    # a new session: --history / bus, then what was said
+        version = self.history_version      # a bus history arriving while this connects: _install sees it
         try:
             cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, handle, bool(history)))
             session = await asyncio.wait_for(stack.enter_async_context(cm), self.s.connect_timeout)
@@ -176,6 +177,7 @@ class ConnectionSide:
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
         link.resumed = handle is not None
+        link.history_version = version
         self.fresh_next = False
         if not link.resumed:
             self.session_turns_from, self.session_texts_from = self.turn, self.svc.metrics["text_sent"]
@@ -231,6 +233,7 @@ class ConnectionSide:
         self.events_event.set()
         if (self.s.tools or []) != self.setup_tools:   # functions announced or withdrawn meanwhile (tools.py)
             self._push_context(None, list(self.s.tools or []))
+        self._apply_history_now()   # a bus history that came while it connected (signals.py)
 
     def _end_cut_turn(self) -> None:
         """A model turn the old connection will not finish: close it for the bus."""

@@ -48,6 +48,7 @@ class Link:
         self.covered_index = 0
         self.last_audio_sent = 0.0
         self.resumed = False                    # opened with a resumption handle the service accepted
+        self.history_version = 0                # the bus history it began with (Bridge.history_version)
 
     def next_index(self) -> int:
         self.sent_index += 1

@@ -111,20 +111,29 @@ class SignalSide:
         self.bus_history = turns
         self.memory.clear()
         self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
+        self.history_version += 1
+        log.info("history of %d turns from %s: for the next new session", len(turns), msg["src"])
+        self._apply_history_now()
+
+    def _apply_history_now(self) -> None:
+        """A new session with the bus history, if the current one started without it and nothing
+        was said in it yet (a bridge just restarted). Called on the history and on every new connection."""
         link = self.link
-        # Audio not answered is sent again to a new session; typed text is not: a text sent counts.
-        begun = (self.turn_open or self.turn != self.session_turns_from
-                 or self.svc.metrics["text_sent"] != self.session_texts_from)
-        if begun or link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
-            log.info("history of %d turns from %s: kept for the next new session", len(turns), msg["src"])
+        if link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
+            return      # connecting: _install calls this again
+        if link.history_version == self.history_version:
             return
-        # Nothing said yet in this session: start a new one seeded with it (unanswered audio is sent again).
+        # Audio not answered is sent again to a new session; typed text is not: a text sent counts.
+        if (self.turn_open or self.turn != self.session_turns_from
+                or self.svc.metrics["text_sent"] != self.session_texts_from):
+            link.history_version = self.history_version   # begun: the next new session has it
+            return
         self.fresh_next = True
-        link.go_away_ms, link.replace_why = 1500, f"a new session with the history from {msg['src']}"
+        link.go_away_ms, link.replace_why = 1500, "a new session with the history from the bus"
         self.go_away_at = time.monotonic()
         self.link_ready.clear()
         self.wake.set()
-        log.info("history of %d turns from %s: starting a new session with it", len(turns), msg["src"])
+        log.info("nothing said yet: starting a new session with the history from the bus")
 
     def _result_options(self, msg: Message) -> dict[str, Any] | None:
         """scheduling / will_continue of a tool.result, for the FunctionResponse; None (counted, one
