@@ -106,6 +106,11 @@ CONTROL = _declare(Topic("control", "control", {
     "go_away": Kind(required={"time_left_ms": INT}),
     # new system instruction and/or tools (function declarations) for the live session
     "context_update": Kind(optional={"system_instruction": STR, "tools": LIST}),
+    # the history a new live session starts with: turns [{"role": "user"|"model", "text": ...}]
+    # (`livepipe update --history FILE`); at once if the session has had no turn, else the next new one
+    "history": Kind(required={"turns": LIST}),
+    # a (re)started bridge asks whoever keeps the conversation (`livepipe transcript`) for its history
+    "history_query": Kind(),
     # the service's own voice activity detection: the user started / stopped speaking
     "voice_activity": Kind(required={"state": STR}, optional={"offset_ms": INT}),
     # what the service says of a turn: turnCompleteReason, waitingForInput, interactionStatus

@@ -19,7 +19,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("livepipe.services.tools.export", "write an audio topic of a recording as WAV"),
     "say": ("livepipe.services.tools.say", "publish a line of text on text.in"),
     "transcript": ("livepipe.services.tools.transcript", "the conversation in the terminal: ready, transcripts, interrupts, mic level"),
-    "update": ("livepipe.services.tools.update", "new system instruction / tools for the live model session"),
+    "update": ("livepipe.services.tools.update", "new system instruction / tools / history for the live model session"),
     "emulator": ("livepipe.services.processes.emulator", "a local Live API emulator (the default backend with no key)"),
     "gemini-bridge": ("livepipe.services.processes.gemini_bridge", "the Live API session on the bus"),
     "capture-audio": ("livepipe.services.processes.capture_audio", "microphone or WAV file -> audio.in"),

@@ -10,6 +10,7 @@ import asyncio
 import itertools
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import zmq
 from google.genai import types
@@ -181,6 +182,40 @@ def test_after_a_switchover_exactly_the_audio_the_handle_does_not_cover_is_sent_
     bridge._replay_from(old)
     assert list(bridge.audio_q) == [chunks[4], chunks[5], b"\x09" * 640]
     assert bridge.svc.metrics["audio_in_replayed_ms"] == 2 * 640 * 1000 // gb.BYTES_PER_SECOND_IN
+
+
+def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answered_line(rig) -> None:
+    # A (answered), its closing silence, then B begun before the reply arrived: once the turn
+    # completes A is forgotten; B stays whole for a fresh session even after a handle covered it.
+    from tests.bridge_support import silence, speech
+    bridge, _ = rig
+    lk = link()
+    bridge.link = lk
+    limit = 30 * gb.BYTES_PER_SECOND_IN
+    pcm = np.concatenate([speech("Good morning"), silence(0.8), speech("Tell me a story")])
+    a_end = len(speech("Good morning")) + len(silence(0.8))
+    chunks = [pcm[i:i + 320].tobytes() for i in range(0, len(pcm), 320)]
+    for chunk in chunks:
+        lk.sent_audio(lk.next_index(), chunk, limit)
+    bridge.on_server_message(lk, audio())                      # the reply to A begins (B under way)
+    bridge.on_server_message(lk, content(turn_complete=True))
+    bridge.on_server_message(lk, types.LiveServerMessage(session_resumption_update=types.LiveServerSessionResumptionUpdate(
+        new_handle="h2", resumable=True, last_consumed_client_message_index=len(chunks))))
+    assert lk.to_send_again(fresh=False) == []                 # resumed: the handle covers it all
+    again = np.frombuffer(b"".join(lk.to_send_again(fresh=True)), "<i2")
+    b_start = np.flatnonzero(np.abs(pcm[a_end:]) > 300)[0] + a_end
+    assert a_end - 320 * 3 <= len(pcm) - len(again) <= b_start   # A is not sent again; all of B is
+    # --vad off: the activityStart/End the bridge sent say where each utterance is.
+    bridge.s.vad = False
+    lk = link(2)
+    bridge.link = lk
+    from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END as end, ACTIVITY_START as start
+    items = [start, chunks[0], chunks[1], end, chunks[2], start, chunks[3]]
+    for item in items:
+        lk.sent_audio(lk.next_index(), item, limit)
+    bridge.on_server_message(lk, audio())
+    bridge.on_server_message(lk, content(turn_complete=True))
+    assert lk.to_send_again(fresh=True) == [start, chunks[3]]
 
 
 def test_a_tool_call_without_a_handler_or_a_result_gets_an_error_response(rig) -> None:

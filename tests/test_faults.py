@@ -79,7 +79,10 @@ def test_a_forged_interrupt_with_a_huge_turn_mutes_nothing_that_follows(bus_env,
 def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factory, bus_env, listener):  # noqa: F811
     rig = live_factory(bridge_args=("--backend", "emulator"))
     player = start_playback(["--null"], bus_env, listener)
+    # `transcript` keeps the conversation: the restarted bridge's session starts with it (issue 16).
+    keeper = spawn(["transcript", "--no-meter"], bus_env)
     try:
+        assert keeper.stdout.readline().startswith("waiting for")     # on the bus
         playback_metrics(listener, 15)   # its first heartbeat: its bus path is live (the rig's recorder
         rig.pub.wait_subscriber("text.in")   # subscribes to everything, so has_subscriber says nothing)
         for turn in (1, 2):
@@ -101,8 +104,12 @@ def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factor
         assert finished["played_ms"] > 100 and not finished["interrupted"]
         assert started["first_sample_ts"] < finished["silent_ts"]
         assert playback_metrics(listener).get("audio_dropped") == 0
+        replies = [m["text"] for m in rig.rec.messages[:n_before] if m.topic == "transcript" and m["role"] == "model"]
+        seeded = rig.emu.events("history")
+        assert len(seeded) == 1 and seeded[0]["texts"] == [" ".join(replies)], (seeded, replies)
     finally:
         stop(player)
+        stop(keeper)
 
 
 # ---------------------------------------------------------------- 2. decompression bomb
@@ -390,6 +397,58 @@ def test_a_stale_emulator_json_is_not_dialled(bus_env, bus_cfg, tmp_path):
         rec.close()
     assert err.count("is stale (process %d is gone)" % info["pid"]) == 1, err
     assert "cannot connect" not in err, err
+
+
+def _restart_emulator(rig, bus_env, *args: str) -> int:
+    """SIGKILL the rig's emulator (its sessions are lost) and start a new one; returns where the new
+    one's lines begin in the shared timeline."""
+    rig.emu.proc.send_signal(signal.SIGKILL)
+    rig.emu.proc.wait(5)
+    start = len(rig.emu.timeline())
+    rig.emu = Emulator(bus_env, "--latency", "0.05", *args)
+    return start
+
+
+def test_a_fresh_session_after_an_emulator_restart_hears_what_was_not_answered_and_only_that(
+        live_factory, bus_env):  # noqa: F811
+    """Each emulator restart loses its sessions, so the bridge's resumption is refused and a fresh
+    session starts: it must not be sent a line the model already answered (it would answer it
+    twice), and it must get whole a line said but not answered yet, even one a handle had covered;
+    it starts with the conversation so far as its history."""
+    from tests.bridge_support import assert_reply_is, silence, speech, turn_completed
+    a, c = speech("Good morning"), speech("What is the weather like today")
+    b = speech("Please tell me a long story about a cat and a dog")
+    rig = live_factory(emulator_args=("--pace", "0"), bridge_args=("--barge-in", "off", "--stream-end-after", "0"))
+    # A, published faster than real time (a replayed file, a flushed buffer) and answered at once.
+    rig.say(np.concatenate([a, silence(0.8)]))
+    rig.reply(1)
+    mark = _restart_emulator(rig, bus_env, "--pace", "0", "--latency", "1.0")
+    rig.rec.until(lambda ms: sum(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
+                                 for m in ms) >= 2, 20, "a fresh session on the new emulator")
+    # C answered (after 1 s) while B is being said: the handle after C's reply covers B's start.
+    rig.say(np.concatenate([c, silence(0.8)]))
+    rig.say(b, pace=1.0)
+    rig.rec.until(turn_completed(2), 10, "the reply to C")
+    heard2 = [e["seconds"] for e in rig.emu.timeline()[mark:] if e["event"] == "speech_end"]
+    seeded2 = [e["texts"] for e in rig.emu.timeline()[mark:] if e["event"] == "history"]
+    mark = _restart_emulator(rig, bus_env, "--pace", "0")
+    rig.say(silence(0.8))      # B ends: the next session closes it
+    rig.rec.until(turn_completed(3), 20, "a reply on the third emulator")
+    heard3 = [e["seconds"] for e in rig.emu.timeline()[mark:] if e["event"] == "speech_end"]
+    seeded3 = [e["texts"] for e in rig.emu.timeline()[mark:] if e["event"] == "history"]
+    print("FRESH-SESSION", {"session2_utterances_s": heard2, "session3_utterances_s": heard3})
+    assert len(heard2) == 1, f"the second session heard {heard2} (A again, then C?)"
+    assert len(heard3) == 1, f"the third session heard {heard3}"
+    assert_reply_is(rig.reply(3), b)
+    voiced = np.flatnonzero(np.abs(b) > 300)
+    assert heard3[0] >= 0.9 * (voiced[-1] - voiced[0]) / 16000, f"B reached it cut: {heard3[0]} s"
+    # Not amnesia either (issue 16): each fresh session starts with the conversation so far as its
+    # history, the words the bus showed for the answered turns (B, not answered, is heard instead).
+    said = [m["text"] for t in (1, 2) for role in ("user", "model")
+            for m in rig.rec.select("transcript", "transcript", turn=t, role=role)]
+    assert seeded2 == [said[:2]] and seeded3 == [said], (seeded2, seeded3, said)
+    out, err = rig.close()
+    assert "sending again" in err and "fresh session" in err, err
 
 
 def test_a_restarted_file_playback_continues_the_record(bus_env, listener, tmp_path):

@@ -199,6 +199,40 @@ def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bu
     assert _update(bus_env, "--system-instruction", "").returncode == 2   # bad input: one line, nothing sent
 
 
+def test_history_from_the_bus_starts_the_session_and_a_fresh_session_keeps_the_conversation(live_factory, bus_env,
+                                                                                             tmp_path):
+    """control history (`livepipe update --history`): a session with nothing said yet is replaced by
+    one seeded with it; later, kept for the next new session, which also gets what was said since."""
+    import signal
+
+    from tests.bridge_support import Emulator
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps([{"role": "user", "text": "My name is Ada."}, {"role": "model", "text": "Hello Ada."}]))
+    rig = live_factory(emulator_args=("--pace", "0"))
+    assert _update(bus_env, "--history", str(first)).returncode == 0
+    seeded = wait_for(lambda: rig.emu.events("history"), 10, "a new session seeded from the bus")
+    assert seeded[0]["texts"] == ["My name is Ada.", "Hello Ada."]
+    rig.pub.publish("control", "history", turns=[{"role": "robot", "text": "x"}])   # refused: one line, counted
+    rig.pub.publish("text.in", "text", text="What is my name?")
+    rig.reply(1)
+    second = [{"role": "user", "text": "I live in Paris."}, {"role": "model", "text": "Paris is lovely."}]
+    rig.pub.publish("control", "history", turns=second)      # mid-conversation: for the next new session
+    rig.pub.publish("text.in", "text", text="Where do I live?")
+    rig.reply(2)
+    wait_for(lambda: rig.metrics().get("history_rejected") == 1, 5, "the bad history to be counted")
+    assert len(rig.emu.events("history")) == 1
+    # The emulator restarts: its sessions are gone, the bridge starts a fresh one.
+    rig.emu.proc.send_signal(signal.SIGKILL)
+    rig.emu.proc.wait(5)
+    rig.emu = Emulator(bus_env, "--latency", "0.05", "--pace", "0")
+    seeded = wait_for(lambda: rig.emu.events("history")[1:], 20, "the fresh session's history")
+    reply2 = [m["text"] for m in rig.rec.select("transcript", "transcript", turn=2, role="model")]
+    assert seeded[0]["texts"] == ["I live in Paris.", "Paris is lovely.", "Where do I live?", *reply2]
+    out, err = rig.close()
+    assert err.count("nothing said yet: starting a new session with the history from the bus") == 1, err
+    assert err.count("control history from test-pub: turn 0 needs") == 1, err
+
+
 def weather_tool(bus_env: dict, tmp_path) -> subprocess.Popen:
     """README's "Serving functions to the model" example, run as it is."""
     script = tmp_path / "weather.py"

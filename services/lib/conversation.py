@@ -16,15 +16,18 @@ interrupted), so each line shows once, whole.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from livepipe.bus.config import ConfigError
 from livepipe.bus.message import Message
 
 READY_LINE = "ready, speak now"
 REASONS = {"barge-in": "the user spoke over the model"}   # control: interrupt reasons, in words
 METER_WIDTH = 20                   # characters of the level bar
 METER_FLOOR_DBFS = -60.0           # an empty bar
+HISTORY_TURNS, HISTORY_CHARS = 40, 8000   # what a `control: history` answer carries, at most
 
 
 def join_pieces(pieces: list[str]) -> str:
@@ -35,6 +38,24 @@ def join_pieces(pieces: list[str]) -> str:
             out += " "
         out += p
     return " ".join(out.split())
+
+
+def parse_history(data: Any, where: str) -> list[dict[str, Any]]:
+    """Turns [{"role": "user"|"model", "text": "..."} or {"role", "parts": [{"text": ...}]}] as Content
+    dicts [{"role", "parts": [{"text"}]}]; ConfigError saying what is wrong (from a file or the bus)."""
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{where}: expected a non-empty list of turns like {{\"role\": \"user\", \"text\": \"...\"}}")
+    turns = []
+    for i, t in enumerate(data):
+        role = t.get("role") if isinstance(t, dict) else None
+        if role not in ("user", "model"):
+            raise ConfigError(f"{where}: turn {i} needs \"role\": \"user\" or \"model\"")
+        parts = t.get("parts", [{"text": t.get("text")}])
+        if not isinstance(parts, list) or not parts or not all(
+                isinstance(q, dict) and isinstance(q.get("text"), str) and q["text"] for q in parts):
+            raise ConfigError(f"{where}: turn {i} needs a non-empty \"text\" (or \"parts\": [{{\"text\": ...}}])")
+        turns.append({"role": role, "parts": [{"text": q["text"]} for q in parts]})
+    return turns
 
 
 def turn_line(turn: int, role: str, text: str) -> str:
@@ -67,6 +88,7 @@ class Conversation:
     muted: bool = False
     _heard_session: bool = False           # session messages seen: heartbeats (a second late) no longer decide
     _pending: dict[tuple[int, str], list[str]] = field(default_factory=dict)   # (turn, role) -> pieces
+    said: deque[tuple[str, str]] = field(default_factory=lambda: deque(maxlen=4 * HISTORY_TURNS))   # (role, text)
 
     def feed(self, msg: Message) -> list[str]:
         topic, kind = msg.topic, msg.kind
@@ -116,6 +138,20 @@ class Conversation:
             return [line for line in lines if line.startswith("turn ")]
         return lines
 
+    def history(self) -> list[dict[str, str]]:
+        """The conversation's finished lines as history turns [{"role", "text"}] (the latest
+        HISTORY_TURNS, at most HISTORY_CHARS characters), for a `control: history` answer."""
+        turns: list[dict[str, str]] = []
+        for role, text in self.said:
+            if turns and turns[-1]["role"] == role:
+                turns[-1]["text"] += " " + text
+            else:
+                turns.append({"role": role, "text": text})
+        turns = turns[-HISTORY_TURNS:]
+        while turns and sum(len(t["text"]) for t in turns) > HISTORY_CHARS:
+            del turns[0]
+        return turns
+
     def flush(self) -> list[str]:
         """Every line still pending (at exit)."""
         return self._flush(lambda t, r: True)
@@ -148,6 +184,8 @@ class Conversation:
             text = join_pieces(self._pending.pop(key))
             if text:
                 lines.append(turn_line(key[0], key[1], text))
+                if key[1] in ("user", "model"):
+                    self.said.append((key[1], text))
         return lines
 
 

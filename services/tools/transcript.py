@@ -8,6 +8,9 @@ model-session change. On a terminal a last line, rewritten in place, shows the m
     livepipe transcript
     turn 1  user:  what do you see
     turn 1  model: a desk, a lamp and a cup
+
+It also keeps the conversation for a restarted gemini-bridge: asked on `control: history_query`,
+it answers with `control: history` (the latest finished lines), which the new session starts with.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, metavar="S", help="stop after S seconds (default: until Ctrl-C)")
     p.add_argument("--no-meter", action="store_true", help="no microphone meter line, even on a terminal")
+    p.add_argument("--serve-history", default="on", choices=("on", "off"),
+                   help="on: answer a restarted gemini-bridge's control history_query with the conversation "
+                        "so far, so its new session starts with it (default on)")
     p.add_argument("--connect-timeout", type=float, default=None, metavar="S",
                    help="give up if the broker does not answer within S seconds (default: say so after "
                         "1 s and keep waiting)")
@@ -66,6 +72,10 @@ def run(args: argparse.Namespace, client: BusClient, stop: StopFlag, out: TextIO
         msg = client.recv(0.25)
         if msg is not None:
             emit(conv.feed(msg))
+            if msg.topic == "control" and msg.kind == "history_query" and args.serve_history == "on":
+                turns = conv.history()
+                if turns:   # a restarted bridge: the conversation goes on where it was
+                    client.publish("control", "history", turns=turns)
     emit(conv.flush())
     if tty:
         out.write(CLEAR_LINE)

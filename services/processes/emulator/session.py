@@ -665,7 +665,8 @@ class LiveSession:
             if body.get("turn_complete"):
                 self.history_open = False     # history seeded; it never starts a model turn
                 self.mark("history", self.conv.turns, turns=self.history_turns,
-                          roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns])
+                          roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns],
+                          texts=[_text_of(t) for t in turns])
             return
         texts: list[str] = []
         for content in _list(body.get("turns"), "client_content.turns"):
@@ -680,7 +681,8 @@ class LiveSession:
         else:   # context only (2.5): no model turn; noted so a client can see what it seeded
             turns = _list(body.get("turns"), "client_content.turns")
             self.mark("context", self.conv.turns if self.conv else 0, turns=len(turns),
-                      roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns])
+                      roles=[str(_obj(t, "client_content.turns[]").get("role", "user")) for t in turns],
+                      texts=[_text_of(t) for t in turns])
 
     async def _text_turn(self, text: str) -> None:
         # Text interrupts a generation in progress, as the real service documents for client content.
@@ -887,6 +889,12 @@ def synthetic_reply(text: str) -> np.ndarray:
     t = np.arange(int(seconds * OUT_RATE)) / OUT_RATE
     env = np.minimum(1.0, np.minimum(t, seconds - t) / 0.01)      # 10 ms fades: no clicks
     return (0.3 * 32767 * env * np.sin(2 * np.pi * 330 * t)).astype(np.int16)
+
+
+def _text_of(content: Any) -> str:
+    """The text of one history turn, for the timeline (a client can see what it seeded); 200 characters at most."""
+    parts = _list(_obj(content, "client_content.turns[]").get("parts"), "client_content.turns[].parts")
+    return " ".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))[:200]
 
 
 def _obj(value: Any, where: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
     setup_logging(NAME)
     scrubber = install_scrubber(settings.api_key)
     try:
-        live_config(settings, None)   # the SDK's own validation, before anything connects
+        live_config(settings, None, bool(settings.live.history))   # the SDK's own validation, before anything connects
     except Exception as exc:
         raise UsageError(f"invalid session configuration: {one_line(scrubber.scrub(str(exc)))}") from None
     svc = Service(NAME, bus_cfg, log)

@@ -33,6 +33,14 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.links_opened = 0
         self.handle: str | None = None
         self.handle_event = asyncio.Event()     # set on every new resumption handle
+        self.fresh_next = False                 # the next connection starts a new session (bus history)
+        # Continuity (issue 16): what a new session is seeded with: --history, the conversation
+        # from the bus (control history), then what was said since.
+        self.bus_history: list[dict[str, Any]] = []
+        self.history_version = 0                # counts control history messages taken
+        self.memory: list[dict[str, Any]] = []  # {"role", "pieces", "turn", "done"} as published on transcript
+        self.session_turns_from = 0             # self.turn when the current session began
+        self.session_texts_from = 0             # texts sent before it began (typed text is not sent again)
         self._gap_from = 0.0                    # last audio write on a replaced connection
         self._clients: dict[tuple[str, str], Any] = {}
         # input side
@@ -61,6 +69,8 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.turn_open = False
         self.turn_interrupted = False
         self.complete_owed = 0                  # turn an expected turnComplete belongs to
+        self.turn_answered = False              # the open turn has reply output (audio, text, a tool call)
+        self.reply_from: tuple[Link, int] | None = None   # (connection, last client message) when it opened
         # A reply cut by a lost connection: the resumed session answers that utterance again from
         # the start (no handle covers a generation in progress), so what it resends of the audio
         # already published is not published twice (output.py).

@@ -164,8 +164,11 @@ class ConnectionSide:
         client = await self._client()
         stack = contextlib.AsyncExitStack()
         self.setup_tools = list(self.s.tools or [])   # announced functions may change while it connects
+        handle = self._resume_handle()
+        history = [] if handle else self._history_to_seed()    # a new session: --history / bus, then what was said
+        version = self.history_version      # a bus history arriving while this connects: _install sees it
         try:
-            cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, self.handle))
+            cm = client.aio.live.connect(model=self.s.model, config=live_config(self.s, handle, bool(history)))
             session = await asyncio.wait_for(stack.enter_async_context(cm), self.s.connect_timeout)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -173,18 +176,28 @@ class ConnectionSide:
             raise
         self.links_opened += 1
         link = Link(self.links_opened, session, stack)
-        await self._seed_history(link)   # a new session's --history goes first (signals.py)
+        link.resumed = handle is not None
+        link.history_version = version
+        self.fresh_next = False
+        if not link.resumed:
+            self.session_turns_from, self.session_texts_from = self.turn, self.svc.metrics["text_sent"]
+        await self._seed_history(link, history)   # a new session's history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))
         self.svc.metrics["connections"] = self.links_opened
         return link
+
+    def _resume_handle(self) -> str | None:
+        """The handle the next connection resumes with: none when a new session is wanted (history
+        from the bus for a session that has not begun) or none was given."""
+        return None if self.fresh_next else self.handle
 
     async def _connect(self, why: str) -> Link:
         """Open a connection (resuming when we hold a handle), retrying transient failures with backoff."""
         delay = 0.2
         fresh_retry_used = False
         while True:
-            resuming = self.handle is not None
+            resuming = self._resume_handle() is not None
             self.publish_state("resuming" if resuming else "connecting", why)
             try:
                 link = await self._open_link()
@@ -220,6 +233,7 @@ class ConnectionSide:
         self.events_event.set()
         if (self.s.tools or []) != self.setup_tools:   # functions announced or withdrawn meanwhile (tools.py)
             self._push_context(None, list(self.s.tools or []))
+        self._apply_history_now()   # a bus history that came while it connected (signals.py)
 
     def _end_cut_turn(self) -> None:
         """A model turn the old connection will not finish: close it for the bus."""
@@ -249,9 +263,10 @@ class ConnectionSide:
             closed.cancel()
             done.cancel()
 
-    def _replay_from(self, old: Link) -> None:
-        """Queue again, ahead of what was held, the audio the resumed state does not cover."""
-        items = [item for _, item, _ in old.replay]
+    def _replay_from(self, old: Link, fresh: bool = False) -> None:
+        """Queue again, ahead of what was held, the audio the next session has not heard: beyond
+        what the handle covers when it resumed; for a fresh session, all that was not answered."""
+        items = old.to_send_again(fresh)
         old.replay.clear()
         if not items:
             return
@@ -260,14 +275,15 @@ class ConnectionSide:
         self.audio_q_bytes += replayed
         self.svc.metrics["audio_in_replayed_ms"] = (self.svc.metrics.get("audio_in_replayed_ms", 0)
                                                     + replayed * 1000 // BYTES_PER_SECOND_IN)
-        log.info("sending again %d ms of audio the resumed session has not heard",
-                 replayed * 1000 // BYTES_PER_SECOND_IN)
+        log.info("sending again %d ms of audio the %s session has not heard%s",
+                 replayed * 1000 // BYTES_PER_SECOND_IN, "fresh" if fresh else "resumed",
+                 " (nor answered)" if fresh else "")
 
     async def _replace(self, old: Link, why: str) -> None:
         old.retired = True
         self._end_cut_turn()
         new = await self._connect(why)
-        self._replay_from(old)
+        self._replay_from(old, fresh=not new.resumed)
         self._install(new)
         asyncio.create_task(old.close())
         if old.last_audio_sent:
@@ -276,6 +292,11 @@ class ConnectionSide:
             self._gap_from = old.last_audio_sent
 
     async def supervise(self) -> None:
+        # A restarted bridge remembers nothing: a process that kept the conversation (`livepipe
+        # transcript`) answers with control history. Asked before connecting (the SDK import and the
+        # handshake take longer than the answer), so the first session usually starts with it; else a
+        # session with nothing said yet is replaced by one that does (signals.py).
+        self.svc.publish("control", "history_query")
         self._install(await self._connect("starting"))
         while True:
             await self.wake.wait()
@@ -296,10 +317,11 @@ class ConnectionSide:
                 budget = max(0.5, min(5.0, link.go_away_ms / 1000 - 1.0))
                 await self._finish_turn_on(link, budget)
                 waited_ms = (time.monotonic() - t0) * 1000
-                if not self.handle:
-                    log.warning("goAway without a resumption handle: the next connection starts a fresh session")
-                await self._replace(link, f"goAway, {link.go_away_ms} ms left")
+                why = link.replace_why or "the goAway"
+                if not self.handle and not self.fresh_next:   # (fresh_next: a new session is wanted)
+                    log.warning("%s without a resumption handle: the next connection starts a fresh session", why)
+                await self._replace(link, link.replace_why or f"goAway, {link.go_away_ms} ms left")
                 self.svc.metrics["switchover_ms"] = round((time.monotonic() - t0) * 1000, 1)
-                log.info("switched to connection %d %.0f ms after the goAway (%.0f ms of it letting the "
-                         "model finish its turn)", self.link.number, self.svc.metrics["switchover_ms"], waited_ms)
+                log.info("switched to connection %d %.0f ms after %s (%.0f ms of it letting the model finish "
+                         "its turn)", self.link.number, self.svc.metrics["switchover_ms"], why, waited_ms)
 

@@ -90,6 +90,7 @@ class InputSide:
         text = msg["text"]
         if not text.strip():
             return
+        self._remember("user", text, self._next_turn())
         if self.s.text_mode == "content":
             from google.genai import types
             content = types.Content(role="user", parts=[types.Part(text=text)])

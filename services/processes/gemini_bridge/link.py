@@ -9,11 +9,12 @@ import time
 from collections import deque
 from typing import Any
 
-from livepipe.services.processes.gemini_bridge.settings import NAME
+import numpy as np
+
+from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
+from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, ACTIVITY_START, NAME
 
 log = logging.getLogger(NAME)
-
-
 def parse_duration_ms(text: str | None) -> int:
     """'10s' / '9.5s' / '1.000000001s' (protobuf Duration JSON) -> milliseconds (0 if unknown)."""
     if not text:
@@ -34,14 +35,20 @@ class Link:
         self.closed = asyncio.Event()
         self.error: BaseException | None = None
         self.go_away_ms: int | None = None
+        self.replace_why = ""                   # replaced on our own initiative (not a goAway): why
         self.retired = False                    # replaced: whatever it still says is ignored
         self.opened = time.monotonic()
-        # Client messages are numbered as the service counts them (setup = 0). Audio sent since the
-        # state the latest resumption handle covers is kept, to be sent again on the next connection.
+        # Client messages are numbered as the service counts them (setup = 0). Audio sent and not yet
+        # answered is kept (bounded): a resumed session is sent again what its handle does not cover
+        # (index > covered_index); a fresh session, which heard nothing, all of it, so that speech
+        # not answered yet is not lost, while what the model already answered is not said twice.
         self.sent_index = 0
         self.replay: deque[tuple[int, bytes | str, float]] = deque()
         self.replay_bytes = 0
+        self.covered_index = 0
         self.last_audio_sent = 0.0
+        self.resumed = False                    # opened with a resumption handle the service accepted
+        self.history_version = 0                # the bus history it began with (Bridge.history_version)
 
     def next_index(self) -> int:
         self.sent_index += 1
@@ -58,10 +65,50 @@ class Link:
 
     def covered(self, last_index: int | None) -> None:
         """A resumption handle now covers messages up to last_index (None: up to about now)."""
-        horizon = time.monotonic() - 0.2   # without an index, keep what may still be in flight
-        while self.replay and (self.replay[0][0] <= last_index if last_index is not None
-                               else self.replay[0][2] < horizon):
+        if last_index is None:
+            horizon = time.monotonic() - 0.2   # without an index, keep what may still be in flight
+            last_index = max((i for i, _, t in self.replay if t < horizon), default=self.covered_index)
+        self.covered_index = max(self.covered_index, last_index)
+
+    def answered(self, upto_index: int, silence_bytes: int, markers: bool = False) -> int:
+        """A model turn completed whose reply began after client message `upto_index`: the audio sent
+        up to there was heard and answered, except speech still going on when the reply began (no
+        `silence_bytes` of silence after it: the service's VAD had not closed it, so it is a new
+        utterance; with `markers` (--vad off) the activityStart/End sent say where speech is).
+        Forgets the answered audio; returns how many bytes."""
+        cut = 0          # entries before this position are answered
+        quiet = silence_bytes
+        inside = False   # markers: between an activityStart and its activityEnd
+        framer = VoiceFramer(16000, 30, 2, floor_rms=rms_of_dbfs(-50))   # webrtcvad: room noise is not speech
+        for pos, (index, item, _) in enumerate(self.replay):
+            if index > upto_index:
+                break
+            if markers:
+                if item == ACTIVITY_START:
+                    inside, cut = True, pos
+                elif item == ACTIVITY_END or not inside:
+                    inside, cut = False, pos + 1
+                continue
+            if not isinstance(item, bytes):
+                continue
+            if any(voiced for _, _, voiced in framer.feed(np.frombuffer(item, "<i2"))):
+                if quiet >= silence_bytes:
+                    cut = pos       # speech after a closing silence: answered only if it ends too
+                quiet = 0
+            else:
+                quiet += len(item)
+                if quiet >= silence_bytes:
+                    cut = pos + 1
+        dropped = 0
+        for _ in range(cut):
+            dropped += len(self.replay[0][1]) if isinstance(self.replay[0][1], bytes) else 0
             self._pop()
+        return dropped
+
+    def to_send_again(self, fresh: bool) -> list[bytes | str]:
+        """What the next connection must be sent again: beyond what the handle covers when it
+        resumes; all that is not answered when it is a fresh session, which heard nothing."""
+        return [item for index, item, _ in self.replay if fresh or index > self.covered_index]
 
     def _pop(self) -> None:
         _, item, _ = self.replay.popleft()

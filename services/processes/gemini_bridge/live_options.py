@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livepipe.bus.config import ConfigError
+from livepipe.services.lib.conversation import parse_history
 
 if TYPE_CHECKING:
     from livepipe.services.processes.gemini_bridge.settings import Settings
@@ -49,6 +50,7 @@ def model_generation(model: str) -> int:
 @dataclass
 class LiveOptions:
     history: list[dict[str, Any]] | None = None   # [{"role": "user"|"model", "parts": [{"text": ...}]}]
+    history_turns: int = 20                      # latest turns of the conversation a fresh session is seeded with
     thinking_level: str | None = None
     thinking_budget: int | None = None
     include_thoughts: bool = False
@@ -78,6 +80,10 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history", default=_env("LIVEPIPE_HISTORY"), metavar="FILE",
                    help="JSON list of earlier turns [{\"role\": \"user\"|\"model\", \"text\": \"...\"}] seeded into a new "
                         "session at connect (3.x: historyConfig + client content; 2.5: client content) (env LIVEPIPE_HISTORY)")
+    g.add_argument("--history-turns", default=_env("LIVEPIPE_HISTORY_TURNS", "20"), metavar="N",
+                   help="a fresh session (its resumption refused: service or emulator restarted, handle expired) is "
+                        "seeded with the latest N turns of the conversation so far (at most 8000 characters) after "
+                        "--history; 0 = it starts without them (env LIVEPIPE_HISTORY_TURNS, default 20)")
     g.add_argument("--thinking-level", default=_env("LIVEPIPE_THINKING_LEVEL"),
                    help="3.x models: minimal | low | medium | high (env LIVEPIPE_THINKING_LEVEL, default: the model's, minimal)")
     g.add_argument("--thinking-budget", default=_env("LIVEPIPE_THINKING_BUDGET"), metavar="TOKENS",
@@ -129,19 +135,7 @@ def load_history(path: str) -> list[dict[str, Any]]:
         raise ConfigError(f"{where}: no such file (env LIVEPIPE_HISTORY)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{where}: not readable JSON ({exc})") from None
-    if not isinstance(data, list) or not data:
-        raise ConfigError(f"{where}: expected a non-empty list of turns like {{\"role\": \"user\", \"text\": \"...\"}}")
-    turns = []
-    for i, t in enumerate(data):
-        role = t.get("role") if isinstance(t, dict) else None
-        if role not in ("user", "model"):
-            raise ConfigError(f"{where}: turn {i} needs \"role\": \"user\" or \"model\"")
-        parts = t.get("parts", [{"text": t.get("text")}])
-        if not isinstance(parts, list) or not parts or not all(
-                isinstance(q, dict) and isinstance(q.get("text"), str) and q["text"] for q in parts):
-            raise ConfigError(f"{where}: turn {i} needs a non-empty \"text\" (or \"parts\": [{{\"text\": ...}}])")
-        turns.append({"role": role, "parts": [{"text": q["text"]} for q in parts]})
-    return turns
+    return parse_history(data, where)
 
 
 def _sdk_has(model: str, field_name: str) -> bool:
@@ -189,6 +183,7 @@ def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions
         if gen >= 3 and not _sdk_has("LiveConnectConfig", "history_config"):
             raise ConfigError(f"--history with {s.model} needs a google-genai with LiveConnectConfig.history_config: "
                               "pip install -U google-genai")
+    o.history_turns = _number("--history-turns", "LIVEPIPE_HISTORY_TURNS", args.history_turns, int, 0, 1000)
     if gen >= 3 and s.text_mode == "content":
         raise ConfigError(f"--text-mode content: {s.model} takes client content only as the initial history; "
                           "typed text goes as realtime input (use --text-mode realtime)")
@@ -247,10 +242,11 @@ def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions
     return o
 
 
-def extend_live_config(cfg: dict[str, Any], s: Settings, handle: str | None) -> None:
-    """Add the newer options to the LiveConnectConfig dict of one connection."""
+def extend_live_config(cfg: dict[str, Any], s: Settings, handle: str | None, seeding: bool = False) -> None:
+    """Add the newer options to the LiveConnectConfig dict of one connection (`seeding`: a new session
+    that will be sent history)."""
     o = s.live
-    if o.history and model_generation(s.model) >= 3 and not handle:
+    if seeding and model_generation(s.model) >= 3 and not handle:
         # A new 3.x session takes the history as client content before anything else; a resumed one has it.
         cfg["history_config"] = {"initial_history_in_client_content": True}
     thinking: dict[str, Any] = {}

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from livepipe.services.processes.gemini_bridge.link import Link, parse_duration_ms
-from livepipe.services.processes.gemini_bridge.settings import NAME
+from livepipe.services.processes.gemini_bridge.settings import BYTES_PER_SECOND_IN, NAME
 
 log = logging.getLogger(NAME)
 
@@ -24,6 +24,9 @@ class OutputSide:
             self.turn += 1
             self.turn_open, self.turn_interrupted = True, False
             self.complete_owed = 0
+            self.turn_answered = False
+            # The input the reply follows: once the turn completes, a fresh session need not hear it again.
+            self.reply_from = (self.link, self.link.sent_index) if self.link is not None else None
             self.turn_audio.clear()
             self.turn_done.clear()
             self.svc.metrics["turns"] = self.turn
@@ -106,6 +109,7 @@ class OutputSide:
         turn = self.turn if (self.turn_open and not self.turn_interrupted) else self.turn + 1
         fields = {"final": True} if tr.finished else {}
         self.svc.publish("transcript", "transcript", role="user", text=tr.text, turn=turn, **fields)
+        self._remember("user", tr.text, turn)
 
     def _on_model_turn(self, content: Any) -> None:
         for part in content.parts:
@@ -114,27 +118,44 @@ class OutputSide:
                 self._model_audio(blob.data, blob.mime_type or "")
             elif part.text and not part.thought:
                 turn = self._open_turn()
+                self.turn_answered = True
                 if not self.turn_interrupted:
                     self.svc.publish("transcript", "transcript", role="model", text=part.text, turn=turn)
+                    self._remember("model", part.text, turn)
 
     def _on_output_transcription(self, tr: Any) -> None:
         if self.turn_open and self.turn_interrupted:
             return   # words of a reply the user cut off were never heard
         turn = self._open_turn()
+        self.turn_answered = True
         fields = {"final": True} if tr.finished else {}
         self.svc.publish("transcript", "transcript", role="model", text=tr.text, turn=turn, **fields)
+        self._remember("model", tr.text, turn)
 
     def _on_turn_complete(self, usage: Any) -> None:
         turn = self.complete_owed if (not self.turn_open and self.complete_owed) else self._open_turn()
         self.complete_owed = 0
         fields = {"usage": self._usage(usage)} if usage is not None else {}
         self.svc.publish("control", "turn_complete", turn=turn, **fields)
+        self._remembered_done(turn)
+        if self.turn_open and self.turn_answered and not self.turn_interrupted:
+            self._forget_answered()
         self._close_turn()
+
+    def _forget_answered(self) -> None:
+        """The model answered: the audio its reply followed is not sent again to a fresh session
+        (the one after a refused resumption), which would answer the same words twice (issue 15)."""
+        link, index = self.reply_from or (None, 0)
+        if link is None or link is not self.link or link.retired:
+            return
+        silence = (self.s.vad_silence_ms or 500) * BYTES_PER_SECOND_IN // 1000
+        link.answered(index, silence, markers=not self.s.vad)
 
     def _model_audio(self, data: bytes, mime: str) -> None:
         m = re.search(r"rate=(\d+)", mime)
         rate = int(m.group(1)) if m else 24000
         turn = self._open_turn()
+        self.turn_answered = True
         if self.turn_interrupted:
             self.svc.metrics["audio_out_dropped_interrupted"] += 1
             return

@@ -250,8 +250,9 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     return s
 
 
-def live_config(s: Settings, handle: str | None) -> Any:
-    """The LiveConnectConfig for one connection (`handle`: resume that session)."""
+def live_config(s: Settings, handle: str | None, seeding: bool = False) -> Any:
+    """The LiveConnectConfig for one connection (`handle`: resume that session; `seeding`: a new one
+    will be sent history first)."""
     from google.genai import types
     cfg: dict[str, Any] = {
         "response_modalities": [s.modality],
@@ -295,6 +296,6 @@ def live_config(s: Settings, handle: str | None) -> Any:
         cfg["session_resumption"] = {"handle": handle} if handle else {}
     if s.tools:
         cfg["tools"] = [{"function_declarations": s.tools}]
-    extend_live_config(cfg, s, handle)
+    extend_live_config(cfg, s, handle, seeding)
     return types.LiveConnectConfig.model_validate(cfg)
 

@@ -12,10 +12,15 @@ from typing import Any
 
 from livepipe.bus.message import Message
 from livepipe.services.processes.gemini_bridge.link import Link, parse_duration_ms
+from livepipe.bus.config import ConfigError
+from livepipe.services.lib.conversation import join_pieces, parse_history
 from livepipe.services.processes.gemini_bridge.live_options import SCHEDULINGS, STREAM_END_MARK, model_generation
 from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, NAME
 
 log = logging.getLogger(NAME)
+MAX_MEMORY_CHARS = 8000        # the conversation a fresh session is seeded with, at most
+MAX_BUS_HISTORY_TURNS = 500    # a control history larger than this is refused (one line, counted)
+MAX_BUS_HISTORY_CHARS = 200_000
 
 
 def _enum(value: Any) -> str:
@@ -32,12 +37,11 @@ class SignalSide:
         v = self.s.live.api_version
         return {"api_version": v} if v else {}
 
-    async def _seed_history(self, link: Link) -> None:
-        """A new session (no handle: a resumed one holds its history) gets --history first: on 3.x as
-        the initial history historyConfig announced (turnComplete ends it, no model turn), on 2.5 as
+    async def _seed_history(self, link: Link, history: list[dict[str, Any]]) -> None:
+        """A new session (a resumed one holds its history) gets its history first: on 3.x as the
+        initial history historyConfig announced (turnComplete ends it, no model turn), on 2.5 as
         client content without turnComplete (context, no reply)."""
-        history = self.s.live.history
-        if not history or self.handle:
+        if not history or link.resumed:
             return
         from google.genai import types
         turns = [types.Content(role=t["role"], parts=[types.Part(text=p["text"]) for p in t["parts"]]) for t in history]
@@ -49,6 +53,87 @@ class SignalSide:
             raise
         self.svc.metrics["history_turns_sent"] = len(turns)
         log.info("seeded the session with %d turns of history", len(turns))
+
+    # ------------------------------------------------------------ continuity
+    def _remember(self, role: str, text: str, turn: int) -> None:
+        """A transcript the bridge published, kept for the next fresh session (fragments of one
+        turn joined). Only turns the service completed are seeded (_remembered_done)."""
+        if self.s.live.history_turns <= 0:
+            return
+        last = self.memory[-1] if self.memory else None
+        if last is not None and last["role"] == role and last["turn"] == turn and not last["done"]:
+            last["pieces"].append(text)
+        else:
+            self.memory.append({"role": role, "pieces": [text], "turn": turn, "done": False})
+            if len(self.memory) > 4 * self.s.live.history_turns + 16:
+                del self.memory[0]
+
+    def _remembered_done(self, turn: int) -> None:
+        """The service completed `turn`: its words are part of the conversation. (A turn cut by a
+        lost connection is not: its line is sent again and answered anew.)"""
+        for m in reversed(self.memory):
+            if m["turn"] == turn:
+                m["done"] = True
+            elif m["turn"] < turn:
+                break
+
+    def _history_to_seed(self) -> list[dict[str, Any]]:
+        """What a new session starts with: --history, the conversation from the bus (control
+        history), then the latest --history-turns turns said since, at most MAX_MEMORY_CHARS."""
+        said: list[dict[str, Any]] = []
+        for m in self.memory:
+            text = join_pieces(m["pieces"])
+            if not m["done"] or not text:
+                continue
+            if said and said[-1]["role"] == m["role"]:
+                said[-1]["parts"][0]["text"] += " " + text
+            else:
+                said.append({"role": m["role"], "parts": [{"text": text}]})
+        said = said[-self.s.live.history_turns:] if self.s.live.history_turns > 0 else []
+        while said and sum(len(t["parts"][0]["text"]) for t in said) > MAX_MEMORY_CHARS:
+            del said[0]
+        return [*(self.s.live.history or []), *self.bus_history, *said]
+
+    def _bus_history(self, msg: Message) -> None:
+        """control history: the conversation the next new session starts with, after --history (it
+        replaces what the bridge remembered). Applied at once when the session has had no turn yet
+        (a bridge just restarted); otherwise at the next new session."""
+        try:
+            turns = parse_history(msg["turns"], f"control history from {msg['src']}")
+            chars = sum(len(p["text"]) for t in turns for p in t["parts"])
+            if len(turns) > MAX_BUS_HISTORY_TURNS or chars > MAX_BUS_HISTORY_CHARS:
+                raise ConfigError(f"control history from {msg['src']}: {len(turns)} turns, {chars} characters "
+                                  f"(at most {MAX_BUS_HISTORY_TURNS} turns, {MAX_BUS_HISTORY_CHARS} characters)")
+        except ConfigError as exc:
+            self.svc.metrics["history_rejected"] = self.svc.metrics.get("history_rejected", 0) + 1
+            self.svc.ratelog.warning("history", f"{exc}: ignored")
+            return
+        self.bus_history = turns
+        self.memory.clear()
+        self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
+        self.history_version += 1
+        log.info("history of %d turns from %s: for the next new session", len(turns), msg["src"])
+        self._apply_history_now()
+
+    def _apply_history_now(self) -> None:
+        """A new session with the bus history, if the current one started without it and nothing
+        was said in it yet (a bridge just restarted). Called on the history and on every new connection."""
+        link = self.link
+        if link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
+            return      # connecting: _install calls this again
+        if link.history_version == self.history_version:
+            return
+        # Audio not answered is sent again to a new session; typed text is not: a text sent counts.
+        if (self.turn_open or self.turn != self.session_turns_from
+                or self.svc.metrics["text_sent"] != self.session_texts_from):
+            link.history_version = self.history_version   # begun: the next new session has it
+            return
+        self.fresh_next = True
+        link.go_away_ms, link.replace_why = 1500, "a new session with the history from the bus"
+        self.go_away_at = time.monotonic()
+        self.link_ready.clear()
+        self.wake.set()
+        log.info("nothing said yet: starting a new session with the history from the bus")
 
     def _result_options(self, msg: Message) -> dict[str, Any] | None:
         """scheduling / will_continue of a tool.result, for the FunctionResponse; None (counted, one
@@ -80,6 +165,8 @@ class SignalSide:
             self._end_stream("muted")
         elif msg.kind == "context_update":
             self._context_update(msg)
+        elif msg.kind == "history":
+            self._bus_history(msg)
 
     def _context_update(self, msg: Message) -> None:
         """New system instruction and/or tools from the bus. They become the session's settings (every
@@ -127,7 +214,7 @@ class SignalSide:
         if link is None or link.closed.is_set() or link.retired or link.go_away_ms is not None:
             return      # a connection is being replaced anyway: the next one has the new settings
         # The goAway switch: let the current turn finish, resume with the handle, resend what it missed.
-        link.go_away_ms = 1500
+        link.go_away_ms, link.replace_why = 1500, "applying a context update"
         self.go_away_at = time.monotonic()
         self.link_ready.clear()
         self.wake.set()

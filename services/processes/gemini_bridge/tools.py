@@ -132,6 +132,7 @@ class ToolSide:
         call_id = fc.id or f"call-{time.monotonic_ns()}"
         name = fc.name or ""
         self._open_turn()   # a tool call is part of the model turn it answers
+        self.turn_answered = True
         args = fc.args if isinstance(fc.args, dict) else {}
         self.svc.metrics["tool_calls"] += 1
         if not self.svc.has_subscriber("tool.call"):
