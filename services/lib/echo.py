@@ -95,7 +95,10 @@ class ReferenceTrack:
     def __init__(self, seconds: float = 8.0) -> None:
         self.size = int(seconds * IN_RATE)
         self.buf = np.zeros(self.size, np.int16)
-        self.stamp = np.full(self.size, -1, np.int64)   # absolute index held by each slot
+        # Per slot, the absolute index it holds less the slot number (a multiple of `size`; -1 =
+        # never written): a run of slots within one lap is then checked against one number,
+        # with slices, instead of building an index array per read (100 reads a second).
+        self.lap = np.full(self.size, -1, np.int64)
         self._rs: StreamResampler | None = None
         self._next: int | None = None                    # grid index where the current run continues
         self._next_ns = 0
@@ -117,17 +120,34 @@ class ReferenceTrack:
             return
         start = self._next
         self._next += len(out)
-        k = np.arange(start, start + len(out), dtype=np.int64)
-        self.buf[k % self.size] = out
-        self.stamp[k % self.size] = k
+        for pos, slot, m in self._segments(start, len(out)):
+            self.buf[slot:slot + m] = out[pos:pos + m]
+            self.lap[slot:slot + m] = start + pos - slot
         if np.max(np.abs(out.astype(np.int32))) > 100:
             self.last_loud_index = max(self.last_loud_index, start + len(out))
 
+    def _segments(self, start: int, n: int) -> list[tuple[int, int, int]]:
+        """[start, start+n) as (offset, slot, length) runs that do not wrap around the ring."""
+        runs, pos = [], 0
+        while pos < n:
+            slot = (start + pos) % self.size
+            m = min(n - pos, self.size - slot)
+            runs.append((pos, slot, m))
+            pos += m
+        return runs
+
     def read(self, start: int, n: int) -> np.ndarray:
         """Grid samples [start, start+n); silence where nothing was played."""
-        k = np.arange(start, start + n, dtype=np.int64)
-        slots = k % self.size
-        return np.where(self.stamp[slots] == k, self.buf[slots], 0).astype(np.int16)
+        out = np.zeros(n, np.int16)
+        for pos, slot, m in self._segments(start, n):
+            valid = self.lap[slot:slot + m] == start + pos - slot
+            np.copyto(out[pos:pos + m], self.buf[slot:slot + m], where=valid)
+        return out
+
+    def may_be_loud(self, start: int) -> bool:
+        """False when no sample above 100 can be at grid index `start` or later: a window from
+        there is silent for the tests below and need not be read (the model is mostly silent)."""
+        return start < self.last_loud_index
 
 
 class DelayEstimator:
@@ -251,6 +271,8 @@ class EchoStage:
     def _audible(self, index: int, delay: int, tail_ms: int) -> bool:
         """Was the model's voice heard by the microphone at `index` (or within tail_ms before)?"""
         tail = tail_ms * IN_RATE // 1000
+        if not self.ref.may_be_loud(index - delay - tail):
+            return False
         window = self.ref.read(index - delay - tail, tail + FRAME)
         return bool(len(window)) and int(np.max(np.abs(window.astype(np.int32)))) > 100
 
@@ -278,8 +300,7 @@ class EchoStage:
         out = self.canceller.process(mic, self.ref.read(index - self.applied_delay + margin, FRAME), self.MARGIN_MS)
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
-        echo_ref = self.ref.read(index - delay, FRAME).astype(np.float64)
-        if float(np.mean(echo_ref * echo_ref)) > 1e4:   # the model is audible in this frame
+        if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
             self.echo_frames += 1
             m = mic.astype(np.float64)
             o = out.astype(np.float64)
@@ -295,6 +316,10 @@ class EchoStage:
             return out if active else raw
         w = self._fade if active else self._fade[::-1]   # weight of the canceller's output
         return (out * w + raw * (1.0 - w)).astype(np.int16)
+
+    def _loud_frame(self, start: int) -> bool:
+        echo_ref = self.ref.read(start, FRAME).astype(np.float64)
+        return float(np.mean(echo_ref * echo_ref)) > 1e4
 
     @property
     def erle_db(self) -> float | None:
