@@ -57,6 +57,11 @@ class ApmCanceller:
                     auto_gain_control=auto_gain)
         self.apm = rtc.AudioProcessingModule(**opts)
         self._delay_for: tuple[int, int] | None = None   # (module, hint) last passed
+        # One far and one near frame, reused: the module works in place on their buffers.
+        self._far = rtc.AudioFrame(bytearray(FRAME * 2), IN_RATE, 1, FRAME)
+        self._near = rtc.AudioFrame(bytearray(FRAME * 2), IN_RATE, 1, FRAME)
+        self._far_pcm = np.frombuffer(self._far._data, dtype="<i2")
+        self._near_pcm = np.frombuffer(self._near._data, dtype="<i2")
         key = tuple(opts.values())
         if key not in ApmCanceller._latency:
             ApmCanceller._latency[key] = self._measure_latency(rtc.AudioProcessingModule(**opts))
@@ -68,7 +73,7 @@ class ApmCanceller:
         rng = np.random.default_rng(7)
         noise = (rng.standard_normal(FRAME * 40) * 3000).astype(np.int16)
         out = np.zeros_like(noise)
-        silent = bytearray(FRAME * 2)
+        silent = np.zeros(FRAME, np.int16)
         for i in range(0, len(noise), FRAME):
             self.apm, keep = apm, self.apm
             out[i:i + FRAME] = self._run(noise[i:i + FRAME], silent, 0)
@@ -78,20 +83,19 @@ class ApmCanceller:
         return int(np.argmax(corr))
 
     def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
-        return self._run(mic, bytearray(ref.astype("<i2").tobytes()), delay_hint_ms)
+        return self._run(mic, ref, delay_hint_ms)
 
-    def _run(self, mic: np.ndarray, ref: bytearray, delay_hint_ms: int) -> np.ndarray:
-        rtc = self._rtc
-        far = rtc.AudioFrame(ref, IN_RATE, 1, FRAME)
-        self.apm.process_reverse_stream(far)
-        near = rtc.AudioFrame(bytearray(mic.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
+    def _run(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
+        self._far_pcm[:] = ref
+        self.apm.process_reverse_stream(self._far)
+        self._near_pcm[:] = mic
         # The hint is kept by the module (AEC3 stores it as its external delay), so it is passed
         # when it changes: each FFI request costs ~30 us, 100 frames a second.
         if self._delay_for != (id(self.apm), delay_hint_ms):
             self.apm.set_stream_delay_ms(int(delay_hint_ms))
             self._delay_for = (id(self.apm), delay_hint_ms)
-        self.apm.process_stream(near)
-        return np.frombuffer(near._data, dtype="<i2").copy()
+        self.apm.process_stream(self._near)
+        return self._near_pcm.copy()
 
 
 class ReferenceTrack:
