@@ -171,6 +171,11 @@ class Chunker:
             self._head_ts += self._ns(self.size)
         return out
 
+    @property
+    def pending(self) -> int:
+        """Samples held toward the next chunk."""
+        return len(self._buf)
+
     def flush(self) -> tuple[np.ndarray, int] | None:
         """The partial last chunk, if any."""
         if not len(self._buf):
