@@ -70,8 +70,7 @@ class ApmCanceller:
     def _measure_latency(self, apm: Any) -> int:
         """Samples the module delays its output by (its internal resampling), measured once on a
         throwaway instance with noise and no echo, so the bypass path can be delayed to match."""
-        rng = np.random.default_rng(7)
-        noise = (rng.standard_normal(FRAME * 40) * 3000).astype(np.int16)
+        noise = _probe_noise(FRAME * 40)
         out = np.zeros_like(noise)
         silent = np.zeros(FRAME, np.int16)
         for i in range(0, len(noise), FRAME):
@@ -98,16 +97,27 @@ class ApmCanceller:
         return self._near_pcm.copy()
 
 
+def _probe_noise(n: int) -> np.ndarray:
+    """Deterministic white noise (a hashed counter), int16. Not numpy.random: importing it costs
+    2.4 MB of RSS in capture-audio for this one use (the measured latency is the same)."""
+    x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    return (((x >> np.uint64(40)).astype(np.float64) / 2**24 - 0.5) * 10000).astype(np.int16)
+
+
 class ReferenceTrack:
     """audio.ref blocks placed on a 16 kHz wall-clock grid (sample k sounds at k / 16000 s)."""
 
     def __init__(self, seconds: float = 8.0) -> None:
         self.size = int(seconds * IN_RATE)
         self.buf = np.zeros(self.size, np.int16)
-        # Per slot, the absolute index it holds less the slot number (a multiple of `size`; -1 =
-        # never written): a run of slots within one lap is then checked against one number,
-        # with slices, instead of building an index array per read (100 reads a second).
-        self.lap = np.full(self.size, -1, np.int64)
+        # Per slot, the lap of the absolute index it holds (index // size; -1 = never written):
+        # a run of slots within one lap is then checked against one number, with slices,
+        # instead of building an index array per read (100 reads a second). int32: wall-clock
+        # indexes at 16 kHz are ~2.7e13, their laps ~2e8.
+        self.lap = np.full(self.size, -1, np.int32)
         self._rs: StreamResampler | None = None
         self._next: int | None = None                    # grid index where the current run continues
         self._next_ns = 0
@@ -131,7 +141,7 @@ class ReferenceTrack:
         self._next += len(out)
         for pos, slot, m in self._segments(start, len(out)):
             self.buf[slot:slot + m] = out[pos:pos + m]
-            self.lap[slot:slot + m] = start + pos - slot
+            self.lap[slot:slot + m] = (start + pos) // self.size
         if np.max(np.abs(out.astype(np.int32))) > 100:
             self.last_loud_index = max(self.last_loud_index, start + len(out))
 
@@ -149,7 +159,7 @@ class ReferenceTrack:
         """Grid samples [start, start+n); silence where nothing was played."""
         out = np.zeros(n, np.int16)
         for pos, slot, m in self._segments(start, n):
-            valid = self.lap[slot:slot + m] == start + pos - slot
+            valid = self.lap[slot:slot + m] == (start + pos) // self.size
             np.copyto(out[pos:pos + m], self.buf[slot:slot + m], where=valid)
         return out
 
