@@ -221,11 +221,12 @@ class DeviceSource:
             self._set_wake_at()
 
     def _set_wake_at(self) -> None:
-        """The device frame count whose arrival can complete the next chunk. The resampler never
-        gives more than the rate ratio (it may give less: then the loop wakes a block early and
-        sets the next threshold), so the completing block always wakes the loop."""
-        need = self.chunk_frames - self.chunker.pending   # output frames still missing
-        self.wake_at = self.done_frames + max(0, (need * self.rate) // IN_RATE - 1)
+        """The device frame count whose arrival completes the next chunk. Only at 16 kHz: a
+        resampler hands out its output in batches, so which block completes a chunk is not
+        known in advance, and every block wakes the loop as before."""
+        if not self.resampler.passthrough:
+            return
+        self.wake_at = self.done_frames + self.chunk_frames - self.chunker.pending
 
     def close(self) -> None:
         self._loop = None
