@@ -56,6 +56,12 @@ class ApmCanceller:
         opts = dict(echo_cancellation=True, noise_suppression=noise_suppression, high_pass_filter=high_pass,
                     auto_gain_control=auto_gain)
         self.apm = rtc.AudioProcessingModule(**opts)
+        self._delay_for: tuple[int, int] | None = None   # (module, hint) last passed
+        # One far and one near frame, reused: the module works in place on their buffers.
+        self._far = rtc.AudioFrame(bytearray(FRAME * 2), IN_RATE, 1, FRAME)
+        self._near = rtc.AudioFrame(bytearray(FRAME * 2), IN_RATE, 1, FRAME)
+        self._far_pcm = np.frombuffer(self._far._data, dtype="<i2")
+        self._near_pcm = np.frombuffer(self._near._data, dtype="<i2")
         key = tuple(opts.values())
         if key not in ApmCanceller._latency:
             ApmCanceller._latency[key] = self._measure_latency(rtc.AudioProcessingModule(**opts))
@@ -64,10 +70,9 @@ class ApmCanceller:
     def _measure_latency(self, apm: Any) -> int:
         """Samples the module delays its output by (its internal resampling), measured once on a
         throwaway instance with noise and no echo, so the bypass path can be delayed to match."""
-        rng = np.random.default_rng(7)
-        noise = (rng.standard_normal(FRAME * 40) * 3000).astype(np.int16)
+        noise = _probe_noise(FRAME * 40)
         out = np.zeros_like(noise)
-        silent = bytearray(FRAME * 2)
+        silent = np.zeros(FRAME, np.int16)
         for i in range(0, len(noise), FRAME):
             self.apm, keep = apm, self.apm
             out[i:i + FRAME] = self._run(noise[i:i + FRAME], silent, 0)
@@ -77,16 +82,29 @@ class ApmCanceller:
         return int(np.argmax(corr))
 
     def process(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
-        return self._run(mic, bytearray(ref.astype("<i2").tobytes()), delay_hint_ms)
+        return self._run(mic, ref, delay_hint_ms)
 
-    def _run(self, mic: np.ndarray, ref: bytearray, delay_hint_ms: int) -> np.ndarray:
-        rtc = self._rtc
-        far = rtc.AudioFrame(ref, IN_RATE, 1, FRAME)
-        self.apm.process_reverse_stream(far)
-        near = rtc.AudioFrame(bytearray(mic.astype("<i2").tobytes()), IN_RATE, 1, FRAME)
-        self.apm.set_stream_delay_ms(int(delay_hint_ms))   # the APM wants it before every process_stream
-        self.apm.process_stream(near)
-        return np.frombuffer(near._data, dtype="<i2").copy()
+    def _run(self, mic: np.ndarray, ref: np.ndarray, delay_hint_ms: int) -> np.ndarray:
+        self._far_pcm[:] = ref
+        self.apm.process_reverse_stream(self._far)
+        self._near_pcm[:] = mic
+        # The hint is kept by the module (AEC3 stores it as its external delay), so it is passed
+        # when it changes: each FFI request costs ~30 us, 100 frames a second.
+        if self._delay_for != (id(self.apm), delay_hint_ms):
+            self.apm.set_stream_delay_ms(int(delay_hint_ms))
+            self._delay_for = (id(self.apm), delay_hint_ms)
+        self.apm.process_stream(self._near)
+        return self._near_pcm.copy()
+
+
+def _probe_noise(n: int) -> np.ndarray:
+    """Deterministic white noise (a hashed counter), int16. Not numpy.random: importing it costs
+    2.4 MB of RSS in capture-audio for this one use (the measured latency is the same)."""
+    x = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    return (((x >> np.uint64(40)).astype(np.float64) / 2**24 - 0.5) * 10000).astype(np.int16)
 
 
 class ReferenceTrack:
@@ -95,7 +113,11 @@ class ReferenceTrack:
     def __init__(self, seconds: float = 8.0) -> None:
         self.size = int(seconds * IN_RATE)
         self.buf = np.zeros(self.size, np.int16)
-        self.stamp = np.full(self.size, -1, np.int64)   # absolute index held by each slot
+        # Per slot, the lap of the absolute index it holds (index // size; -1 = never written):
+        # a run of slots within one lap is then checked against one number, with slices,
+        # instead of building an index array per read (100 reads a second). int32: wall-clock
+        # indexes at 16 kHz are ~2.7e13, their laps ~2e8.
+        self.lap = np.full(self.size, -1, np.int32)
         self._rs: StreamResampler | None = None
         self._next: int | None = None                    # grid index where the current run continues
         self._next_ns = 0
@@ -117,17 +139,34 @@ class ReferenceTrack:
             return
         start = self._next
         self._next += len(out)
-        k = np.arange(start, start + len(out), dtype=np.int64)
-        self.buf[k % self.size] = out
-        self.stamp[k % self.size] = k
+        for pos, slot, m in self._segments(start, len(out)):
+            self.buf[slot:slot + m] = out[pos:pos + m]
+            self.lap[slot:slot + m] = (start + pos) // self.size
         if np.max(np.abs(out.astype(np.int32))) > 100:
             self.last_loud_index = max(self.last_loud_index, start + len(out))
 
+    def _segments(self, start: int, n: int) -> list[tuple[int, int, int]]:
+        """[start, start+n) as (offset, slot, length) runs that do not wrap around the ring."""
+        runs, pos = [], 0
+        while pos < n:
+            slot = (start + pos) % self.size
+            m = min(n - pos, self.size - slot)
+            runs.append((pos, slot, m))
+            pos += m
+        return runs
+
     def read(self, start: int, n: int) -> np.ndarray:
         """Grid samples [start, start+n); silence where nothing was played."""
-        k = np.arange(start, start + n, dtype=np.int64)
-        slots = k % self.size
-        return np.where(self.stamp[slots] == k, self.buf[slots], 0).astype(np.int16)
+        out = np.zeros(n, np.int16)
+        for pos, slot, m in self._segments(start, n):
+            valid = self.lap[slot:slot + m] == (start + pos) // self.size
+            np.copyto(out[pos:pos + m], self.buf[slot:slot + m], where=valid)
+        return out
+
+    def may_be_loud(self, start: int) -> bool:
+        """False when no sample above 100 can be at grid index `start` or later: a window from
+        there is silent for the tests below and need not be read (the model is mostly silent)."""
+        return start < self.last_loud_index
 
 
 class DelayEstimator:
@@ -251,6 +290,8 @@ class EchoStage:
     def _audible(self, index: int, delay: int, tail_ms: int) -> bool:
         """Was the model's voice heard by the microphone at `index` (or within tail_ms before)?"""
         tail = tail_ms * IN_RATE // 1000
+        if not self.ref.may_be_loud(index - delay - tail):
+            return False
         window = self.ref.read(index - delay - tail, tail + FRAME)
         return bool(len(window)) and int(np.max(np.abs(window.astype(np.int32)))) > 100
 
@@ -278,8 +319,7 @@ class EchoStage:
         out = self.canceller.process(mic, self.ref.read(index - self.applied_delay + margin, FRAME), self.MARGIN_MS)
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
-        echo_ref = self.ref.read(index - delay, FRAME).astype(np.float64)
-        if float(np.mean(echo_ref * echo_ref)) > 1e4:   # the model is audible in this frame
+        if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
             self.echo_frames += 1
             m = mic.astype(np.float64)
             o = out.astype(np.float64)
@@ -295,6 +335,10 @@ class EchoStage:
             return out if active else raw
         w = self._fade if active else self._fade[::-1]   # weight of the canceller's output
         return (out * w + raw * (1.0 - w)).astype(np.int16)
+
+    def _loud_frame(self, start: int) -> bool:
+        echo_ref = self.ref.read(start, FRAME).astype(np.float64)
+        return float(np.mean(echo_ref * echo_ref)) > 1e4
 
     @property
     def erle_db(self) -> float | None:

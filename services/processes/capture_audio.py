@@ -135,6 +135,13 @@ class DeviceSource:
         self.blocks = 0
         self.realtime: bool | None = None   # decided in the callback thread itself
         self.last_arrival_ns: int | None = None   # callback time of the newest block handled
+        # The callback wakes the event loop only with the block that completes a chunk (input
+        # frames counted in the audio thread; the threshold set by the loop): a wake costs a
+        # loop iteration and a self-pipe write, and half of the 10 ms blocks complete nothing.
+        self.in_frames = 0        # frames delivered by the device so far (audio thread)
+        self.done_frames = 0      # frames the loop has taken from the queue
+        self.wake_at = 0          # ... the count at which the next chunk can be complete
+        self.chunk_frames = chunk_frames
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         try:
@@ -161,6 +168,9 @@ class DeviceSource:
             return
         self.queue.append((bytes(indata), arrival_ns, lost))
         self.blocks += 1
+        self.in_frames += frames
+        if self.in_frames < self.wake_at:
+            return   # no chunk yet: the loop sleeps on (the watchdog still looks in every second)
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             try:
@@ -196,6 +206,7 @@ class DeviceSource:
                 data, arrival_ns, lost = self.queue.popleft()
                 self.last_arrival_ns = arrival_ns
                 block = np.frombuffer(data, dtype="<i2")
+                self.done_frames += len(block) // self.channels
                 self.clock.update(arrival_ns, len(block) // self.channels, reset=lost)
                 if self.channels > 1:
                     block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
@@ -207,6 +218,15 @@ class DeviceSource:
                 self.out_frames += len(out)
                 for chunk in self.chunker.push(out, first_ns):
                     yield chunk
+            self._set_wake_at()
+
+    def _set_wake_at(self) -> None:
+        """The device frame count whose arrival completes the next chunk. Only at 16 kHz: a
+        resampler hands out its output in batches, so which block completes a chunk is not
+        known in advance, and every block wakes the loop as before."""
+        if not self.resampler.passthrough:
+            return
+        self.wake_at = self.done_frames + self.chunk_frames - self.chunker.pending
 
     def close(self) -> None:
         self._loop = None

@@ -800,6 +800,9 @@ class Player:
                     raise DeviceError(f"the {self.sink.kind} sink stopped" + (f": {err}" if err else
                                                                               " (audio device lost)"))
                 self._update_metrics()
+                ref = getattr(self.sink, "on_block", None)
+                if isinstance(ref, EchoReference):   # a device sink: is audio.ref wanted?
+                    ref.refresh()
                 await asyncio.sleep(0.25)
         finally:
             self.sink.close()   # while the loop still runs: no event from the audio thread is left dangling
@@ -829,17 +832,30 @@ class Player:
             m["interrupt_reset_ms_last"] = round(self.reset_ms[-1], 2)
 
 
-def echo_reference_publisher(svc: Service, rate: int) -> Callable[[np.ndarray, int], None]:
-    """audio.ref: exactly what went to the device, for a local capture-audio's echo canceller."""
-    def publish(block: np.ndarray, out_ns: int) -> None:
-        if svc.stopping:
+class EchoReference:
+    """audio.ref: exactly what went to the device, for a local capture-audio's echo canceller.
+
+    Called from the audio thread with each block of a turn. Published only while some process
+    subscribes to audio.ref (`wanted`, refreshed by the event loop every 0.25 s): otherwise each
+    block would wake the loop for nothing (echo off, or no capture-audio on this bus). A
+    capture-audio that subscribes later takes references only after it has seen playback's
+    heartbeat (about a second), so the refresh period loses it nothing."""
+
+    def __init__(self, svc: Service, rate: int) -> None:
+        self.svc, self.rate = svc, rate
+        self.wanted = True
+
+    def refresh(self) -> None:
+        self.wanted = self.svc.has_subscriber("audio.ref")
+
+    def __call__(self, block: np.ndarray, out_ns: int) -> None:
+        if not self.wanted or self.svc.stopping:
             return
         try:
-            svc.publish_threadsafe("audio.ref", "audio", block.tobytes(), rate=rate, channels=1, sample_width=2,
-                                   frames=len(block), out_ts=out_ns)
+            self.svc.publish_threadsafe("audio.ref", "audio", block.tobytes(), rate=self.rate, channels=1,
+                                        sample_width=2, frames=len(block), out_ts=out_ns)
         except (AssertionError, RuntimeError):   # the loop is not running yet / any more
             pass
-    return publish
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -909,7 +925,7 @@ def main(argv: list[str]) -> int:
         return fail("playback", exc)
     player = holder["player"] = Player(svc, jb, sink, device_reset=not args.no_device_reset)
     if isinstance(sink, DeviceSink):
-        sink.on_block = echo_reference_publisher(svc, sink.rate)
+        sink.on_block = EchoReference(svc, sink.rate)
     svc.on("audio.out", player.on_audio)
     svc.on("control", player.on_control)
     try:
