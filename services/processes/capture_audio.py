@@ -43,6 +43,7 @@ log = logging.getLogger("capture-audio")
 
 DEFAULT_CHUNK_MS = 20
 DEFAULT_BLOCK_MS = 10
+DEFAULT_BARGE_IN_MS = 0   # set from measurement (README, echo section)
 
 
 class Publisher:
@@ -320,9 +321,12 @@ class Capture:
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
             async for chunk, ts in self.source.chunks():
-                if self.echo is not None:
-                    chunk, ts = self.echo.process(chunk, ts)
-                self.pub.offer(chunk, ts, getattr(self.source, "last_arrival_ns", None))
+                arrival = getattr(self.source, "last_arrival_ns", None)
+                if self.echo is None:
+                    self.pub.offer(chunk, ts, arrival)
+                    continue
+                for out, out_ts in self.echo.process(chunk, ts):   # none while held, several on release
+                    self.pub.offer(out, out_ts, arrival)
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
             if self.pub.backlog:
@@ -377,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's voice from a local speaker: cancel (WebRTC echo canceller, extra `aec`), "
                         "gate (half duplex: microphone silent while the model is heard), off; auto (default, "
                         "env LIVEPIPE_ECHO) = cancel when playback runs on this machine, else off")
+    p.add_argument("--barge-in-ms", type=int, metavar="MS",
+                   help="with echo cancellation: while the model is heard, a sound reaches the model only once it "
+                        f"has been speech this long (then all of it); shorter bursts (a cough, a click) are sent as "
+                        f"silence. 0 = off (env LIVEPIPE_BARGE_IN_MS, default {DEFAULT_BARGE_IN_MS})")
     add_bus_arguments(p)
     return p
 
@@ -414,7 +422,14 @@ def main(argv: list[str]) -> int:
         return fail("capture-audio", exc)
     if args.echo == "cancel" and not aec_available():
         log.warning("--echo cancel needs the echo canceller (pip install 'livepipe[aec]'): using gate instead")
-    echo = EchoLink(args.echo, socket.gethostname(), log) if isinstance(source, DeviceSource) else None
+    if args.barge_in_ms is None:
+        try:
+            args.barge_in_ms = int(os.environ.get("LIVEPIPE_BARGE_IN_MS") or DEFAULT_BARGE_IN_MS)
+        except ValueError:
+            raise UsageError("LIVEPIPE_BARGE_IN_MS must be a whole number of milliseconds") from None
+    if not 0 <= args.barge_in_ms <= 2000:
+        raise UsageError("--barge-in-ms (LIVEPIPE_BARGE_IN_MS) must be within 0..2000")
+    echo = EchoLink(args.echo, socket.gethostname(), log, barge_in_ms=args.barge_in_ms) if isinstance(source, DeviceSource) else None
     if echo is not None and args.chunk_ms % 10:
         log.warning("echo handling works on 10 ms frames: --chunk-ms %d is not a multiple of 10, so it is off",
                     args.chunk_ms)
