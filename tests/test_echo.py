@@ -5,7 +5,8 @@ its turns, and once over the model (a barge-in).
 
 With `--echo cancel` the emulator hears no speech while the model talks except the real
 barge-in (no self-interruption); with `--echo off` the same room makes the model interrupt
-itself, which shows the test can fail."""
+itself, which shows the test can fail. A cough over the model's reply (a burst of noise) does not
+interrupt it with `cancel`: capture-audio's barge-in guard holds it and sends it as silence."""
 from __future__ import annotations
 
 import time
@@ -77,6 +78,15 @@ class Conversation:
         proc = play_into_mic(self.devices, path, wait=wait)
         self.user.append((start, start + int(len(pcm) / 16000 * 1e9)))
         return proc
+
+    def cough(self, ms: int = 170) -> None:
+        """A cough-like burst (services/bench/barge.py) into the microphone, as loud as the speech."""
+        from livepipe.services.bench.barge import cough
+        said = speech(BARGE_IN).astype(np.float64)
+        level = float(np.sqrt(np.mean(said[np.abs(said) > 300] ** 2)))   # as loud as the user's voice
+        path = self.tmp / "cough.wav"
+        write_wav_int16(path, np.concatenate([cough(ms, level, np.random.default_rng(ms)), np.zeros(1600, np.int16)]), 16000)
+        play_into_mic(self.devices, path, wait=False)
 
     def turns_finished(self) -> list:
         return self.live.rec.select("playback", "turn_finished")
@@ -158,9 +168,11 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
                 conv.say(text)
                 if i < len(TURNS) - 1:
                     conv.wait_turns_finished(i + 1)
-            # The user talks over the third reply: that must still interrupt it.
+            # The user coughs, then talks, over the third reply: only the talk interrupts it.
             live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
-            time.sleep(0.8)
+            time.sleep(0.3)
+            conv.cough()
+            time.sleep(1.0)
             barge_start = time.time_ns()
             conv.say(BARGE_IN)
             live.rec.until(lambda ms: live.rec.select("control", "interrupt"), 5, "the barge-in to interrupt")
@@ -171,6 +183,8 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
         print(f"\necho cancel: interrupts {len(interrupts)}, self-interruptions {len(conv.self_interruptions())}, "
               f"phantom speech {len(conv.phantom_speech())}; ERLE {metrics.get('echo_erle_db')} dB, "
               f"delay estimate {metrics.get('echo_delay_ms')} ms, room delay measured at the devices {true_ms:.1f} ms")
+        print(f"barge-in guard: {({k: v for k, v in metrics.items() if k.startswith('barge_in')})}; reference waits: "
+              f"{({k: v for k, v in metrics.items() if k.startswith('echo_ref_')})}")
         print(f"CPU {conv.cpu()}")
         print(conv.story())
         assert conv.phantom_speech() == [], "the emulator heard speech while the user was silent"
@@ -180,6 +194,7 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
         assert sum(m["interrupted"] for m in finished.values()) == 1
         assert metrics["echo_mode"] == "cancel" and metrics["echo_erle_db"] is not None
         assert abs(metrics["echo_delay_ms"] - true_ms) < 50, "the delay estimate is off the room's delay"
+        assert metrics["barge_in_silenced"] >= 1 and metrics["barge_in_released"] >= 1, metrics
     finally:
         conv.close()
 

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -47,8 +48,11 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {     # name -> (capture-audio
     "cancel_only": (["--barge-in-ms", "0"], []),
     "guard_200ms": (["--barge-in-ms", "200"], []),
     "guard_260ms": (["--barge-in-ms", "260"], []),
+    "guard_300ms": (["--barge-in-ms", "300"], []),
     "service_prefix_300ms": (["--barge-in-ms", "0"], ["--vad-prefix-ms", "300"]),
+    "guard_260ms_no_ref_wait": (["--barge-in-ms", "260", "--echo-ref-wait-ms", "0"], []),
 }
+DEFAULT_CONFIGS = ["cancel_only", "guard_200ms", "guard_260ms", "guard_300ms", "service_prefix_300ms"]
 
 
 def speak(text: str, workdir: Path) -> np.ndarray:
@@ -275,7 +279,10 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
         dev.close()
 
 
-def bench(configs: list[str], coughs: int, barge_ins: int, seed: int) -> dict[str, Any]:
+BUSY = "import time\nt = time.monotonic() + {s}\nwhile time.monotonic() < t:\n    pass\n"
+
+
+def bench(configs: list[str], coughs: int, barge_ins: int, seed: int, load: int = 0) -> dict[str, Any]:
     daemon = PulseDaemon.ensure()
     workdir = Path(tempfile.mkdtemp(prefix="livepipe-bench-barge-"))
     state = workdir / "state"
@@ -284,7 +291,10 @@ def bench(configs: list[str], coughs: int, barge_ins: int, seed: int) -> dict[st
     env.update(daemon.env, PYTHONUNBUFFERED="1", LIVEPIPE_STATE_DIR=str(state), LIVEPIPE_BACKEND="emulator")
     emulator = spawn_livepipe(["emulator", "--port", "0", "--state-dir", str(state), "--timeline", "off"], env,
                               log=workdir / "emulator.log")
-    result: dict[str, Any] = {"room": f"module-loopback {ECHO_LATENCY_MS} ms, volume {ECHO_VOLUME}", "workdir": str(workdir)}
+    result: dict[str, Any] = {"room": f"module-loopback {ECHO_LATENCY_MS} ms, volume {ECHO_VOLUME}", "workdir": str(workdir),
+                              "busy_loops": load}
+    # CPU load: busy Python loops, each ending by itself after 20 minutes at most
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY.format(s=1200)]) for _ in range(load)]
     try:
         deadline = time.monotonic() + 20
         while not (state / "emulator" / "emulator.json").exists():
@@ -295,6 +305,9 @@ def bench(configs: list[str], coughs: int, barge_ins: int, seed: int) -> dict[st
             cap, br = CONFIGS[name]
             result[name] = run_config(name, cap, br, env, daemon, workdir, coughs, barge_ins, seed + i)
     finally:
+        for b in busy:
+            b.kill()
+            b.wait()
         stop_process(emulator)
         daemon.close()
     return result
@@ -307,8 +320,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--coughs", type=int, default=20, help="coughs over the model per configuration (default 20)")
     p.add_argument("--barge-ins", type=int, default=3, help="spoken barge-ins per configuration (default 3)")
     p.add_argument("--config", action="append", choices=list(CONFIGS),
-                   help=f"configurations to run (default all: {', '.join(CONFIGS)})")
+                   help=f"configurations to run (default: {', '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--load", type=int, default=0, metavar="N", help="N busy Python loops running meanwhile (CPU load)")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    print(json.dumps(bench(args.config or list(CONFIGS), args.coughs, args.barge_ins, args.seed), indent=2))
+    if not 0 <= args.load <= 8:
+        p.error("--load must be within 0..8")
+    print(json.dumps(bench(args.config or DEFAULT_CONFIGS, args.coughs, args.barge_ins, args.seed, args.load), indent=2))
     return 0

@@ -108,6 +108,8 @@ class ReferenceTrack:
         self._next_ns = 0
         self.blocks = 0
         self.last_loud_index = -(1 << 62)                # newest grid index with audible reference
+        self.last_start = 0                              # grid index where the newest block begins
+        self.tail_loud = False                           # the newest 10 ms received was audible
 
     def add(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
         """`pcm` (int16 mono at `rate`) whose first sample sounds at `first_ns`."""
@@ -123,7 +125,9 @@ class ReferenceTrack:
         if not len(out):
             return
         start = self._next
+        self.last_start = start
         self._next += len(out)
+        self.tail_loud = bool(np.max(np.abs(out[-FRAME:].astype(np.int32))) > 100)
         k = np.arange(start, start + len(out), dtype=np.int64)
         self.buf[k % self.size] = out
         self.stamp[k % self.size] = k
@@ -219,10 +223,14 @@ class EchoStage:
     # quiet, so nothing waits while nobody speaks.
     MAX_REF_WAIT_MS = 40
     LOUD_RMS = 100.0        # about -50 dBFS
+    IDLE_MS = 300           # a reference that ended this long before a chunk's time: no turn is playing
 
-    def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None) -> None:
+    def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None,
+                 max_ref_wait_ms: int | None = None) -> None:
         assert mode in MODES, mode
         self.mode = mode
+        if max_ref_wait_ms is not None:
+            self.MAX_REF_WAIT_MS = max_ref_wait_ms
         self.make_canceller = make_canceller
         self.canceller = make_canceller() if make_canceller is not None and mode == "cancel" else None
         self.latency = self.canceller.latency if self.canceller is not None else 0
@@ -254,8 +262,9 @@ class EchoStage:
         self.ref.add(pcm, rate, first_ns)
         end = self.ref.end_index
         while self._timed_out and end is not None and self._timed_out[0] <= end:
-            self._timed_out.popleft()
-            self.ref_late += 1
+            # a block that starts past what a chunk needed: that stretch was silence, not late
+            if self._timed_out.popleft() > self.ref.last_start:
+                self.ref_late += 1
 
     def _ref_needed(self, chunk_len: int, capture_ns: int) -> int:
         """Grid index just past the last reference sample the canceller reads for this chunk."""
@@ -265,13 +274,17 @@ class EchoStage:
         """May this chunk be processed now? No only while it is loud, its reference has not
         arrived yet, and it has waited less than MAX_REF_WAIT_MS. After a wait that timed out (the
         model is silent: the user speaks), nothing waits again until a new reference block arrives."""
-        if self.mode != "cancel" or not len(chunk):
+        if self.mode != "cancel" or not len(chunk) or not self.MAX_REF_WAIT_MS:
             return True
         need = self._ref_needed(len(chunk), capture_ns)
         end = self.ref.end_index
         if end is not None and end >= need:
             return True
         if self._gave_up_at == end:
+            return True
+        # The reference stream runs (its end is within IDLE_MS of what is needed) but the model fell
+        # silent at its end: the turn is over, what follows is silence, nothing to wait for.
+        if end is not None and need - end < self.IDLE_MS * IN_RATE // 1000 and not self.ref.tail_loud:
             return True
         if math.sqrt(float(np.mean(np.square(chunk, dtype=np.float64)))) < self.LOUD_RMS:
             return True
@@ -459,8 +472,10 @@ class EchoLink:
 
     LOCAL_TIMEOUT_S = 5.0     # a local playback silent this long (no heartbeat) is gone
 
-    def __init__(self, requested: str, host: str, log: Any, clock: Any = None, barge_in_ms: int = 0) -> None:
+    def __init__(self, requested: str, host: str, log: Any, clock: Any = None, barge_in_ms: int = 0,
+                 ref_wait_ms: int | None = None) -> None:
         self.requested, self.host, self.log = requested, host, log
+        self.ref_wait_ms = ref_wait_ms
         self.clock = clock or time.monotonic
         self.barge_in_ms = barge_in_ms
         self.guard: BargeInGuard | None = None
@@ -511,7 +526,7 @@ class EchoLink:
         if mode == "off":
             return None
         if self.stage is None or self.stage.mode != mode:
-            self.stage = EchoStage(mode, ApmCanceller if mode == "cancel" else None)
+            self.stage = EchoStage(mode, ApmCanceller if mode == "cancel" else None, self.ref_wait_ms)
         return self.stage
 
     def process(self, chunk: np.ndarray, capture_ns: int) -> list[tuple[np.ndarray, int]]:

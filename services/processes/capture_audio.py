@@ -43,7 +43,7 @@ log = logging.getLogger("capture-audio")
 
 DEFAULT_CHUNK_MS = 20
 DEFAULT_BLOCK_MS = 10
-DEFAULT_BARGE_IN_MS = 0   # set from measurement (README, echo section)
+DEFAULT_BARGE_IN_MS = 300   # measured: README, echo section (livepipe bench barge)
 
 
 class Publisher:
@@ -385,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with echo cancellation: while the model is heard, a sound reaches the model only once it "
                         f"has been speech this long (then all of it); shorter bursts (a cough, a click) are sent as "
                         f"silence. 0 = off (env LIVEPIPE_BARGE_IN_MS, default {DEFAULT_BARGE_IN_MS})")
+    p.add_argument("--echo-ref-wait-ms", type=int, default=40, metavar="MS",
+                   help="with echo cancellation: longest a loud microphone chunk waits for its late echo reference "
+                        "(default 40; 0 = never wait)")
     add_bus_arguments(p)
     return p
 
@@ -429,7 +432,17 @@ def main(argv: list[str]) -> int:
             raise UsageError("LIVEPIPE_BARGE_IN_MS must be a whole number of milliseconds") from None
     if not 0 <= args.barge_in_ms <= 2000:
         raise UsageError("--barge-in-ms (LIVEPIPE_BARGE_IN_MS) must be within 0..2000")
-    echo = EchoLink(args.echo, socket.gethostname(), log, barge_in_ms=args.barge_in_ms) if isinstance(source, DeviceSource) else None
+    if args.barge_in_ms and args.echo in ("auto", "cancel"):
+        try:
+            import webrtcvad  # noqa: F401   (the guard's speech detector, in the `aec` extra)
+        except ImportError:
+            log.warning("--barge-in-ms needs webrtcvad (pip install 'livepipe[aec]'): a cough over the model "
+                        "may interrupt it")
+            args.barge_in_ms = 0
+    if not 0 <= args.echo_ref_wait_ms <= 200:
+        raise UsageError("--echo-ref-wait-ms must be within 0..200")
+    echo = EchoLink(args.echo, socket.gethostname(), log, barge_in_ms=args.barge_in_ms,
+                    ref_wait_ms=args.echo_ref_wait_ms) if isinstance(source, DeviceSource) else None
     if echo is not None and args.chunk_ms % 10:
         log.warning("echo handling works on 10 ms frames: --chunk-ms %d is not a multiple of 10, so it is off",
                     args.chunk_ms)
