@@ -147,7 +147,9 @@ def room_delay_ms(spk: MonitorRecorder, mic: MonitorRecorder) -> float:
 @pytest.mark.parametrize("echo", ["cancel", "off"])
 def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_factory, bus_env) -> None:
     add_room(pulse_devices)
-    live = live_factory()
+    # The emulator speaks in real time (as a reply is heard), so a barge-in late in a reply still
+    # finds it talking.
+    live = live_factory(emulator_args=("--pace", "1"))
     conv = Conversation(live, bus_env, pulse_devices, echo, tmp_path)
     try:
         # The speaker's monitor and the microphone, both recorded: the room's true delay. (Recording
@@ -170,12 +172,16 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
                     conv.wait_turns_finished(i + 1)
             # The user coughs, then talks, over the third reply: only the talk interrupts it.
             live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
-            time.sleep(0.3)
+            time.sleep(0.1)
             conv.cough()
-            time.sleep(1.0)
+            time.sleep(0.7)
             barge_start = time.time_ns()
             conv.say(BARGE_IN)
-            live.rec.until(lambda ms: live.rec.select("control", "interrupt"), 5, "the barge-in to interrupt")
+            try:
+                live.rec.until(lambda ms: live.rec.select("control", "interrupt"), 5, "the barge-in to interrupt")
+            except AssertionError:
+                print(conv.story(), {k: v for k, v in conv.capture_metrics().items() if k.startswith(("barge", "echo_ref"))})
+                raise
             conv.wait_turns_finished(4)
             true_ms = room_delay_ms(spk, mic)
         interrupts = live.rec.select("control", "interrupt")

@@ -402,7 +402,8 @@ class BargeInGuard:
     Bursts that start while the model is silent are never held. Timestamps are kept, so audio.in
     stays continuous; only the moment a held burst is sent moves (by up to `min_ms` + END_MS)."""
 
-    END_MS = 160            # a burst ends after this much unvoiced audio (a pause inside a word is shorter)
+    END_MS = 400            # a burst ends after this much unvoiced audio: a pause between words is shorter,
+                            # so a short first word ("Stop.") is released with the words after it
     OPEN_END_MS = 600       # released speech: stop passing straight through after this much silence
     MAX_HOLD_MS = 1500      # never hold longer than this, whatever the detector says
 

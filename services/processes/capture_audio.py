@@ -43,7 +43,7 @@ log = logging.getLogger("capture-audio")
 
 DEFAULT_CHUNK_MS = 20
 DEFAULT_BLOCK_MS = 10
-DEFAULT_BARGE_IN_MS = 300   # measured: README, echo section (livepipe bench barge)
+DEFAULT_BARGE_IN_MS = 260   # measured: README, echo section (livepipe bench barge)
 
 
 class Publisher:
