@@ -141,8 +141,8 @@ def room_delay_ms(spk: MonitorRecorder, mic: MonitorRecorder) -> float:
 
 
 # One rerun: on a loaded machine the reference on audio.ref can reach capture-audio after the echo
-# of a reply's first syllable, which then passes uncancelled (seen once in about six suite runs).
-# The fix is to hold microphone frames until their reference has arrived (an open item).
+# of a reply's first syllable (seen once in about six suite runs). Microphone chunks now wait for
+# it up to 40 ms (echo_ref_waits); a reference later than that still lets the echo through.
 @pytest.mark.flaky(reruns=1)
 @pytest.mark.parametrize("echo", ["cancel", "off"])
 def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_factory, bus_env) -> None:
