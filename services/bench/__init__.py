@@ -13,6 +13,7 @@ BENCHES = {
     "capture": "capture chunk length vs latency and CPU (why 20 ms)",
     "pipeline": "voice-to-voice on null-sink devices against a one-process client in the same run",
     "aec": "echo cancellers on a synthetic echo: ERLE, the near voice kept, CPU (why WebRTC APM)",
+    "barge": "coughs over the model's reply and a spoken barge-in through a PulseAudio room, per protection",
 }
 
 

@@ -10,10 +10,17 @@ removed from the microphone signal before it becomes audio.in.
   high-pass filter and gain control) from the `livekit` package (extra `aec`).
 - `EchoStage` ties them together for one microphone: `cancel`, `gate` (half duplex: the
   microphone is silenced while the model is heard, plus a tail) or `off`, with metrics
-  (ERLE, estimated delay) for the heartbeat.
+  (ERLE, estimated delay) for the heartbeat. A microphone chunk that may hold echo waits for its
+  reference when that is late (`reference_ready`, bounded by MAX_REF_WAIT_MS).
+- `BargeInGuard` keeps a cough, a click or a burst of residual echo from cutting the model off:
+  while the model is heard, a new sound burst is held until it has been speech long enough to be
+  a barge-in, then released whole (nothing said is lost); a burst that ends before that is sent
+  as silence, and counted.
 """
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
@@ -123,6 +130,8 @@ class ReferenceTrack:
         self._next_ns = 0
         self.blocks = 0
         self.last_loud_index = -(1 << 62)                # newest grid index with audible reference
+        self.last_start = 0                              # grid index where the newest block begins
+        self.tail_loud = False                           # the newest 10 ms received was audible
 
     def add(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
         """`pcm` (int16 mono at `rate`) whose first sample sounds at `first_ns`."""
@@ -138,7 +147,9 @@ class ReferenceTrack:
         if not len(out):
             return
         start = self._next
+        self.last_start = start
         self._next += len(out)
+        self.tail_loud = bool(np.max(np.abs(out[-FRAME:].astype(np.int32))) > 100)
         for pos, slot, m in self._segments(start, len(out)):
             self.buf[slot:slot + m] = out[pos:pos + m]
             self.lap[slot:slot + m] = (start + pos) // self.size
@@ -154,6 +165,11 @@ class ReferenceTrack:
             runs.append((pos, slot, m))
             pos += m
         return runs
+
+    @property
+    def end_index(self) -> int | None:
+        """Grid index just past the newest reference sample received (None before any)."""
+        return self._next
 
     def read(self, start: int, n: int) -> np.ndarray:
         """Grid samples [start, start+n); silence where nothing was played."""
@@ -241,9 +257,19 @@ class EchoStage:
     REALIGN_MS = 20         # a delay estimate this far from the one applied re-aligns the reference
     QUIET_MS = 500          # ... once the model has been silent this long
 
-    def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None) -> None:
+    # A chunk whose reference has not arrived (playback or the bus slowed by CPU load) waits for
+    # it this long at most, and only if it is loud enough to hold an echo: the room is otherwise
+    # quiet, so nothing waits while nobody speaks.
+    MAX_REF_WAIT_MS = 40
+    LOUD_RMS = 100.0        # about -50 dBFS
+    IDLE_MS = 300           # a reference that ended this long before a chunk's time: no turn is playing
+
+    def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None,
+                 max_ref_wait_ms: int | None = None) -> None:
         assert mode in MODES, mode
         self.mode = mode
+        if max_ref_wait_ms is not None:
+            self.MAX_REF_WAIT_MS = max_ref_wait_ms
         self.make_canceller = make_canceller
         self.canceller = make_canceller() if make_canceller is not None and mode == "cancel" else None
         self.latency = self.canceller.latency if self.canceller is not None else 0
@@ -263,9 +289,55 @@ class EchoStage:
         self.echo_frames = 0        # frames in which the model was audible
         self.gated_frames = 0
         self.cancelled_frames = 0   # frames published from the canceller's output
+        self.heard = False          # the model was audible in the last chunk processed
+        self.ref_waits = 0          # chunks held for a late reference
+        self.ref_wait_ms_max = 0.0
+        self.ref_timeouts = 0       # chunks that waited the full bound, then went on without it
+        self.ref_late = 0           # ... whose reference did arrive afterwards (echo passed uncancelled)
+        self._gave_up_at: int | None = None      # reference end when a wait last timed out
+        self._timed_out: deque[int] = deque(maxlen=64)   # reference index those chunks needed
 
     def add_reference(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
         self.ref.add(pcm, rate, first_ns)
+        end = self.ref.end_index
+        while self._timed_out and end is not None and self._timed_out[0] <= end:
+            # a block that starts past what a chunk needed: that stretch was silence, not late
+            if self._timed_out.popleft() > self.ref.last_start:
+                self.ref_late += 1
+
+    def _ref_needed(self, chunk_len: int, capture_ns: int) -> int:
+        """Grid index just past the last reference sample the canceller reads for this chunk."""
+        return capture_ns * IN_RATE // NS + chunk_len - self.applied_delay + self.MARGIN_MS * IN_RATE // 1000
+
+    def reference_ready(self, chunk: np.ndarray, capture_ns: int, waited_ns: int) -> bool:
+        """May this chunk be processed now? No only while it is loud, its reference has not
+        arrived yet, and it has waited less than MAX_REF_WAIT_MS. After a wait that timed out (the
+        model is silent: the user speaks), nothing waits again until a new reference block arrives."""
+        if self.mode != "cancel" or not len(chunk) or not self.MAX_REF_WAIT_MS:
+            return True
+        need = self._ref_needed(len(chunk), capture_ns)
+        end = self.ref.end_index
+        if end is not None and end >= need:
+            return True
+        if self._gave_up_at == end:
+            return True
+        # The reference stream runs (its end is within IDLE_MS of what is needed) but the model fell
+        # silent at its end: the turn is over, what follows is silence, nothing to wait for.
+        if end is not None and need - end < self.IDLE_MS * IN_RATE // 1000 and not self.ref.tail_loud:
+            return True
+        if math.sqrt(float(np.mean(np.square(chunk, dtype=np.float64)))) < self.LOUD_RMS:
+            return True
+        if waited_ns >= self.MAX_REF_WAIT_MS * 1_000_000:
+            self.ref_timeouts += 1
+            self._gave_up_at = end
+            self._timed_out.append(need)
+            return True
+        return False
+
+    def note_wait(self, waited_ns: int) -> None:
+        """A chunk that was held for its reference is processed now."""
+        self.ref_waits += 1
+        self.ref_wait_ms_max = max(self.ref_wait_ms_max, waited_ns / 1e6)
 
     @property
     def delay_samples(self) -> int:
@@ -283,8 +355,11 @@ class EchoStage:
             return chunk
         start = capture_ns * IN_RATE // NS
         out = chunk.copy()
+        heard = False
         for i in range(0, len(chunk) - FRAME + 1, FRAME):
             out[i:i + FRAME] = self._frame(chunk[i:i + FRAME], start + i)
+            heard = heard or self._active
+        self.heard = heard
         return out
 
     def _audible(self, index: int, delay: int, tail_ms: int) -> bool:
@@ -307,7 +382,9 @@ class EchoStage:
         if self.mode == "gate":
             if self._audible(index, delay, self.GATE_TAIL_MS):
                 self.gated_frames += 1
+                self._active = True
                 return np.zeros(FRAME, np.int16)
+            self._active = False
             return mic
         margin = self.MARGIN_MS * IN_RATE // 1000
         assert self.canceller is not None and self.make_canceller is not None
@@ -354,7 +431,80 @@ class EchoStage:
                 "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
                 "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
                 "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
-                "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1)}
+                "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1),
+                "echo_ref_waits": self.ref_waits, "echo_ref_wait_ms_max": round(self.ref_wait_ms_max, 1),
+                "echo_ref_timeouts": self.ref_timeouts, "echo_ref_late": self.ref_late}
+
+
+class BargeInGuard:
+    """While the model is heard, a new sound burst reaches audio.in only once it has been speech
+    for `min_ms` (webrtcvad 20 ms frames, as the service's start of speech): then all of it is
+    released at once, onset included, and the stream runs live again. A burst that falls silent
+    for END_MS before that (a cough, a click, a burst of residual echo) goes out as silence of the
+    same length, counted: the service never takes it for the user barging in.
+
+    Bursts that start while the model is silent are never held. Timestamps are kept, so audio.in
+    stays continuous; only the moment a held burst is sent moves (by up to `min_ms` + END_MS)."""
+
+    END_MS = 400            # a burst ends after this much unvoiced audio: a pause between words is shorter,
+                            # so a short first word ("Stop.") is released with the words after it
+    OPEN_END_MS = 600       # released speech: stop passing straight through after this much silence
+    MAX_HOLD_MS = 1500      # never hold longer than this, whatever the detector says
+
+    def __init__(self, min_ms: int) -> None:
+        from livepipe.services.lib.vad import VoiceFramer   # webrtcvad: the `aec` extra
+        self.min_ms = min_ms
+        self._vad = VoiceFramer(IN_RATE, 20, 2, 60.0)       # the emulator's detector settings
+        self.state = "idle"                                  # idle | hold | open
+        self._held: list[tuple[np.ndarray, int]] = []
+        self._held_ms = 0.0
+        self._voiced_ms = 0
+        self._quiet_ms = 0.0
+        self.held_bursts = 0
+        self.released_bursts = 0
+        self.silenced_bursts = 0
+        self.silenced_ms = 0.0
+        self.release_delay_ms_max = 0.0
+        self.release_delay_ms_last = 0.0
+
+    def push(self, chunk: np.ndarray, ts: int, model_heard: bool) -> list[tuple[np.ndarray, int]]:
+        voiced_ms = 20 * sum(self._vad.is_voiced(f) for f in self._vad.cut(chunk))
+        chunk_ms = len(chunk) * 1000 / IN_RATE
+        self._quiet_ms = 0.0 if voiced_ms else self._quiet_ms + chunk_ms
+        if self.state == "idle":
+            if not (model_heard and voiced_ms):
+                return [(chunk, ts)]
+            self.state, self._held, self._held_ms, self._voiced_ms = "hold", [], 0.0, 0
+            self.held_bursts += 1
+        if self.state == "open":
+            if self._quiet_ms >= self.OPEN_END_MS:
+                self.state = "idle"
+            return [(chunk, ts)]
+        self._held.append((chunk, ts))
+        self._held_ms += chunk_ms
+        self._voiced_ms += voiced_ms
+        if self._voiced_ms >= self.min_ms or self._held_ms >= self.MAX_HOLD_MS:
+            out, self._held = self._held, []
+            self.state = "open"
+            self.released_bursts += 1
+            delay = self._held_ms - chunk_ms
+            self.release_delay_ms_last = delay
+            self.release_delay_ms_max = max(self.release_delay_ms_max, delay)
+            return out
+        if self._quiet_ms >= self.END_MS:
+            out = [(np.zeros_like(c), t) for c, t in self._held]
+            self._held = []
+            self.state = "idle"
+            self.silenced_bursts += 1
+            self.silenced_ms += self._held_ms
+            return out
+        return []
+
+    def metrics(self) -> dict[str, Any]:
+        return {"barge_in_min_ms": self.min_ms, "barge_in_held": self.held_bursts,
+                "barge_in_released": self.released_bursts, "barge_in_silenced": self.silenced_bursts,
+                "barge_in_silenced_ms": round(self.silenced_ms), "barge_in_delay_ms_last": round(self.release_delay_ms_last),
+                "barge_in_delay_ms_max": round(self.release_delay_ms_max)}
 
 
 class EchoLink:
@@ -367,10 +517,15 @@ class EchoLink:
 
     LOCAL_TIMEOUT_S = 5.0     # a local playback silent this long (no heartbeat) is gone
 
-    def __init__(self, requested: str, host: str, log: Any, clock: Any = None) -> None:
-        import time
+    def __init__(self, requested: str, host: str, log: Any, clock: Any = None, barge_in_ms: int = 0,
+                 ref_wait_ms: int | None = None) -> None:
         self.requested, self.host, self.log = requested, host, log
+        self.ref_wait_ms = ref_wait_ms
         self.clock = clock or time.monotonic
+        self.barge_in_ms = barge_in_ms
+        self.guard: BargeInGuard | None = None
+        # chunks waiting for their reference: (chunk, capture ns, arrival monotonic ns)
+        self._pending: deque[tuple[np.ndarray, int, int]] = deque()
         self.local_playback: dict[str, float] = {}    # playback instance -> last heartbeat (monotonic)
         self.stage: EchoStage | None = None
         self.ignored_refs = 0                         # audio.ref from a playback on another machine
@@ -416,28 +571,56 @@ class EchoLink:
         if mode == "off":
             return None
         if self.stage is None or self.stage.mode != mode:
-            self.stage = EchoStage(mode, ApmCanceller if mode == "cancel" else None)
+            self.stage = EchoStage(mode, ApmCanceller if mode == "cancel" else None, self.ref_wait_ms)
         return self.stage
 
-    def process(self, chunk: np.ndarray, capture_ns: int) -> tuple[np.ndarray, int]:
-        """A microphone chunk -> (chunk to publish, capture time of its first sample)."""
+    def process(self, chunk: np.ndarray, capture_ns: int) -> list[tuple[np.ndarray, int]]:
+        """A microphone chunk -> the chunks to publish now, in order, each with the capture time of
+        its first sample: none while it waits for its reference or the guard holds a burst."""
         if len(chunk) % FRAME:
-            return chunk, capture_ns   # not whole 10 ms frames (--chunk-ms not a multiple of 10): said at startup
+            return [(chunk, capture_ns)]   # not whole 10 ms frames (--chunk-ms not a multiple of 10): said at startup
         if not self.local_playback:
             if (self.requested in ("cancel", "gate") and not self._said_none
                     and self.clock() - self._started > self.LOCAL_TIMEOUT_S):
                 self._said_none = True
                 self.log.warning("--echo %s: no playback runs on this machine (no heartbeat from host %s); "
                                  "nothing to cancel until one does", self.requested, self.host)
-            return chunk, capture_ns
+            return self._flush() + [(chunk, capture_ns)]
         stage = self._stage()
         if stage is None:
-            return chunk, capture_ns
-        return stage.process(chunk, capture_ns), capture_ns - stage.latency_ns
+            return self._flush() + [(chunk, capture_ns)]
+        now = time.monotonic_ns()
+        self._pending.append((chunk, capture_ns, now))
+        out: list[tuple[np.ndarray, int]] = []
+        while self._pending:
+            c, ts, arrived = self._pending[0]
+            if not stage.reference_ready(c, ts, now - arrived):
+                break
+            self._pending.popleft()
+            if c is not chunk:   # an earlier chunk that waited for its reference
+                stage.note_wait(now - arrived)
+            processed = stage.process(c, ts)
+            ts -= stage.latency_ns
+            if self.barge_in_ms and stage.mode == "cancel":
+                if self.guard is None:
+                    self.guard = BargeInGuard(self.barge_in_ms)
+                out.extend(self.guard.push(processed, ts, stage.heard))
+            else:
+                out.append((processed, ts))
+        return out
+
+    def _flush(self) -> list[tuple[np.ndarray, int]]:
+        """Chunks still waiting when echo handling stops: sent as they are."""
+        out = [(c, ts) for c, ts, _ in self._pending]
+        self._pending.clear()
+        return out
 
     def metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = {"echo": self.requested, "echo_reference": "local" if self.local else "none",
                              "echo_ignored_refs": self.ignored_refs, "echo_bad_refs": self.bad_refs}
+        m["barge_in_min_ms"] = self.barge_in_ms
+        if self.guard is not None:
+            m.update(self.guard.metrics())
         if self.stage is not None:
             m.update(self.stage.metrics())
         else:

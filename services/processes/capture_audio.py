@@ -43,6 +43,7 @@ log = logging.getLogger("capture-audio")
 
 DEFAULT_CHUNK_MS = 20
 DEFAULT_BLOCK_MS = 10
+DEFAULT_BARGE_IN_MS = 260   # measured: README, echo section (livepipe bench barge)
 
 
 class Publisher:
@@ -340,9 +341,12 @@ class Capture:
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
             async for chunk, ts in self.source.chunks():
-                if self.echo is not None:
-                    chunk, ts = self.echo.process(chunk, ts)
-                self.pub.offer(chunk, ts, getattr(self.source, "last_arrival_ns", None))
+                arrival = getattr(self.source, "last_arrival_ns", None)
+                if self.echo is None:
+                    self.pub.offer(chunk, ts, arrival)
+                    continue
+                for out, out_ts in self.echo.process(chunk, ts):   # none while held, several on release
+                    self.pub.offer(out, out_ts, arrival)
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
             if self.pub.backlog:
@@ -397,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model's voice from a local speaker: cancel (WebRTC echo canceller, extra `aec`), "
                         "gate (half duplex: microphone silent while the model is heard), off; auto (default, "
                         "env LIVEPIPE_ECHO) = cancel when playback runs on this machine, else off")
+    p.add_argument("--barge-in-ms", type=int, metavar="MS",
+                   help="with echo cancellation: while the model is heard, a sound reaches the model only once it "
+                        f"has been speech this long (then all of it); shorter bursts (a cough, a click) are sent as "
+                        f"silence. 0 = off (env LIVEPIPE_BARGE_IN_MS, default {DEFAULT_BARGE_IN_MS})")
+    p.add_argument("--echo-ref-wait-ms", type=int, default=40, metavar="MS",
+                   help="with echo cancellation: longest a loud microphone chunk waits for its late echo reference "
+                        "(default 40; 0 = never wait)")
     add_bus_arguments(p)
     return p
 
@@ -434,7 +445,24 @@ def main(argv: list[str]) -> int:
         return fail("capture-audio", exc)
     if args.echo == "cancel" and not aec_available():
         log.warning("--echo cancel needs the echo canceller (pip install 'livepipe[aec]'): using gate instead")
-    echo = EchoLink(args.echo, socket.gethostname(), log) if isinstance(source, DeviceSource) else None
+    if args.barge_in_ms is None:
+        try:
+            args.barge_in_ms = int(os.environ.get("LIVEPIPE_BARGE_IN_MS") or DEFAULT_BARGE_IN_MS)
+        except ValueError:
+            raise UsageError("LIVEPIPE_BARGE_IN_MS must be a whole number of milliseconds") from None
+    if not 0 <= args.barge_in_ms <= 2000:
+        raise UsageError("--barge-in-ms (LIVEPIPE_BARGE_IN_MS) must be within 0..2000")
+    if args.barge_in_ms and args.echo in ("auto", "cancel"):
+        try:
+            import webrtcvad  # noqa: F401   (the guard's speech detector, in the `aec` extra)
+        except ImportError:
+            log.warning("--barge-in-ms needs webrtcvad (pip install 'livepipe[aec]'): a cough over the model "
+                        "may interrupt it")
+            args.barge_in_ms = 0
+    if not 0 <= args.echo_ref_wait_ms <= 200:
+        raise UsageError("--echo-ref-wait-ms must be within 0..200")
+    echo = EchoLink(args.echo, socket.gethostname(), log, barge_in_ms=args.barge_in_ms,
+                    ref_wait_ms=args.echo_ref_wait_ms) if isinstance(source, DeviceSource) else None
     if echo is not None and args.chunk_ms % 10:
         log.warning("echo handling works on 10 ms frames: --chunk-ms %d is not a multiple of 10, so it is off",
                     args.chunk_ms)
