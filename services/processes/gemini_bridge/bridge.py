@@ -48,7 +48,8 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.audio_q: deque[bytes | str] = deque()   # PCM chunks, and ACTIVITY_* markers with --vad off
         self.audio_q_bytes = 0
         self.audio_event = asyncio.Event()
-        self.in_stamps: dict[str, int | None] = {}   # latency budget of the newest audio.in chunk
+        self.in_stamps: dict[str, int | None] = {}   # latency budget of the newest audio.in chunk sent
+        self.in_stamps_received: dict[str, int | None] = {}   # ...of the newest one received
         self.reply_recv_ts = 0                  # when the server message being handled arrived
         self.stamped_turn = 0                   # newest turn whose first audio.out carried stamps
         self.speech = SpeechMarker(s.vad_silence_ms or 800) if not s.vad else None

@@ -52,9 +52,10 @@ class InputSide:
                                      f"{msg['channels']} ch, {msg['sample_width']} B to 16 kHz mono s16")
         if not pcm:
             return
-        # Latency budget (README): the input path of the newest chunk, put on the next reply.
+        # Latency budget (README): the input path of the newest chunk, put on the next reply once that
+        # chunk is on the socket (so a reply never carries a half-stamped chunk).
         stamps = msg.get("stamps") or {}
-        self.in_stamps = {"in_capture_ts": msg.get("capture_ts"), "in_callback_ts": stamps.get("callback_ts"),
+        self.in_stamps_received = {"in_capture_ts": msg.get("capture_ts"), "in_callback_ts": stamps.get("callback_ts"),
                           "in_pub_ts": msg["ts"], "in_recv_ts": time.time_ns()}
         starts = ends = False
         if self.speech is not None:
@@ -147,7 +148,7 @@ class InputSide:
                     if isinstance(chunk, bytes):
                         self.audio_q_bytes -= len(chunk)
                         if not self.audio_q:   # the newest chunk is on the socket
-                            self.in_stamps["in_sent_ts"] = time.time_ns()
+                            self.in_stamps = {**self.in_stamps_received, "in_sent_ts": time.time_ns()}
                 link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
                 if self._gap_from and isinstance(chunk, bytes):
                     gap = round((time.monotonic() - self._gap_from) * 1000, 1)
