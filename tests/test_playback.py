@@ -280,6 +280,18 @@ def test_jitter_buffer_counts_an_underrun_only_when_the_turn_goes_on():
     assert [k for k, _ in events] == ["turn_started", "underrun", "turn_finished", "turn_started"]
 
 
+def test_jitter_buffer_refilled_between_two_pulls_is_no_underrun():
+    """The model's chunks arrive at their own times: a queue that empties exactly at the end of a
+    block and refills before the next pull left no gap to hear (no underrun, no prebuffer growth)."""
+    jb, events, clock = make_buffer(prebuffer_ms=0)
+    jb.push(1, np.full(960, 1, np.int16))            # a 40 ms chunk
+    assert (pull(jb, clock, 2) == 1).sum() == 960     # two full 20 ms blocks: dry at a block's end
+    jb.push(1, np.full(960, 1, np.int16))            # the next chunk, before the next pull
+    assert (pull(jb, clock, 2) == 1).sum() == 960     # played on without a silent sample
+    assert jb.stats["underruns"] == 0 and jb.prebuffer_ms == 0.0
+    assert [k for k, _ in events] == ["turn_started"]
+
+
 def test_jitter_buffer_interrupt_drops_queued_and_late_audio_and_reports_what_was_heard():
     jb, events, clock = make_buffer(prebuffer_ms=0)
     jb.push(1, np.full(24000, 3, np.int16))         # 1 s

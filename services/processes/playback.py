@@ -79,7 +79,7 @@ class TurnFinished:
 
 class _Turn:
     __slots__ = ("turn", "chunks", "head", "queued", "pulled", "ended", "started", "state",
-                 "wait_since", "dry_since", "end_ns", "blocks", "arrived_ns")
+                 "wait_since", "dry_since", "gap_heard", "end_ns", "blocks", "arrived_ns")
 
     def __init__(self, turn: int, now: float, arrived_ns: int = 0) -> None:
         self.turn = turn
@@ -93,6 +93,10 @@ class _Turn:
         self.state = PREBUFFER
         self.wait_since = now          # when it began waiting for its prebuffer
         self.dry_since = 0.0           # when it ran dry (STARVED)
+        # Whether the sink has been handed silence since it ran dry: only then did the listener
+        # hear a gap (a queue that empties exactly at a block's end and refills before the next
+        # pull is not an underrun).
+        self.gap_heard = False
         self.end_ns: int | None = None
         # (time its first sample sounds, frames) of recent pulls: what is still in the device
         self.blocks: deque[tuple[int, int]] = deque(maxlen=128)
@@ -206,12 +210,14 @@ class JitterBuffer:
                 self.highest_turn = max(self.highest_turn, turn)
                 if turn in self._finished:            # more audio after a long gap: same turn goes on
                     t.pulled, t.started = self._finished.pop(turn)[0], True
+            elif t.state == STARVED and not t.gap_heard:
+                t.state = PLAYING               # refilled before the sink missed a sample
             elif t.state == STARVED:
-                # It ran dry and more audio came: the listener heard a gap.
+                # It ran dry, the sink played silence, and more audio came: the listener heard a gap.
                 self.stats["underruns"] += 1
                 events.append(("underrun", {"turn": turn}))
                 self._grow_prebuffer((now - t.dry_since) * 1000)
-                t.state, t.wait_since = PREBUFFER, now
+                t.state, t.wait_since, t.gap_heard = PREBUFFER, now, False
             t.chunks.append(pcm)
             t.queued += len(pcm)
             self.queued_frames += len(pcm)
@@ -321,6 +327,7 @@ class JitterBuffer:
                         if t.ended or later_waiting or now - t.dry_since >= self.turn_gap_s:
                             self._finish(t, events)
                             continue
+                        t.gap_heard = True
                         break
                     if not (t.ended or later_waiting or t.queued >= self.prebuffer_frames
                             or now - t.wait_since >= self.prebuffer_s):
@@ -344,7 +351,7 @@ class JitterBuffer:
                     if t.ended or later_waiting:
                         self._finish(t, events)
                         continue
-                    t.state, t.dry_since = STARVED, now
+                    t.state, t.dry_since, t.gap_heard = STARVED, now, pos < n
                     break
             # Audio to the end of the block: the schedule goes on; any silence restarts it.
             if pos == n:
