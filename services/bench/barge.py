@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
+from livepipe.services.bench.report import cpu_seconds
 from livepipe.services.dev.harness import BenchError, spawn_livepipe, start_broker, stop_process
 from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, pactl
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
@@ -149,14 +149,7 @@ class Rig:
         return [m for m in self.msgs if m.topic == topic and m.kind == kind]
 
     def cpu_times(self) -> dict[str, float]:
-        out = {}
-        for name, p in self.procs.items():
-            try:
-                t = psutil.Process(p.pid).cpu_times()
-                out[name] = t.user + t.system
-            except psutil.Error:
-                out[name] = 0.0
-        return out
+        return cpu_seconds(self.procs)
 
     def cpu_pct(self) -> dict[str, float]:
         dt = time.monotonic() - self.t0

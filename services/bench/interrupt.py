@@ -12,7 +12,6 @@ the device buffer play out), i.e. what an interrupt costs without resetting the 
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 from livepipe.services.lib.audio import OUT_RATE, tone
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig
+from livepipe.services.bench.report import print_result
 from livepipe.services.dev.harness import BenchError, HarnessError, spawn_livepipe, start_broker, stop_process
 from livepipe.services.lib.stats import percentile
 from livepipe.services.lib.verb import VerbParser, verb
@@ -186,9 +186,5 @@ def main(argv: list[str]) -> int:
     if args.runs < 1:
         p.error("--runs must be >= 1")
     result = bench(args.runs, args.baseline_runs, args.period_ms, args.seed)   # PulseError, BenchError: @verb
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:32} {value}")
+    print_result(result, args.json)
     return 0

@@ -42,6 +42,7 @@ import psutil
 
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig
+from livepipe.services.bench.report import cpu_seconds, print_result
 from livepipe.services.dev.harness import HarnessError, spawn_livepipe, start_broker, stop_process
 from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, PulseError, loud_spans, play_wav
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
@@ -89,14 +90,7 @@ class System:
     underrun_at_ms: list[int] = field(default_factory=list)   # playback underrun events, ms after the onset
 
     def cpu_times(self) -> dict[str, float]:
-        out = {}
-        for name, proc in self.procs.items():
-            try:
-                t = psutil.Process(proc.pid).cpu_times()
-                out[name] = t.user + t.system
-            except psutil.Error:
-                out[name] = 0.0
-        return out
+        return cpu_seconds(self.procs)
 
     def rss_mb(self) -> dict[str, float]:
         out = {}
@@ -488,9 +482,5 @@ def main(argv: list[str]) -> int:
     except (PulseError, BenchError) as exc:
         print(f"livepipe bench pipeline: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:28} {value}")
+    print_result(result, args.json)
     return 0

@@ -1,0 +1,30 @@
+"""What every benchmark shares: per-process CPU time, and one way to print a result."""
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Any, Mapping
+
+import psutil
+
+
+def cpu_seconds(procs: Mapping[str, subprocess.Popen]) -> dict[str, float]:
+    """User + system CPU seconds so far of each named process (0.0 for one already gone)."""
+    out = {}
+    for name, proc in procs.items():
+        try:
+            t = psutil.Process(proc.pid).cpu_times()
+            out[name] = t.user + t.system
+        except psutil.Error:
+            out[name] = 0.0
+    return out
+
+
+def print_result(result: dict[str, Any], as_json: bool) -> None:
+    """One JSON object with --json, else one aligned `key value` line per figure."""
+    if as_json:
+        print(json.dumps(result))
+        return
+    width = max(map(len, result), default=0) + 2
+    for key, value in result.items():
+        print(f"{key:{width}} {value}")
