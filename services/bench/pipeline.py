@@ -459,7 +459,9 @@ def main(argv: list[str]) -> int:
     p = VerbParser(prog="livepipe bench pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--utterances", type=int, default=4, help="different utterances (default 4)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over them, systems interleaved (default 3)")
+    # 5 rounds (20 turns a system, ~3 minutes): with 3, the p50 of either system moved by up to 20 ms
+    # between runs on one machine, as much as the difference being measured.
+    p.add_argument("--rounds", type=int, default=5, help="rounds over them, systems interleaved (default 5)")
     p.add_argument("--no-video", action="store_true", help="leave capture-video out of the pipeline")
     p.add_argument("--playback-args", default="", help="extra arguments for playback, e.g. '--latency-ms 40'")
     p.add_argument("--capture-args", default="", help="extra arguments for capture-audio")
