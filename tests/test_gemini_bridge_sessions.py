@@ -112,7 +112,7 @@ with BusClient("tool-slow", BusConfig.from_env(), ["tool.call"]) as c:
 
 
 def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
-    # goAway 1 s into the connection, while the model waits for a slow tool: the answer still reaches
+    # goAway as the tool call goes out, while the model waits for a slow tool: the answer still reaches
     # the model that asked, it finishes its turn there, and only then the bridge switches over.
     import subprocess
     import sys
@@ -120,7 +120,7 @@ def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
     from tests.conftest import ROOT
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps({"function_declarations": [{"name": "lookup", "description": "slow lookup"}]}))
-    rig = live_factory(emulator_args=("--goaway-after", "1.0", "--goaway-grace", "3", "--tool-trigger", "1.0",
+    rig = live_factory(emulator_args=("--goaway-at-tool-call", "--goaway-grace", "3", "--tool-trigger", "1.0",
                                       "--pace", "0"),
                        bridge_args=("--tools", str(tools)))
     tool = subprocess.Popen([sys.executable, "-c", SLOW_TOOL], env=bus_env, cwd=ROOT, stdout=subprocess.PIPE,

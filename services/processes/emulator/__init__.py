@@ -136,6 +136,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="reply audio per serverContent message, in ms (default 40)")
     p.add_argument("--goaway-after", type=non_negative, default=None, metavar="S",
                    help="per connection: send goAway S seconds after setup, close 1011 when its timeLeft runs out")
+    p.add_argument("--goaway-at-tool-call", action="store_true",
+                   help="per connection: send goAway as a (blocking) tool call goes out, so it is pending")
     p.add_argument("--goaway-grace", type=non_negative, default=5.0, metavar="S",
                    help="timeLeft announced in goAway (default 5; the real service gives about 60)")
     p.add_argument("--session-limit", type=positive, default=None, metavar="S",
@@ -181,6 +183,7 @@ def main(argv: list[str]) -> int:
     timeline = None if args.timeline == "off" else Path(args.timeline) if args.timeline else state / "timeline.jsonl"
     opts = Options(api_key=args.api_key, latency=args.latency, pace=args.pace, chunk_ms=args.chunk_ms,
                    goaway_after=args.goaway_after, goaway_grace=args.goaway_grace,
+                   goaway_at_tool_call=args.goaway_at_tool_call,
                    session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger,
                    interim_every=args.interim_every, need_more_input=args.need_more_input)
     return run_server(ServerConfig(args.host, args.port, state, certs, timeline, opts))

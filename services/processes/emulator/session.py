@@ -53,6 +53,7 @@ class Options:
     chunk_ms: int = 40
     goaway_after: float | None = None
     goaway_grace: float = 5.0
+    goaway_at_tool_call: bool = False         # goAway as a blocking tool call goes out (a call pending)
     session_limit: float | None = None
     drop_after: float | None = None
     tool_trigger: float = 2.0
@@ -775,6 +776,8 @@ class LiveSession:
                                            {"utterance": turn.number, "seconds": round(turn.seconds, 2)}))
             self.counters["tool_calls"] += 1
             self.mark("tool_call", turn.number, name=turn.tool, id=turn.call_id)
+            if o.goaway_at_tool_call:
+                self._spawn(self._goaway_timer(0.0, o.goaway_grace, wire.INTERNAL_ERROR, wire.REASON_DEADLINE))
             await waiter
             self.mark("tool_response", turn.number, id=turn.call_id)
             turn.call_id = None
