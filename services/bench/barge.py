@@ -261,7 +261,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 rig.settle()
             m = rig.capture_metrics()
             cpu = rig.cpu_pct()
-        return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)],
+        return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)] if lengths else None,
                 "barge_in_interrupt_after_onset_ms": delays, "echo_erle_db": m.get("echo_erle_db"),
                 "echo_delay_ms": m.get("echo_delay_ms"), "guard": {k: v for k, v in m.items() if k.startswith("barge_in")},
                 "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late")},
@@ -319,5 +319,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.load <= 8:
         p.error("--load must be within 0..8")
+    if args.coughs < 0 or args.barge_ins < 0:
+        p.error("--coughs and --barge-ins must be >= 0")
     print(json.dumps(bench(args.config or DEFAULT_CONFIGS, args.coughs, args.barge_ins, args.seed, args.load), indent=2))
     return 0
