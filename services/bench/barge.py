@@ -33,7 +33,7 @@ from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.services.bench.report import cpu_seconds
 from livepipe.services.dev.harness import BenchError, spawn_livepipe, start_broker, stop_process
-from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, pactl
+from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
 from livepipe.services.lib.verb import VerbParser, verb
 
@@ -72,18 +72,6 @@ def cough(ms: int, rms: float, rng: np.random.Generator) -> np.ndarray:
     env = np.minimum(1, np.arange(n) / (16 * 15)) * np.exp(-np.arange(n) / (16 * ms / 3))
     y = x[:n] * env
     return np.clip(y * rms / np.sqrt(np.mean(y[: n // 3] ** 2)), -32768, 32767).astype(np.int16)
-
-
-def add_room(daemon: PulseDaemon, dev: DeviceSet) -> None:
-    mod = pactl("load-module", "module-loopback", f"source={dev.speaker}.monitor", f"sink={dev.mic_feed}",
-                f"latency_msec={ECHO_LATENCY_MS}", "source_dont_move=true", "sink_dont_move=true",
-                env=daemon.env).strip()
-    dev._modules.append(mod)
-    for block in pactl("list", "sink-inputs", env=daemon.env).split("Sink Input #")[1:]:
-        if f"Owner Module: {mod}\n" in block:
-            pactl("set-sink-input-volume", block.split()[0], ECHO_VOLUME, env=daemon.env)
-            return
-    raise BenchError("the loopback's sink input did not appear")
 
 
 class Rig:
@@ -205,7 +193,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
     dev = daemon.private_devices(f"bg{uuid.uuid4().hex[:4]}")
     rig = None
     try:
-        add_room(daemon, dev)
+        dev.add_room(ECHO_LATENCY_MS, ECHO_VOLUME)
         q = speak(QUESTION, workdir)
         level = float(np.sqrt(np.mean(q[np.abs(q) > 300].astype(np.float64) ** 2)))
         qpath = workdir / "question.wav"
