@@ -218,6 +218,17 @@ def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answer
     assert lk.to_send_again(fresh=True) == [start, chunks[3]]
 
 
+def test_a_context_update_with_an_unusable_function_name_is_refused_and_counted(rig) -> None:
+    bridge, _ = rig
+
+    def update(*tools: dict[str, Any]) -> None:
+        bridge.on_control(Message("control", {"kind": "context_update", "src": "t", "inst": "t1", "tools": list(tools)}))
+    update({"name": "look_up"}, {"name": "2fast"})              # a name the service refuses
+    assert bridge.svc.metrics["context_updates_rejected"] == 1 and not bridge.s.tools
+    update({"name": "look_up", "description": "search"})
+    assert [d["name"] for d in bridge.s.tools] == ["look_up"] and bridge.svc.metrics["context_updates"] == 1
+
+
 class _Session:
     """A connection's session as far as _open_link uses it: history sent, nothing received."""
 
