@@ -83,24 +83,30 @@ class Rig:
         self.broker, self.env = start_broker(env, log=workdir / f"{name}-broker.log")
         self.procs: dict[str, subprocess.Popen] = {}
         self.msgs: list[Any] = []
-        self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
-        self.client.wait_ready()
-        self.procs["gemini-bridge"] = spawn_livepipe(["gemini-bridge", *bridge_args], self.env,
-                                                     log=workdir / f"{name}-bridge.log")
-        self.procs["playback"] = spawn_livepipe(["playback"], {**self.env, **dev.playback_env()},
-                                                log=workdir / f"{name}-playback.log")
-        self.procs["capture-audio"] = spawn_livepipe(["capture-audio", "--echo", "cancel", *capture_args],
-                                                     {**self.env, **dev.capture_env()},
-                                                     log=workdir / f"{name}-capture-audio.log")
-        self.until(lambda: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
-                               for m in self.msgs), 30, "the bridge to connect")
-        self.until(lambda: any(m.topic == "status" and m["src"] == "capture-audio"
-                               and m["metrics"].get("echo_reference") == "local" for m in self.msgs),
-                   15, "capture-audio to find the local playback")
+        self.client: BusClient | None = None
+        try:   # a process that fails to start or connect: stop the others, never leave them running
+            self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
+            self.client.wait_ready()
+            self.procs["gemini-bridge"] = spawn_livepipe(["gemini-bridge", *bridge_args], self.env,
+                                                         log=workdir / f"{name}-bridge.log")
+            self.procs["playback"] = spawn_livepipe(["playback"], {**self.env, **dev.playback_env()},
+                                                    log=workdir / f"{name}-playback.log")
+            self.procs["capture-audio"] = spawn_livepipe(["capture-audio", "--echo", "cancel", *capture_args],
+                                                         {**self.env, **dev.capture_env()},
+                                                         log=workdir / f"{name}-capture-audio.log")
+            self.until(lambda: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
+                                   for m in self.msgs), 30, "the bridge to connect")
+            self.until(lambda: any(m.topic == "status" and m["src"] == "capture-audio"
+                                   and m["metrics"].get("echo_reference") == "local" for m in self.msgs),
+                       15, "capture-audio to find the local playback")
+        except BaseException:
+            self.close()
+            raise
         self.cpu0 = self.cpu_times()
         self.t0 = time.monotonic()
 
     def pump(self, timeout: float = 0.02) -> None:
+        assert self.client is not None
         msg = self.client.recv(timeout)
         while msg is not None:
             self.msgs.append(msg)
@@ -166,7 +172,8 @@ class Rig:
                           timeout, f"turn {turn} to finish")[0]
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         for p in reversed(list(self.procs.values())):
             stop_process(p)
         stop_process(self.broker)
