@@ -147,7 +147,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="per connection: close abruptly with 1011 'Internal error encountered.' after S seconds")
     p.add_argument("--drop-in-reply", type=positive, default=None, metavar="S",
                    help="a new (not resumed) session's connection closes with 1011 like --drop-after, S seconds "
-                        "after its first reply began: that reply is cut, whatever the timing of the input")
+                        "after its first reply began, whatever the timing of the input (with --pace 1 a reply longer "
+                        "than S is cut)")
     p.add_argument("--tool-trigger", type=non_negative, default=2.0, metavar="S",
                    help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
                         "for the first one (default 2.0)")
