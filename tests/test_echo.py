@@ -161,7 +161,10 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
             live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
             time.sleep(0.1)
             conv.cough()
-            time.sleep(0.7)
+            # The cough's burst ends 400 ms after its last voiced frame (up to ~300 ms in): the
+            # barge-in must start after that, whatever each paplay takes to start, or the guard
+            # takes both for one burst (the reply, 3.2 s, is still playing at 1.2 s).
+            time.sleep(1.0)
             barge_start = time.time_ns()
             conv.say(BARGE_IN)
             try:
