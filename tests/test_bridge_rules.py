@@ -229,6 +229,23 @@ def test_a_context_update_with_an_unusable_function_name_is_refused_and_counted(
     assert [d["name"] for d in bridge.s.tools] == ["look_up"] and bridge.svc.metrics["context_updates"] == 1
 
 
+def test_the_same_bus_history_twice_is_taken_once(rig) -> None:
+    # Two `livepipe transcript`s answer a restarted bridge's history_query with the same lines: the
+    # second neither replaces the session again nor forgets what was said since the first.
+    bridge, _ = rig
+    turns = [{"role": "user", "text": "My name is Ada."}]
+
+    def history() -> None:
+        bridge.on_control(Message("control", {"kind": "history", "src": "transcript", "inst": "t1", "turns": turns}))
+    history()
+    bridge.link = link()                                 # the session seeded with it is up
+    bridge.link.history_version = bridge.history_version
+    bridge._remember("user", "I live in Paris.", 1)
+    history()
+    assert bridge.history_version == 1 and bridge.svc.metrics["history_updates"] == 1
+    assert not bridge.fresh_next and bridge.link.go_away_ms is None and len(bridge.memory) == 1
+
+
 class _Session:
     """A connection's session as far as _open_link uses it: history sent, nothing received."""
 

@@ -108,6 +108,8 @@ class SignalSide:
             self.svc.metrics["history_rejected"] = self.svc.metrics.get("history_rejected", 0) + 1
             self.svc.ratelog.warning("history", f"{exc}: ignored")
             return
+        if turns == self.bus_history:
+            return   # the same answer again (two `transcript`s answered the query): nothing new, nothing forgotten
         self.bus_history = turns
         self.memory.clear()
         self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
