@@ -10,9 +10,10 @@ from tests.bridge_support import best_correlation, live_factory, silence, speech
 
 
 def test_a_reply_cut_by_a_dropped_connection_is_published_once(live_factory):  # noqa: F811
-    # Every connection drops (1011) 4.5 s in; the 3 s utterance is answered (the emulator parrots
-    # it, at real-time pace) from about 3.6 s in: the first drop lands in the middle of the reply.
-    rig = live_factory(emulator_args=("--drop-after", "4.5", "--pace", "1"))
+    # The first connection drops (1011) 1 s into the reply to the 3 s utterance (the emulator
+    # parrots it, at real-time pace): timed from the reply, so the drop lands in its middle however
+    # long the setup took; the resumed session is not dropped.
+    rig = live_factory(emulator_args=("--drop-in-reply", "1.0", "--pace", "1"))
     words = speech("Tell me about the weather in the mountains of northern Scotland today")
     rig.say(np.concatenate([words, silence(1.0)]), pace=1.0)
     rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "resuming"

@@ -218,6 +218,82 @@ def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answer
     assert lk.to_send_again(fresh=True) == [start, chunks[3]]
 
 
+def test_a_context_update_with_an_unusable_function_name_is_refused_and_counted(rig) -> None:
+    bridge, _ = rig
+
+    def update(*tools: dict[str, Any]) -> None:
+        bridge.on_control(Message("control", {"kind": "context_update", "src": "t", "inst": "t1", "tools": list(tools)}))
+    update({"name": "look_up"}, {"name": "2fast"})              # a name the service refuses
+    assert bridge.svc.metrics["context_updates_rejected"] == 1 and not bridge.s.tools
+    update({"name": "look_up", "description": "search"})
+    assert [d["name"] for d in bridge.s.tools] == ["look_up"] and bridge.svc.metrics["context_updates"] == 1
+
+
+def test_the_same_bus_history_twice_is_taken_once(rig) -> None:
+    # Two `livepipe transcript`s answer a restarted bridge's history_query with the same lines: the
+    # second neither replaces the session again nor forgets what was said since the first.
+    bridge, _ = rig
+    turns = [{"role": "user", "text": "My name is Ada."}]
+
+    def history() -> None:
+        bridge.on_control(Message("control", {"kind": "history", "src": "transcript", "inst": "t1", "turns": turns}))
+    history()
+    bridge.link = link()                                 # the session seeded with it is up
+    bridge.link.history_version = bridge.history_version
+    bridge._remember("user", "I live in Paris.", 1)
+    history()
+    assert bridge.history_version == 1 and bridge.svc.metrics["history_updates"] == 1
+    assert not bridge.fresh_next and bridge.link.go_away_ms is None and len(bridge.memory) == 1
+
+
+class _Session:
+    """A connection's session as far as _open_link uses it: history sent, nothing received."""
+
+    def __init__(self) -> None:
+        self.client_content: list[dict[str, Any]] = []
+
+    async def send_client_content(self, **kw: Any) -> None:
+        self.client_content.append(kw)
+
+    async def receive(self):
+        await asyncio.Event().wait()
+        yield
+
+
+def test_a_session_started_for_a_bus_history_is_never_resumed_as_the_one_it_replaced(rig) -> None:
+    # The old session's handle must not outlive it: if the new session's connection dropped before
+    # its first handle, resuming with the old one would bring back the session without the history.
+    import contextlib
+    from types import SimpleNamespace
+    bridge, _ = rig
+    old = link()
+    bridge.link, bridge.handle = old, "h-old"
+    bridge.bus_history = [{"role": "user", "parts": [{"text": "My name is Ada."}]}]
+    bridge.history_version = 1
+    bridge._apply_history_now()                           # nothing said yet: a new session at once
+    assert bridge.fresh_next and old.go_away_ms is not None
+    configs, session = [], _Session()
+
+    @contextlib.asynccontextmanager
+    async def connect(model: str, config: Any):
+        configs.append(config)
+        yield session
+
+    async def client() -> Any:
+        return SimpleNamespace(aio=SimpleNamespace(live=SimpleNamespace(connect=connect)))
+    bridge._client = client
+
+    async def scenario() -> None:
+        new = await bridge._open_link()
+        try:
+            assert not new.resumed and configs[0].session_resumption.handle is None
+            assert [t.parts[0].text for t in session.client_content[0]["turns"]] == ["My name is Ada."]
+            assert bridge._resume_handle() is None          # a drop now reconnects fresh, with the history
+        finally:
+            await new.close()
+    asyncio.get_event_loop().run_until_complete(scenario())
+
+
 def test_a_tool_call_without_a_handler_or_a_result_gets_an_error_response(rig) -> None:
     bridge, pub = rig
     lk = link()

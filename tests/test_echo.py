@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from livepipe.services.dev.pulse import DeviceSet, pactl
+from livepipe.services.dev.pulse import DeviceSet
 from livepipe.services.lib.audio import write_wav_int16
 from tests.bridge_support import Live, live_factory, speech  # noqa: F401
 from tests.conftest import spawn, stop
@@ -33,19 +33,6 @@ ECHO_VOLUME = "60%"       # and its attenuation (PulseAudio's cubic scale: about
 TURNS = ["What is the weather like in the city today?", "And what about tomorrow morning?",
          "Tell me a story about a quick brown fox and a lazy dog."]
 BARGE_IN = "Stop. Just say hello."
-
-
-def add_room(devices: DeviceSet) -> str:
-    """module-loopback speaker.monitor -> mic feed, attenuated: the microphone hears the speaker."""
-    env = devices.daemon.env
-    mod = pactl("load-module", "module-loopback", f"source={devices.speaker}.monitor", f"sink={devices.mic_feed}",
-                f"latency_msec={ECHO_LATENCY_MS}", "source_dont_move=true", "sink_dont_move=true", env=env).strip()
-    devices._modules.append(mod)   # unloaded with the devices
-    for block in pactl("list", "sink-inputs", env=env).split("Sink Input #")[1:]:
-        if f"Owner Module: {mod}\n" in block:
-            pactl("set-sink-input-volume", block.split()[0], ECHO_VOLUME, env=env)
-            return mod
-    raise AssertionError("the loopback's sink input did not appear")
 
 
 class Conversation:
@@ -146,7 +133,7 @@ def room_delay_ms(spk: MonitorRecorder, mic: MonitorRecorder) -> float:
 @pytest.mark.flaky(reruns=1)
 @pytest.mark.parametrize("echo", ["cancel", "off"])
 def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_factory, bus_env) -> None:
-    add_room(pulse_devices)
+    pulse_devices.add_room(ECHO_LATENCY_MS, ECHO_VOLUME)   # the microphone hears the speaker
     # The emulator speaks in real time (as a reply is heard), so a barge-in late in a reply still
     # finds it talking.
     live = live_factory(emulator_args=("--pace", "1"))
@@ -174,7 +161,10 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
             live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
             time.sleep(0.1)
             conv.cough()
-            time.sleep(0.7)
+            # The cough's burst ends 400 ms after its last voiced frame (up to ~300 ms in): the
+            # barge-in must start after that, whatever each paplay takes to start, or the guard
+            # takes both for one burst (the reply, 3.2 s, is still playing at 1.2 s).
+            time.sleep(1.0)
             barge_start = time.time_ns()
             conv.say(BARGE_IN)
             try:

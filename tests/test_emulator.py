@@ -873,7 +873,7 @@ def test_help_documents_every_option():
     out = subprocess.run([sys.executable, "-m", "livepipe.services", "emulator", "--help"], capture_output=True, text=True,
                          timeout=20).stdout
     for opt in ("--host", "--port", "--state-dir", "--api-key", "--latency", "--pace", "--chunk-ms", "--goaway-after",
-                "--goaway-at-tool-call", "--goaway-grace", "--session-limit", "--drop-after", "--tool-trigger", "--timeline",
+                "--goaway-at-tool-call", "--goaway-grace", "--session-limit", "--drop-after", "--drop-in-reply", "--tool-trigger", "--timeline",
                 "LIVEPIPE_EMULATOR_PORT", "LIVEPIPE_STATE_DIR", "utterance N: D.DD s", "reply N: D.DD s", "1007"):
         assert opt in out, opt
 

@@ -383,7 +383,7 @@ def test_jitter_buffer_skips_audio_that_fell_behind_its_schedule_to_what_is_due_
     assert jb.stats["turns_started"] == 2
 
 
-def test_jitter_buffer_never_calls_audio_streamed_ahead_of_time_stale():
+def test_jitter_buffer_never_calls_a_reply_after_a_long_silence_stale():
     jb, events, clock = make_buffer(prebuffer_ms=0)
     jb.push(1, tone(440.0, 1.0, OUT_RATE, -12.0))
     pull(jb, clock, 60)                   # heard to its end

@@ -33,7 +33,7 @@ from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.services.bench.report import cpu_seconds
 from livepipe.services.dev.harness import BenchError, spawn_livepipe, start_broker, stop_process
-from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon, pactl
+from livepipe.services.dev.pulse import DeviceSet, MonitorRecorder, PulseDaemon
 from livepipe.services.lib.audio import read_wav_int16, write_wav_int16
 from livepipe.services.lib.verb import VerbParser, verb
 
@@ -74,18 +74,6 @@ def cough(ms: int, rms: float, rng: np.random.Generator) -> np.ndarray:
     return np.clip(y * rms / np.sqrt(np.mean(y[: n // 3] ** 2)), -32768, 32767).astype(np.int16)
 
 
-def add_room(daemon: PulseDaemon, dev: DeviceSet) -> None:
-    mod = pactl("load-module", "module-loopback", f"source={dev.speaker}.monitor", f"sink={dev.mic_feed}",
-                f"latency_msec={ECHO_LATENCY_MS}", "source_dont_move=true", "sink_dont_move=true",
-                env=daemon.env).strip()
-    dev._modules.append(mod)
-    for block in pactl("list", "sink-inputs", env=daemon.env).split("Sink Input #")[1:]:
-        if f"Owner Module: {mod}\n" in block:
-            pactl("set-sink-input-volume", block.split()[0], ECHO_VOLUME, env=daemon.env)
-            return
-    raise BenchError("the loopback's sink input did not appear")
-
-
 class Rig:
     """One configuration: its processes, a bus client, and what it saw."""
 
@@ -95,24 +83,30 @@ class Rig:
         self.broker, self.env = start_broker(env, log=workdir / f"{name}-broker.log")
         self.procs: dict[str, subprocess.Popen] = {}
         self.msgs: list[Any] = []
-        self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
-        self.client.wait_ready()
-        self.procs["gemini-bridge"] = spawn_livepipe(["gemini-bridge", *bridge_args], self.env,
-                                                     log=workdir / f"{name}-bridge.log")
-        self.procs["playback"] = spawn_livepipe(["playback"], {**self.env, **dev.playback_env()},
-                                                log=workdir / f"{name}-playback.log")
-        self.procs["capture-audio"] = spawn_livepipe(["capture-audio", "--echo", "cancel", *capture_args],
-                                                     {**self.env, **dev.capture_env()},
-                                                     log=workdir / f"{name}-capture-audio.log")
-        self.until(lambda: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
-                               for m in self.msgs), 30, "the bridge to connect")
-        self.until(lambda: any(m.topic == "status" and m["src"] == "capture-audio"
-                               and m["metrics"].get("echo_reference") == "local" for m in self.msgs),
-                   15, "capture-audio to find the local playback")
+        self.client: BusClient | None = None
+        try:   # a process that fails to start or connect: stop the others, never leave them running
+            self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
+            self.client.wait_ready()
+            self.procs["gemini-bridge"] = spawn_livepipe(["gemini-bridge", *bridge_args], self.env,
+                                                         log=workdir / f"{name}-bridge.log")
+            self.procs["playback"] = spawn_livepipe(["playback"], {**self.env, **dev.playback_env()},
+                                                    log=workdir / f"{name}-playback.log")
+            self.procs["capture-audio"] = spawn_livepipe(["capture-audio", "--echo", "cancel", *capture_args],
+                                                         {**self.env, **dev.capture_env()},
+                                                         log=workdir / f"{name}-capture-audio.log")
+            self.until(lambda: any(m.topic == "control" and m.kind == "session" and m["state"] == "connected"
+                                   for m in self.msgs), 30, "the bridge to connect")
+            self.until(lambda: any(m.topic == "status" and m["src"] == "capture-audio"
+                                   and m["metrics"].get("echo_reference") == "local" for m in self.msgs),
+                       15, "capture-audio to find the local playback")
+        except BaseException:
+            self.close()
+            raise
         self.cpu0 = self.cpu_times()
         self.t0 = time.monotonic()
 
     def pump(self, timeout: float = 0.02) -> None:
+        assert self.client is not None
         msg = self.client.recv(timeout)
         while msg is not None:
             self.msgs.append(msg)
@@ -178,7 +172,8 @@ class Rig:
                           timeout, f"turn {turn} to finish")[0]
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         for p in reversed(list(self.procs.values())):
             stop_process(p)
         stop_process(self.broker)
@@ -205,7 +200,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
     dev = daemon.private_devices(f"bg{uuid.uuid4().hex[:4]}")
     rig = None
     try:
-        add_room(daemon, dev)
+        dev.add_room(ECHO_LATENCY_MS, ECHO_VOLUME)
         q = speak(QUESTION, workdir)
         level = float(np.sqrt(np.mean(q[np.abs(q) > 300].astype(np.float64) ** 2)))
         qpath = workdir / "question.wav"
@@ -261,7 +256,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 rig.settle()
             m = rig.capture_metrics()
             cpu = rig.cpu_pct()
-        return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)],
+        return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)] if lengths else None,
                 "barge_in_interrupt_after_onset_ms": delays, "echo_erle_db": m.get("echo_erle_db"),
                 "echo_delay_ms": m.get("echo_delay_ms"), "guard": {k: v for k, v in m.items() if k.startswith("barge_in")},
                 "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late")},
@@ -319,5 +314,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 0 <= args.load <= 8:
         p.error("--load must be within 0..8")
+    if args.coughs < 0 or args.barge_ins < 0:
+        p.error("--coughs and --barge-ins must be >= 0")
     print(json.dumps(bench(args.config or DEFAULT_CONFIGS, args.coughs, args.barge_ins, args.seed, args.load), indent=2))
     return 0

@@ -246,6 +246,20 @@ class DeviceSet:
         """Environment for a process whose default input is this virtual microphone."""
         return {**self.daemon.env, "PULSE_SOURCE": self.virtual_mic}
 
+    def add_room(self, latency_ms: int, volume: str) -> str:
+        """A room: the speaker's monitor fed back into the mic feed (module-loopback) after
+        `latency_ms`, at `volume` (PulseAudio's cubic scale, e.g. "60%"), so the microphone hears
+        the speaker. Unloaded with the devices; returns the module."""
+        env = self.daemon.env
+        mod = pactl("load-module", "module-loopback", f"source={self.speaker}.monitor", f"sink={self.mic_feed}",
+                    f"latency_msec={latency_ms}", "source_dont_move=true", "sink_dont_move=true", env=env).strip()
+        self._modules.append(mod)
+        for block in pactl("list", "sink-inputs", env=env).split("Sink Input #")[1:]:
+            if f"Owner Module: {mod}\n" in block:
+                pactl("set-sink-input-volume", block.split()[0], volume, env=env)
+                return mod
+        raise PulseError("the loopback's sink input did not appear")
+
     def close(self) -> None:
         for mod in reversed(self._modules):
             self.daemon.unload(mod)

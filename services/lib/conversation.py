@@ -15,9 +15,11 @@ interrupted), so each line shows once, whole.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from livepipe.bus.config import ConfigError
@@ -56,6 +58,18 @@ def parse_history(data: Any, where: str) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}: turn {i} needs a non-empty \"text\" (or \"parts\": [{{\"text\": ...}}])")
         turns.append({"role": role, "parts": [{"text": q["text"]} for q in parts]})
     return turns
+
+
+def load_history(path: str, where: str, env: str = "") -> list[dict[str, Any]]:
+    """Turns from a JSON file (as parse_history); ConfigError naming `where` (the flag) and, for a
+    missing file, the variable `env` it may have come from."""
+    try:
+        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file" + (f" (env {env})" if env else "")) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{where}: not readable JSON ({exc})") from None
+    return parse_history(data, where)
 
 
 def turn_line(turn: int, role: str, text: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from livepipe.bus.client import BusClient, BusTimeout
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
-from livepipe.services.lib.conversation import parse_history
+from livepipe.services.lib.conversation import load_history
 from livepipe.services.lib.verb import VerbParser
 
 
@@ -73,11 +73,7 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
 def _history(args: argparse.Namespace) -> list[dict[str, Any]] | None:
     if args.history is None:
         return None
-    try:
-        data = json.loads(Path(args.history).expanduser().read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"--history {args.history}: not readable JSON ({exc})") from None
-    turns = parse_history(data, f"--history {args.history}")
+    turns = load_history(args.history, f"--history {args.history}")
     # on the bus in the file's short form: one text per turn
     return [{"role": t["role"], "text": " ".join(p["text"] for p in t["parts"])} for t in turns]
 

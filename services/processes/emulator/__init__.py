@@ -98,7 +98,7 @@ close codes and reasons (what the SDK raises as google.genai.errors.APIError(cod
   1011 "Deadline expired before operation could complete."  when a --goaway-after goAway runs out
   1008 "Connection aborted because the client failed to close the connection after a GoAway:
        session duration expired."                            at --session-limit
-  1011 "Internal error encountered."                         --drop-after, or an emulator bug
+  1011 "Internal error encountered."                         --drop-after, --drop-in-reply, or an emulator bug
   1001                                                       the emulator is shutting down
 
 timeline (--timeline): one JSON line per event {"session", "conn", "turn", "event", "t_ns", ...};
@@ -145,6 +145,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "contextWindowCompression, as on the real service): goAway, then close 1008")
     p.add_argument("--drop-after", type=positive, default=None, metavar="S",
                    help="per connection: close abruptly with 1011 'Internal error encountered.' after S seconds")
+    p.add_argument("--drop-in-reply", type=positive, default=None, metavar="S",
+                   help="a new (not resumed) session's connection closes with 1011 like --drop-after, S seconds "
+                        "after its first reply began, whatever the timing of the input (with --pace 1 a reply longer "
+                        "than S is cut)")
     p.add_argument("--tool-trigger", type=non_negative, default=2.0, metavar="S",
                    help="when setup declares functions, an utterance at least S seconds long triggers a toolCall "
                         "for the first one (default 2.0)")
@@ -184,7 +188,7 @@ def main(argv: list[str]) -> int:
     opts = Options(api_key=args.api_key, latency=args.latency, pace=args.pace, chunk_ms=args.chunk_ms,
                    goaway_after=args.goaway_after, goaway_grace=args.goaway_grace,
                    goaway_at_tool_call=args.goaway_at_tool_call,
-                   session_limit=args.session_limit, drop_after=args.drop_after, tool_trigger=args.tool_trigger,
+                   session_limit=args.session_limit, drop_after=args.drop_after, drop_in_reply=args.drop_in_reply, tool_trigger=args.tool_trigger,
                    interim_every=args.interim_every, need_more_input=args.need_more_input)
     return run_server(ServerConfig(args.host, args.port, state, certs, timeline, opts))
 

@@ -56,6 +56,7 @@ class Options:
     goaway_at_tool_call: bool = False         # goAway as a blocking tool call goes out (a call pending)
     session_limit: float | None = None
     drop_after: float | None = None
+    drop_in_reply: float | None = None         # a new session's first reply is cut S s in
     tool_trigger: float = 2.0
     interim_every: float = 0.0                # interim input transcription every S of speech (0: none)
     need_more_input: float = 0.0              # shorter utterances: NEED_MORE_INPUT, no reply (0: off)
@@ -161,6 +162,7 @@ class LiveSession:
         self.text_mode = False
         self.want_input_text = self.want_output_text = False
         self.resumption = self.resumed = False
+        self._reply_drop_armed = False        # --drop-in-reply
         self.transparent = False              # setup.sessionResumption.transparent: report consumed indexes
         self.restored: Snapshot | None = None
         self.functions: list[str] = []
@@ -843,6 +845,9 @@ class LiveSession:
             turn.sent_samples += len(chunk)
             if k == 0:
                 self.mark("first_byte", turn.number, reply_seconds=round(len(pcm) / OUT_RATE, 3))
+                if o.drop_in_reply is not None and not self.resumed and not self._reply_drop_armed:
+                    self._reply_drop_armed = True     # once: timed from the reply, not from the setup
+                    self._spawn(self._drop_timer(o.drop_in_reply))
                 if self.want_output_text and not bundle:
                     await self.send(wire.output_transcription(label))
 

@@ -181,6 +181,9 @@ class ConnectionSide:
         self.fresh_next = False
         if not link.resumed:
             self.session_turns_from, self.session_texts_from = self.turn, self.svc.metrics["text_sent"]
+            # A handle of the session this one replaces (fresh_next) must not outlive it: a drop
+            # before the new session's first handle would resume the old one, without the history.
+            self.handle = None
         await self._seed_history(link, history)   # a new session's history goes first (signals.py)
         link.task = asyncio.create_task(self._receive_loop(link))
         link.watchdog = asyncio.create_task(self._watch_server(link))

@@ -15,6 +15,8 @@ from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
 from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, ACTIVITY_START, NAME
 
 log = logging.getLogger(NAME)
+
+
 def parse_duration_ms(text: str | None) -> int:
     """'10s' / '9.5s' / '1.000000001s' (protobuf Duration JSON) -> milliseconds (0 if unknown)."""
     if not text:

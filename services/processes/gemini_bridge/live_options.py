@@ -8,14 +8,13 @@ one line here, before connecting, instead of a 1007 close mid-conversation."""
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from livepipe.bus.config import ConfigError
-from livepipe.services.lib.conversation import parse_history
+from livepipe.services.lib.conversation import load_history
 
 if TYPE_CHECKING:
     from livepipe.services.processes.gemini_bridge.settings import Settings
@@ -126,18 +125,6 @@ def add_live_arguments(p: argparse.ArgumentParser) -> None:
                         "closes the turn; 0 = only on mute (env LIVEPIPE_STREAM_END_AFTER, default 1)")
 
 
-def load_history(path: str) -> list[dict[str, Any]]:
-    """Earlier turns from JSON: [{"role": "user"|"model", "text": "..."}] (or "parts": [{"text": ...}])."""
-    where = f"--history {path}"
-    try:
-        data = json.loads(Path(path).expanduser().read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: no such file (env LIVEPIPE_HISTORY)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{where}: not readable JSON ({exc})") from None
-    return parse_history(data, where)
-
-
 def _sdk_has(model: str, field_name: str) -> bool:
     from google.genai import types   # only when the option is used: --help stays fast
     return field_name in getattr(types, model).model_fields
@@ -179,7 +166,7 @@ def live_options_from_args(args: argparse.Namespace, s: Settings) -> LiveOptions
     gen = model_generation(s.model)
     model = f"--model {s.model}"
     if args.history:
-        o.history = load_history(args.history)
+        o.history = load_history(args.history, f"--history {args.history}", "LIVEPIPE_HISTORY")
         if gen >= 3 and not _sdk_has("LiveConnectConfig", "history_config"):
             raise ConfigError(f"--history with {s.model} needs a google-genai with LiveConnectConfig.history_config: "
                               "pip install -U google-genai")

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import Any
 
-from livepipe.bus.message import Message
-from livepipe.services.processes.gemini_bridge.link import Link, parse_duration_ms
 from livepipe.bus.config import ConfigError
+from livepipe.bus.message import Message
 from livepipe.services.lib.conversation import join_pieces, parse_history
+from livepipe.services.processes.gemini_bridge.link import Link, parse_duration_ms
 from livepipe.services.processes.gemini_bridge.live_options import SCHEDULINGS, STREAM_END_MARK, model_generation
 from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, NAME
+from livepipe.services.processes.gemini_bridge.tools import valid_declarations
 
 log = logging.getLogger(NAME)
 MAX_MEMORY_CHARS = 8000        # the conversation a fresh session is seeded with, at most
@@ -108,6 +108,8 @@ class SignalSide:
             self.svc.metrics["history_rejected"] = self.svc.metrics.get("history_rejected", 0) + 1
             self.svc.ratelog.warning("history", f"{exc}: ignored")
             return
+        if turns == self.bus_history:
+            return   # the same answer again (two `transcript`s answered the query): nothing new, nothing forgotten
         self.bus_history = turns
         self.memory.clear()
         self.svc.metrics["history_updates"] = self.svc.metrics.get("history_updates", 0) + 1
@@ -178,8 +180,7 @@ class SignalSide:
             problem = "needs system_instruction or tools"
         elif si is not None and not si.strip():
             problem = "system_instruction is empty"
-        elif tools is not None and not all(isinstance(d, dict) and isinstance(d.get("name"), str) and
-                                           re.match(r"^[A-Za-z_][\w.-]{0,63}$", d["name"]) for d in tools):
+        elif tools is not None and not valid_declarations(tools):
             problem = "every tool needs a \"name\" (letters, digits, _ . -)"
         if problem:
             self.svc.metrics["context_updates_rejected"] = self.svc.metrics.get("context_updates_rejected", 0) + 1
