@@ -22,6 +22,7 @@ from livepipe.bus.config import BusConfig
 from livepipe.bus.message import encode, make_header
 from livepipe.bus.topics import TOPICS
 from livepipe.services.lib.audio import OUT_RATE, tone
+from livepipe.services.lib.conversation import join_pieces
 from livepipe.services.lib.jpeg import ImageRejected, check_image
 from tests.bridge_support import Emulator, Recorder, live_factory, start_bridge  # noqa: F401
 from tests.conftest import ROOT, free_port, spawn, stop
@@ -104,9 +105,12 @@ def test_a_bridge_killed_and_restarted_is_heard_from_its_first_reply(live_factor
         assert finished["played_ms"] > 100 and not finished["interrupted"]
         assert started["first_sample_ts"] < finished["silent_ts"]
         assert playback_metrics(listener).get("audio_dropped") == 0
-        replies = [m["text"] for m in rig.rec.messages[:n_before] if m.topic == "transcript" and m["role"] == "model"]
+        said = []   # what was typed, and each turn's reply: the conversation the new session starts with
+        for turn in (1, 2):
+            said += [f"hello {turn}", join_pieces([m["text"] for m in rig.rec.messages[:n_before] if m.topic ==
+                                                   "transcript" and m["role"] == "model" and m["turn"] == turn])]
         seeded = rig.emu.events("history")
-        assert len(seeded) == 1 and seeded[0]["texts"] == [" ".join(replies)], (seeded, replies)
+        assert len(seeded) == 1 and seeded[0]["texts"] == said, (seeded, said)
     finally:
         stop(player)
         stop(keeper)

@@ -92,6 +92,8 @@ def test_transcript_prints_ready_each_turn_and_interrupts(bus_env, bus_cfg):
             bridge.publish("transcript", "transcript", role="user", text="Sorry, stop.", turn=3, final=True)
             bridge.publish("control", "session", state="reconnecting", detail="connection lost", backend="emulator")
             read_until(proc.stdout, "model session reconnecting", seen)
+            mic.publish("text.in", "text", text="and  the window?")     # typed (livepipe say, the console)
+            read_until(proc.stdout, "typed", seen)
     finally:
         out, err = stop(proc)
     assert proc.returncode == 0, err
@@ -104,6 +106,7 @@ def test_transcript_prints_ready_each_turn_and_interrupts(bus_env, bus_cfg):
         "turn 2  interrupted (the user spoke over the model)",
         "turn 3  user:  Sorry, stop.",
         "model session reconnecting: connection lost",
+        "typed  and the window?",
     ]
 
 

@@ -143,6 +143,12 @@ class Conversation:
                 self.muted = bool(metrics.get("muted"))
                 if isinstance(metrics.get("chunks_published"), int) and metrics["chunks_published"] > 0:
                     self.audio_flowing = True
+        elif topic == "text.in":      # typed by the user (say, the console): part of the conversation
+            text = " ".join(str(msg["text"]).split())
+            if text:   # like speech, it closes the model's earlier turns
+                lines += self._flush(lambda t, r: r == "model")
+                lines.append(f"typed  {text}")
+                self.said.append(("user", text))
         elif topic == "audio.in":     # a caller that watches audio.in anyway (the demo)
             self.audio_flowing = True
         if not self.ready and self.connected and self.audio_flowing:

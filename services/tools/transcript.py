@@ -28,7 +28,7 @@ from livepipe.services.lib.verb import VerbParser
 
 # Not audio.in: subscribing to it would count as a listener for capture-audio (which holds its
 # backlog, and starts a file, until someone listens) before the bridge is up.
-TOPICS = ["transcript", "control", "status"]
+TOPICS = ["transcript", "text.in", "control", "status"]
 CLEAR_LINE = "\r\x1b[K"
 
 
