@@ -50,6 +50,38 @@ def test_readme_service_snippet_runs_serves_its_handler_and_exits_0_on_sigterm(b
 
 
 
+def test_readme_tool_server_answers_only_calls_routed_to_it_and_not_cancelled_ones(bus_env, bus_cfg, tmp_path):
+    """README's "Serving functions" example: a call without `to` is for a --tools function (which
+    wins), and a call the model cancelled gets no late result."""
+    script = tmp_path / "weather.py"
+    script.write_text(readme_block("### Serving functions to the model").replace(
+        'lambda args: {"weather": "sunny"}', 'lambda args: time.sleep(args.get("sleep", 0)) or {"weather": "sunny"}')
+        .replace("import sys", "import sys\nimport time"))
+    proc = subprocess.Popen([sys.executable, str(script)], env=bus_env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with BusClient("gemini-bridge", bus_cfg, ["tool.announce", "tool.result", "status"]) as bridge:
+            bridge.wait_ready()
+            inst = bridge.wait_for("tool.announce", "announce", timeout=15)["inst"]
+            bridge.wait_subscriber("tool.call", 10)
+            bridge.publish("tool.call", "call", id="for-tools-file", name="get_weather", args={})
+            bridge.publish("tool.call", "call", id="routed", name="get_weather", args={}, to=inst)
+            assert bridge.wait_for("tool.result", timeout=10)["id"] == "routed"   # not the unrouted one
+            slow = time.time_ns()
+            bridge.publish("tool.call", "call", id="slow", name="get_weather", args={"sleep": 1.0}, to=inst)
+            bridge.publish("tool.call", "cancel", ids=["slow"])
+            # Until a heartbeat from after the slow handler's end: its result would have come before it.
+            seen, deadline = [], time.monotonic() + 10
+            while not [m for m in seen if m.topic == "status" and m["src"] == "weather"
+                       and m["ts"] > slow + 1_300_000_000] and time.monotonic() < deadline:
+                seen += [m] if (m := bridge.recv(1)) is not None else []
+            beats = [m for m in seen if m.topic == "status" and m["src"] == "weather"]
+            assert beats[-1]["metrics"]["tool_calls_cancelled"] == 1
+            assert not [m for m in seen if m.topic == "tool.result"]
+    finally:
+        stop(proc)
+
+
 def test_a_main_that_returns_an_int_ends_the_service_with_that_code(bus_env, tmp_path):
     """The README's way for a main to end the process: `return 1` instead of returning None."""
     script = tmp_path / "one_shot.py"

@@ -1,5 +1,5 @@
 """Serve functions to the model from any process: announce them on tool.announce, answer the
-tool.call messages routed to this process on tool.result.
+tool.call messages routed to this process on tool.result; a call the model cancels is not answered.
 
     svc = Service("clock")
     tools = serve_tools(svc, {"get_time": ({"name": "get_time", "description": "the time now"},
@@ -35,9 +35,9 @@ class ToolServer:
         self.svc = svc
         self.functions = dict(functions)
         self.log = svc.log if isinstance(svc.log, logging.Logger) else logging.getLogger(svc.name)
-        for k in ("tool_calls_served", "tool_calls_failed"):
+        for k in ("tool_calls_served", "tool_calls_failed", "tool_calls_cancelled"):
             svc.metrics[k] = 0
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: dict[str, asyncio.Task] = {}   # call id -> the task answering it
         svc.on("tool.call", self._on_call)
         svc.on("tool.query", lambda _msg: self.announce())
 
@@ -57,15 +57,22 @@ class ToolServer:
                 pass
 
     def _on_call(self, msg: Message) -> None:
-        if msg.kind != "call" or msg["name"] not in self.functions:
+        if msg.kind == "cancel":   # the model no longer waits for these: no late result
+            for call_id in msg.get("ids") or []:
+                task = self._tasks.pop(call_id, None) if isinstance(call_id, str) else None
+                if task is not None:
+                    task.cancel()
+                    self.svc.metrics["tool_calls_cancelled"] += 1
             return
-        to = msg.get("to")
-        if to is not None and to != self.svc.inst:   # routed to another process serving the same name
+        # Only calls the bridge routed here: one without `to` is for a --tools function (which wins
+        # over an announced one of the same name), one with another `to` for another process.
+        if msg.kind != "call" or msg["name"] not in self.functions or msg.get("to") != self.svc.inst:
             return
         # its own task: a slow function never holds up the events lane (other calls, queries)
+        call_id = msg["id"]
         task = asyncio.get_running_loop().create_task(self._answer(msg))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[call_id] = task
+        task.add_done_callback(lambda t: self._tasks.pop(call_id, None) if self._tasks.get(call_id) is t else None)
 
     async def _answer(self, msg: Message) -> None:
         _, handler = self.functions[msg["name"]]
