@@ -33,6 +33,9 @@ def test_a_reply_cut_by_a_dropped_connection_is_published_once(live_factory):  #
     turns = sorted({m["turn"] for m in rig.rec.select("audio.out")})
     assert len(turns) == 2, turns                      # the cut turn, then the rest of the reply
     assert metrics.get("audio_out_repeat_skipped_ms", 0) > 0, metrics
+    # ...and its words once: the resumed reply's transcript repeats the cut one's, which was published.
+    words = [m["text"] for m in rig.rec.select("transcript", "transcript", role="model") if m["text"]]
+    assert len(words) == 1 and words[0].startswith("reply 1:"), words
     out, err = rig.close()
     assert rig.bridge.returncode == 0 and "Traceback" not in err
     assert "published once" in err, err

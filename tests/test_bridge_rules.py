@@ -312,3 +312,23 @@ def test_a_tool_call_without_a_handler_or_a_result_gets_an_error_response(rig) -
 
     asyncio.get_event_loop().run_until_complete(scenario())
     assert bridge.svc.metrics["tool_timeouts"] == 1 and bridge.svc.metrics["tool_calls"] == 2
+
+
+@pytest.mark.parametrize("again, published", [
+    (["Once upon", " a time"], []),                              # the same words: nothing new
+    (["Once upon", " a time there", " was"], ["there", "was"]),  # the words after them follow on
+    (["Once", " there was"], ["Once there was"]),                # worded anew: published whole
+])
+def test_the_reply_after_a_cut_one_publishes_only_words_not_yet_published(rig, again, published) -> None:
+    bridge, pub = rig
+    lk = link()
+    bridge.link = lk
+    for text in ("Once upon", " a time"):
+        bridge.on_server_message(lk, content(output_transcription=types.Transcription(text=text)))
+    bridge._end_cut_turn()                                       # the connection was lost mid-reply
+    for text in again:                                           # the resumed session starts over
+        bridge.on_server_message(lk, content(output_transcription=types.Transcription(text=text)))
+    bridge.on_server_message(lk, content(turn_complete=True))
+    words = [m["text"].strip() for m in pub.select("transcript") if m["turn"] == 2 and m["text"]]
+    assert words == published
+    assert bridge.memory[-1]["pieces"] == again                  # the completed turn, whole, for history

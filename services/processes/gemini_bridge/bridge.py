@@ -79,6 +79,9 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.cut_audio: bytes | None = None     # the cut turn's audio, until the turn after it ends
         self.cut_turn = 0
         self.cut_pos = 0                        # how much of it the next turn repeated
+        self.turn_text = ""                     # the open turn's model transcript, as published
+        self.cut_text: str | None = None        # the cut turn's, until the turn after it stops repeating it
+        self.repeat_text = ""                   # the next turn's transcript so far, while compared with it
         self.turn_done = asyncio.Event()
         self.go_away_at = 0.0
         self.totals = {"prompt_tokens": 0, "response_tokens": 0, "total_tokens": 0}

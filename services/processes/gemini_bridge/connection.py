@@ -241,8 +241,9 @@ class ConnectionSide:
     def _end_cut_turn(self) -> None:
         """A model turn the old connection will not finish: close it for the bus."""
         if self.turn_open:
-            if not self.turn_interrupted and self.turn_audio:
+            if not self.turn_interrupted and (self.turn_audio or self.turn_text):
                 self.cut_audio, self.cut_turn, self.cut_pos = bytes(self.turn_audio), self.turn, 0
+                self.cut_text, self.repeat_text = self.turn_text, ""
             self.svc.publish("control", "turn_complete", turn=self.turn)
             self._close_turn()
 

@@ -28,14 +28,17 @@ class OutputSide:
             # The input the reply follows: once the turn completes, a fresh session need not hear it again.
             self.reply_from = (self.link, self.link.sent_index) if self.link is not None else None
             self.turn_audio.clear()
+            self.turn_text = ""
             self.turn_done.clear()
             self.svc.metrics["turns"] = self.turn
         return self.turn
 
     def _close_turn(self) -> None:
         self.turn_open = False
-        if self.cut_audio is not None and self.turn > self.cut_turn:
-            self._repeat_done()   # the turn after the cut one is over
+        if self.turn > self.cut_turn:   # the turn after the cut one is over
+            if self.cut_audio is not None:
+                self._repeat_done()
+            self.cut_text, self.repeat_text = None, ""
         self.turn_done.set()
 
     def on_server_message(self, link: Link, msg: Any) -> None:
@@ -120,17 +123,34 @@ class OutputSide:
                 turn = self._open_turn()
                 self.turn_answered = True
                 if not self.turn_interrupted:
-                    self.svc.publish("transcript", "transcript", role="model", text=part.text, turn=turn)
-                    self._remember("model", part.text, turn)
+                    self._model_text(part.text, turn, {})
 
     def _on_output_transcription(self, tr: Any) -> None:
         if self.turn_open and self.turn_interrupted:
             return   # words of a reply the user cut off were never heard
         turn = self._open_turn()
         self.turn_answered = True
-        fields = {"final": True} if tr.finished else {}
-        self.svc.publish("transcript", "transcript", role="model", text=tr.text, turn=turn, **fields)
-        self._remember("model", tr.text, turn)
+        self._model_text(tr.text or "", turn, {"final": True} if tr.finished else {})
+
+    def _model_text(self, text: str, turn: int, fields: dict[str, Any]) -> None:
+        self._remember("model", text, turn)   # the whole reply: it is the turn the service completes
+        self.turn_text += text
+        if self.cut_text is not None and turn > self.cut_turn:
+            text = self._unrepeated_text(text)
+        if text or fields:
+            self.svc.publish("transcript", "transcript", role="model", text=text, turn=turn, **fields)
+
+    def _unrepeated_text(self, text: str) -> str:
+        """The words of `text` not already published: like the audio (_unrepeated), the reply that
+        follows a cut one repeats its words; while it does they are held back, the rest is published.
+        A reply worded anew is published whole (what was held back included)."""
+        assert self.cut_text is not None
+        self.repeat_text += text
+        said, again = " ".join(self.cut_text.split()), " ".join(self.repeat_text.split())
+        if said.startswith(again):
+            return ""                                  # still the words already published
+        held, self.cut_text, self.repeat_text = self.repeat_text, None, ""
+        return " " + again[len(said):].lstrip() if again.startswith(said) else held
 
     def _on_turn_complete(self, usage: Any) -> None:
         turn = self.complete_owed if (not self.turn_open and self.complete_owed) else self._open_turn()
