@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import re
@@ -38,20 +39,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# OpenCV and its bundled FFmpeg print their own warnings on stderr ("[ WARN:0@0.01] ...",
-# "moov atom not found"); we report every source problem ourselves in one line instead.
-# setdefault: a user debugging a source can still turn them on.
-os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # AV_LOG_QUIET
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
-import cv2  # noqa: E402  (after the environment above)
-import numpy as np  # noqa: E402
-
-from livepipe.bus import Service, setup_logging  # noqa: E402
-from livepipe.bus.config import BusConfig, add_bus_arguments  # noqa: E402
-from livepipe.services.lib.media import PullFrameSource, PushFrameSource  # noqa: E402
-from livepipe.services.lib.settings import env, number  # noqa: E402
-from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb  # noqa: E402
+from livepipe.bus import Service, setup_logging
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import PullFrameSource, PushFrameSource
+from livepipe.services.lib.settings import env, number
+from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb
 
 NAME = "capture-video"
 log = logging.getLogger(NAME)
@@ -64,11 +59,24 @@ THUMB_SIDE = 160                   # long side of the change-detection thumbnail
 THUMB_NOISE_LEVEL = 12             # grey levels: sensor noise and JPEG ringing stay below this
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 CAMERA_RETRY_S = 5.0     # a missing camera is looked for again this often (plugged in later), quietly
+MMAP_THRESHOLD = 256 * 1024       # bytes: frames and their copies get their own mmap (see fix_mmap_threshold)
 STREAM_TIMEOUT_MS = 5000           # open/read timeout for network streams (FFmpeg's default is 30 s)
 AGE_WINDOW = 30                    # frames in the heartbeat's frame-age statistics
 COUNTER_BITS = 16                  # cells of the test pattern's machine-readable frame counter
 COUNTERS = ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "source_errors", "loops", "no_frame")
 STREAM_SCHEMES = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _cv2() -> Any:
+    """OpenCV, imported only by the sources that read through it (camera, file, stream): its
+    import alone is ~18 MB of RSS, which the test pattern and the screen do not need."""
+    # OpenCV and its bundled FFmpeg print their own warnings on stderr ("[ WARN:0@0.01] ...",
+    # "moov atom not found"); we report every source problem ourselves in one line instead.
+    # setdefault: a user debugging a source can still turn them on.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # AV_LOG_QUIET
+    import cv2
+    return cv2
 
 
 class SourceError(VerbError):
@@ -141,13 +149,16 @@ class Frame:
 
 class FrameEncoder:
     """Fit inside size x size (aspect kept, never upscaled), optional square pad, JPEG encode,
-    and the unchanged-frame test (on a small grey thumbnail, against the last frame sent)."""
+    and the unchanged-frame test (on a small grey thumbnail, against the last frame sent).
+
+    Pillow (its bundled libjpeg-turbo) rather than OpenCV: ~3 MB of imports instead of ~18 MB.
+    Images stay BGR numpy arrays as OpenCV and mss deliver them; the BOX filter is an area
+    average, like OpenCV's INTER_AREA, and channel order does not matter to it."""
 
     def __init__(self, size: int = DEFAULT_SIZE, quality: int = DEFAULT_QUALITY, pad: bool = False,
                  skip_threshold: float | None = None) -> None:
         self.size, self.quality, self.pad = size, quality, pad
         self.skip_threshold = skip_threshold          # percent; None = send every frame
-        self._params = [cv2.IMWRITE_JPEG_QUALITY, quality]
         self._last_thumb: np.ndarray | None = None
 
     def fitted_size(self, width: int, height: int) -> tuple[int, int]:
@@ -161,11 +172,17 @@ class FrameEncoder:
     def scale(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         nw, nh = self.fitted_size(w, h)
+        if image.ndim == 3 and image.shape[2] == 4:
+            # mss gives BGRA (alpha 0 on some X servers): unpacked as 3 channels, order kept, alpha
+            # dropped in the same copy, since Pillow would weight an RGBA resize by alpha.
+            pil = Image.frombuffer("RGB", (w, h), np.ascontiguousarray(image), "raw", "RGBX", 0, 1)
+        elif (nw, nh) != (w, h):
+            pil = Image.fromarray(image)
+        else:
+            return image
         if (nw, nh) != (w, h):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-        if image.ndim == 3 and image.shape[2] == 4:      # mss gives BGRA: convert the small image
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        return image
+            pil = pil.resize((nw, nh), Image.Resampling.BOX)
+        return np.asarray(pil)
 
     def pad_square(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
@@ -173,33 +190,47 @@ class FrameEncoder:
             return image
         side = max(w, h)
         top, left = (side - h) // 2, (side - w) // 2
-        return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
-                                  cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        out = np.zeros((side, side) + image.shape[2:], np.uint8)
+        out[top:top + h, left:left + w] = image
+        return out
 
     def encode(self, image: np.ndarray) -> bytes:
-        ok, buf = cv2.imencode(".jpg", image, self._params)
-        if not ok:
-            raise RuntimeError(f"JPEG encoding of a {image.shape} image failed")
-        return buf.tobytes()
+        buf = io.BytesIO()
+        try:
+            _to_pil(image).save(buf, "JPEG", quality=self.quality)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"JPEG encoding of a {image.shape} image failed: {exc}") from None
+        return buf.getvalue()
 
     def thumbnail(self, image: np.ndarray) -> np.ndarray:
         h, w = image.shape[:2]
         scale = THUMB_SIDE / max(w, h)
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA) if scale < 1 else image
-        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+        grey = _to_pil(image).convert("L")
+        if scale < 1:
+            grey = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+        return np.asarray(grey)
 
     def changed_percent(self, thumb: np.ndarray) -> float:
         """Percent of thumbnail pixels that differ from the last sent frame beyond sensor noise."""
         last = self._last_thumb
         if last is None or last.shape != thumb.shape:
             return 100.0
-        return float(np.count_nonzero(cv2.absdiff(thumb, last) > THUMB_NOISE_LEVEL)) * 100.0 / thumb.size
+        diff = np.maximum(thumb, last) - np.minimum(thumb, last)     # |a - b| without uint8 wraparound
+        return float(np.count_nonzero(diff > THUMB_NOISE_LEVEL)) * 100.0 / thumb.size
 
     def remember(self, thumb: np.ndarray | None) -> None:
         """Make `thumb` the reference: call only once its frame was actually published."""
         if thumb is not None:
             self._last_thumb = thumb
+
+
+def _to_pil(image: np.ndarray) -> Image.Image:
+    """A BGR (or BGRA, or grey) array as a Pillow RGB (or L) image: one copy, swapped in C."""
+    image = np.ascontiguousarray(image)
+    h, w = image.shape[:2]
+    if image.ndim == 2:
+        return Image.frombuffer("L", (w, h), image, "raw", "L", 0, 1)
+    return Image.frombuffer("RGB", (w, h), image, "raw", "BGRX" if image.shape[2] == 4 else "BGR", 0, 1)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -215,9 +246,10 @@ class VideoSource:
         self.frame_count = 0               # files: frames the container claims (0 = unknown)
         self.width = self.height = 0
         self._pregrabbed = False
+        self.cv2 = _cv2()          # here, not in open(): a missing OpenCV is named before anything runs
 
     def open(self) -> None:
-        spec = self.spec
+        spec, cv2 = self.spec, self.cv2
         if spec.kind == "file":
             path = Path(str(spec.target))
             if not path.exists():
@@ -228,7 +260,7 @@ class VideoSource:
                 raise SourceError(f"{path}: permission denied")
             # FFmpeg when this OpenCV has it: it reads nearly everything and stays quiet on broken
             # input, where OpenCV's own AVI reader prints stray lines to stderr.
-            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY)
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG if _has_ffmpeg(cv2) else cv2.CAP_ANY)
             if not cap.isOpened():
                 raise SourceError(f"{path}: not a video OpenCV can read (corrupt or unsupported format)")
             if not cap.grab():     # a header that parses but no frame that decodes
@@ -253,7 +285,7 @@ class VideoSource:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.camera_size[0])
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.camera_size[1])
         else:
-            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY,
+            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG if _has_ffmpeg(cv2) else cv2.CAP_ANY,
                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
                                     cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
             if not cap.isOpened():
@@ -275,7 +307,7 @@ class VideoSource:
 
     def rewind(self) -> bool:
         """Back to the first frame (for --loop); reopens when the container cannot seek."""
-        if self.cap is not None and self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+        if self.cap is not None and self.cap.set(self.cv2.CAP_PROP_POS_FRAMES, 0):
             return True
         self.close()
         try:
@@ -373,20 +405,39 @@ class PatternSource:
         now = time.time()
         # a bar sweeping once every 4 s, so motion is visible whatever the frame rate
         x = int((now % 4.0) / 4.0 * w)
-        cv2.rectangle(img, (x, 0), (min(w - 1, x + max(2, w // 80)), h * 9 // 10), (255, 255, 255), -1)
+        img[:h * 9 // 10, x:min(w, x + max(2, w // 80) + 1)] = 255
         scale = h / 240
-        band = (int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72))
-        cv2.rectangle(img, band[:2], band[2:], (0, 0, 0), -1)
+        img[int(h * 0.25):int(h * 0.72) + 1, int(w * 0.1):int(w * 0.9) + 1] = 0
         clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         for text, y, size in ((f"frame {n}", 0.45, 1.6), (clock, 0.65, 1.0)):
-            (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, size * scale / 2, max(1, int(scale)))
-            cv2.putText(img, text, ((w - tw) // 2, int(h * y)), cv2.FONT_HERSHEY_SIMPLEX, size * scale / 2,
-                        (255, 255, 255), max(1, int(scale)), cv2.LINE_AA)
+            draw_text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
         draw_counter_cells(img, n)
         return img
 
     def close(self) -> None:
         pass
+
+
+_FONT: Any = None
+
+
+def draw_text(img: np.ndarray, text: str, baseline: int, zoom: int) -> None:
+    """White `text` centred on `img`, its baseline at row `baseline`: Pillow's built-in bitmap
+    font (11 px high) zoomed by an integer factor. OpenCV's putText loads a TrueType font on
+    first use in OpenCV 5 (+8.6 MB of RSS) for a pattern that only needs to be legible."""
+    global _FONT
+    if _FONT is None:
+        _FONT = ImageFont.load_default_imagefont()
+    left, top, right, bottom = _FONT.getbbox(text)
+    glyphs = Image.new("L", (right, bottom))
+    ImageDraw.Draw(glyphs).text((0, 0), text, fill=255, font=_FONT)
+    mask = np.asarray(glyphs).repeat(zoom, 0).repeat(zoom, 1) > 127
+    h, w = img.shape[:2]
+    mh, mw = mask.shape
+    y, x = baseline - mh, (w - mw) // 2
+    mask = mask[max(0, -y):h - y, max(0, -x):w - x]       # clip to the image
+    y, x = max(0, y), max(0, x)
+    img[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = 255
 
 
 def draw_counter_cells(img: np.ndarray, value: int) -> None:
@@ -606,7 +657,7 @@ class Encoded:
 SKIPPED = object()
 
 
-def _has_ffmpeg() -> bool:
+def _has_ffmpeg(cv2: Any) -> bool:
     return bool(cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG))
 
 
@@ -738,6 +789,21 @@ class CaptureVideo:
         )
 
 
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
+    """glibc: serve every allocation of `size` bytes or more with its own mmap, returned to the
+    system when freed. By default glibc raises that threshold to the size of each large block
+    freed (up to 32 MB), so after the first frame every 1-3 MB frame buffer lands in the worker
+    thread's malloc arena and stays resident there: +10 MB RSS for one frame a second. An mmap
+    per frame costs a few hundred page faults, nothing at these rates."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-3, size)     # M_MMAP_THRESHOLD; fixing it disables the dynamic rule
+    except (OSError, AttributeError):           # not glibc (musl has no mallopt): nothing to tune
+        pass
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = VerbParser(prog=f"livepipe {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -784,6 +850,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SourceSpec]:
 def main(argv: list[str]) -> int:
     setup_logging(NAME)
     args, spec = parse_args(argv)     # UsageError, ConfigError: one line, exit 2 (@verb)
+    fix_mmap_threshold()
     cfg = BusConfig.from_args(args)
     capture = CaptureVideo(args, spec)
     # Open before joining the bus: a missing file or camera is reported at once, broker or not.
