@@ -2,7 +2,7 @@
 
 1. Fit + encode, per frame, in this process (interleaved round-robin so both see the same load):
    livepipe:   capture-video's own FrameEncoder: 1280x720 fitted inside 768x768 (-> 768x432,
-               INTER_AREA), JPEG q80; also with --pad (-> 768x768);
+               area average: Pillow BOX), JPEG q80; also with --pad (-> 768x768);
    reference:  the usual quick-start client: cv2.resize(frame, (768, 768)) (distorts 16:9) and
                cv2.imencode(".jpg", frame) at OpenCV's default quality 95; also at q80, to
                separate the effect of the quality from the effect of the fit.
@@ -91,8 +91,7 @@ def bench_encode(n: int) -> dict[str, Any]:
 
     def ours(enc: FrameEncoder):
         def run(frame: np.ndarray) -> tuple[bytes, tuple[int, int]]:
-            fitted = enc.fit(frame)
-            return enc.encode(fitted), fitted.shape[1::-1]
+            return enc.fit_encode(frame)
         return run
 
     cases = {"livepipe_fit_q80": ours(fit), "livepipe_fit_pad_q80": ours(fit_pad),

@@ -152,60 +152,57 @@ class FrameEncoder:
     and the unchanged-frame test (on a small grey thumbnail, against the last frame sent).
 
     Pillow (its bundled libjpeg-turbo) rather than OpenCV: ~3 MB of imports instead of ~18 MB.
-    Images stay BGR numpy arrays as OpenCV and mss deliver them; the BOX filter is an area
-    average, like OpenCV's INTER_AREA, and channel order does not matter to it."""
+    Frames arrive as BGR (or BGRA) numpy arrays, as OpenCV and mss deliver them; they become one
+    RGB Pillow image (swapped, alpha dropped, in one copy) that is scaled with the BOX filter (an
+    area average, like OpenCV's INTER_AREA), padded and encoded without going back to numpy."""
 
     def __init__(self, size: int = DEFAULT_SIZE, quality: int = DEFAULT_QUALITY, pad: bool = False,
                  skip_threshold: float | None = None) -> None:
         self.size, self.quality, self.pad = size, quality, pad
         self.skip_threshold = skip_threshold          # percent; None = send every frame
         self._last_thumb: np.ndarray | None = None
+        self._full: Image.Image | None = None     # reused: a fresh 1280x720 image costs ~900 page faults
 
     def fitted_size(self, width: int, height: int) -> tuple[int, int]:
         scale = min(self.size / width, self.size / height, 1.0)
         return max(1, round(width * scale)), max(1, round(height * scale))
 
     def fit(self, image: np.ndarray) -> np.ndarray:
-        """What is sent: scaled, then padded to a square if asked."""
-        return self.pad_square(self.scale(image))
+        """What is sent, as a BGR array: scaled, then padded to a square if asked."""
+        return np.asarray(self.pad_square(self.scale(image)))[:, :, ::-1]
 
-    def scale(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        nw, nh = self.fitted_size(w, h)
-        if image.ndim == 3 and image.shape[2] == 4:
-            # mss gives BGRA (alpha 0 on some X servers): unpacked as 3 channels, order kept, alpha
-            # dropped in the same copy, since Pillow would weight an RGBA resize by alpha.
-            pil = Image.frombuffer("RGB", (w, h), np.ascontiguousarray(image), "raw", "RGBX", 0, 1)
-        elif (nw, nh) != (w, h):
-            pil = Image.fromarray(image)
-        else:
-            return image
-        if (nw, nh) != (w, h):
-            pil = pil.resize((nw, nh), Image.Resampling.BOX)
-        return np.asarray(pil)
+    def scale(self, image: np.ndarray) -> Image.Image:
+        """The frame as an RGB image fitted inside size x size."""
+        pil = self._full = _to_pil(image, self._full)
+        fitted = self.fitted_size(*pil.size)
+        return pil if fitted == pil.size else pil.resize(fitted, Image.Resampling.BOX)
 
-    def pad_square(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
+    def pad_square(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
         if not self.pad or w == h:
             return image
         side = max(w, h)
-        top, left = (side - h) // 2, (side - w) // 2
-        out = np.zeros((side, side) + image.shape[2:], np.uint8)
-        out[top:top + h, left:left + w] = image
-        return out
+        square = Image.new(image.mode, (side, side))           # black
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        return square
 
-    def encode(self, image: np.ndarray) -> bytes:
+    def encode(self, image: Image.Image) -> bytes:
         buf = io.BytesIO()
         try:
-            _to_pil(image).save(buf, "JPEG", quality=self.quality)
+            image.save(buf, "JPEG", quality=self.quality)
         except (OSError, ValueError) as exc:
-            raise RuntimeError(f"JPEG encoding of a {image.shape} image failed: {exc}") from None
+            raise RuntimeError(f"JPEG encoding of a {image.size} image failed: {exc}") from None
         return buf.getvalue()
 
-    def thumbnail(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
+    def fit_encode(self, image: np.ndarray) -> tuple[bytes, tuple[int, int]]:
+        """The JPEG that is sent for `image`, and its (width, height)."""
+        fitted = self.pad_square(self.scale(image))
+        return self.encode(fitted), fitted.size
+
+    def thumbnail(self, image: Image.Image) -> np.ndarray:
+        w, h = image.size
         scale = THUMB_SIDE / max(w, h)
-        grey = _to_pil(image).convert("L")
+        grey = image.convert("L")
         if scale < 1:
             grey = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
         return np.asarray(grey)
@@ -224,13 +221,17 @@ class FrameEncoder:
             self._last_thumb = thumb
 
 
-def _to_pil(image: np.ndarray) -> Image.Image:
-    """A BGR (or BGRA, or grey) array as a Pillow RGB (or L) image: one copy, swapped in C."""
+def _to_pil(image: np.ndarray, reuse: Image.Image | None = None) -> Image.Image:
+    """A BGR (or BGRA, or grey) array as a Pillow RGB (or L) image: one copy, swapped in C, into
+    `reuse` when it has the right mode and size. (Image.fromarray would keep BGRA as RGBA, and
+    Pillow weights an RGBA resize by alpha, which is 0 on some X servers.)"""
     image = np.ascontiguousarray(image)
     h, w = image.shape[:2]
-    if image.ndim == 2:
-        return Image.frombuffer("L", (w, h), image, "raw", "L", 0, 1)
-    return Image.frombuffer("RGB", (w, h), image, "raw", "BGRX" if image.shape[2] == 4 else "BGR", 0, 1)
+    mode, raw = ("L", "L") if image.ndim == 2 else ("RGB", "BGRX" if image.shape[2] == 4 else "BGR")
+    if reuse is not None and reuse.mode == mode and reuse.size == (w, h):
+        reuse.frombytes(image, "raw", raw)
+        return reuse
+    return Image.frombuffer(mode, (w, h), image, "raw", raw, 0, 1)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -384,6 +385,7 @@ class PatternSource:
         self.width, self.height = width, height
         self.count = 0
         self._background = self._bars(width, height)
+        self._image = np.empty_like(self._background)    # drawn into at each snap: no new pages
 
     @staticmethod
     def _bars(width: int, height: int) -> np.ndarray:
@@ -401,7 +403,8 @@ class PatternSource:
         n = self.count
         self.count += 1
         w, h = self.width, self.height
-        img = self._background.copy()
+        img = self._image      # safe to reuse: a pull source's frame is encoded before the next snap
+        np.copyto(img, self._background)
         now = time.time()
         # a bar sweeping once every 4 s, so motion is visible whatever the frame rate
         x = int((now % 4.0) / 4.0 * w)
@@ -712,7 +715,7 @@ class CaptureVideo:
         fitted = self.encoder.pad_square(scaled)
         jpeg = self.encoder.encode(fitted)
         cost = (time.perf_counter() - t0) * 1000
-        return Encoded(jpeg, fitted.shape[1], fitted.shape[0], frame.capture_ns, cost, thumb)
+        return Encoded(jpeg, fitted.width, fitted.height, frame.capture_ns, cost, thumb)
 
     async def run(self, svc: Service) -> None:
         src = self.source
