@@ -37,10 +37,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 
 from livepipe.bus import Service, setup_logging
 from livepipe.bus.config import BusConfig, add_bus_arguments
@@ -65,6 +64,16 @@ AGE_WINDOW = 30                    # frames in the heartbeat's frame-age statist
 COUNTER_BITS = 16                  # cells of the test pattern's machine-readable frame counter
 COUNTERS = ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "source_errors", "loops", "no_frame")
 STREAM_SCHEMES = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageDraw, ImageFont
+
+
+def _pillow() -> None:
+    """Pillow, imported only where it is used (test pattern, screen): a camera does without."""
+    global Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
 
 
 def _cv2() -> Any:
@@ -156,12 +165,16 @@ class FrameEncoder:
     RGB Pillow image (swapped, alpha dropped, in one copy) that is scaled with the BOX filter (an
     area average, like OpenCV's INTER_AREA), padded and encoded without going back to numpy."""
 
+    uses_pillow = True
+
     def __init__(self, size: int = DEFAULT_SIZE, quality: int = DEFAULT_QUALITY, pad: bool = False,
                  skip_threshold: float | None = None) -> None:
         self.size, self.quality, self.pad = size, quality, pad
         self.skip_threshold = skip_threshold          # percent; None = send every frame
         self._last_thumb: np.ndarray | None = None
         self._full: Image.Image | None = None     # reused: a fresh 1280x720 image costs ~900 page faults
+        if self.uses_pillow:
+            _pillow()
 
     def fitted_size(self, width: int, height: int) -> tuple[int, int]:
         scale = min(self.size / width, self.size / height, 1.0)
@@ -229,6 +242,8 @@ class CvFrameEncoder(FrameEncoder):
     """The same with OpenCV (INTER_AREA, cv2.imencode), for the sources that read through OpenCV
     anyway (camera, file, stream): it is loaded already, and its SIMD resize and encode take
     about two thirds of Pillow's time (`livepipe bench video`). Images stay BGR arrays."""
+
+    uses_pillow = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -485,8 +500,9 @@ def draw_text(img: np.ndarray, text: str, baseline: int, zoom: int) -> None:
     first use in OpenCV 5 (+8.6 MB of RSS) for a pattern that only needs to be legible."""
     global _FONT
     if _FONT is None:
+        _pillow()
         _FONT = ImageFont.load_default_imagefont()
-    left, top, right, bottom = _FONT.getbbox(text)
+    _, _, right, bottom = _FONT.getbbox(text)
     glyphs = Image.new("L", (right, bottom))
     ImageDraw.Draw(glyphs).text((0, 0), text, fill=255, font=_FONT)
     mask = np.asarray(glyphs).repeat(zoom, 0).repeat(zoom, 1) > 127
