@@ -152,7 +152,7 @@ def parse_wxh(text: str, what: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- frames
 @dataclass(slots=True)
 class Frame:
-    image: np.ndarray      # BGR or BGRA (screen), full source resolution
+    image: Any             # BGR or BGRA (screen) array, or an RGB Pillow image (pattern); full size
     capture_ns: int        # wall clock when the frame was grabbed from the source
     number: int            # frames grabbed from the source so far (1 = first)
 
@@ -185,9 +185,12 @@ class FrameEncoder:
         """What is sent, as a BGR array: scaled, then padded to a square if asked."""
         return np.asarray(self.pad_square(self.scale(image)))[:, :, ::-1]
 
-    def scale(self, image: np.ndarray) -> Image.Image:
-        """The frame as an RGB image fitted inside size x size."""
-        pil = self._full = _to_pil(image, self._full)
+    def scale(self, image: np.ndarray | Image.Image) -> Image.Image:
+        """The frame (a BGR/BGRA array, or an RGB image) as an RGB image fitted inside size x size."""
+        if isinstance(image, np.ndarray):
+            pil = self._full = _to_pil(image, self._full)
+        else:
+            pil = image
         fitted = self.fitted_size(*pil.size)
         return pil if fitted == pil.size else pil.resize(fitted, Image.Resampling.BOX)
 
@@ -447,81 +450,70 @@ class ScreenSource:
 class PatternSource:
     """A synthetic test pattern: colour bars, a moving bar, a big frame counter, the wall clock,
     and the counter as COUNTER_BITS black/white cells along the bottom tenth (MSB first,
-    white = 1), which survive JPEG and scaling so a subscriber can read the frame number back."""
+    white = 1), which survive JPEG and scaling so a subscriber can read the frame number back.
+
+    Drawn with Pillow straight into one RGB image reused at every snap (the encoder takes it as
+    it is: no BGR array to convert, no fresh pages), with Pillow's built-in bitmap font: OpenCV's
+    putText loads a TrueType font on first use in OpenCV 5 (+8.6 MB of RSS)."""
 
     live = True
 
     def __init__(self, width: int = 1280, height: int = 720) -> None:
+        _pillow()
         self.name = "test pattern"
         self.width, self.height = width, height
         self.count = 0
         self._background = self._bars(width, height)
-        self._image = np.empty_like(self._background)    # drawn into at each snap: no new pages
+        self._image = self._background.copy()
+        self._font = ImageFont.load_default_imagefont()
 
     @staticmethod
-    def _bars(width: int, height: int) -> np.ndarray:
-        colours = [(192, 192, 192), (0, 192, 192), (192, 192, 0), (0, 192, 0),
-                   (192, 0, 192), (0, 0, 192), (192, 0, 0), (32, 32, 32)]      # BGR
-        img = np.zeros((height, width, 3), np.uint8)
+    def _bars(width: int, height: int) -> Image.Image:
+        colours = [(192, 192, 192), (192, 192, 0), (0, 192, 192), (0, 192, 0),
+                   (192, 0, 192), (192, 0, 0), (0, 0, 192), (32, 32, 32)]      # RGB
+        img = Image.new("RGB", (width, height))
+        draw = ImageDraw.Draw(img)
         for i, c in enumerate(colours):
-            img[:, i * width // len(colours):(i + 1) * width // len(colours)] = c
+            draw.rectangle((i * width // len(colours), 0, (i + 1) * width // len(colours) - 1, height - 1), fill=c)
         return img
 
     def open(self) -> None:
         pass
 
-    def snap(self) -> np.ndarray:
+    def snap(self) -> Image.Image:
         n = self.count
         self.count += 1
         w, h = self.width, self.height
         img = self._image      # safe to reuse: a pull source's frame is encoded before the next snap
-        np.copyto(img, self._background)
+        img.paste(self._background)
+        draw = ImageDraw.Draw(img)
         now = time.time()
         # a bar sweeping once every 4 s, so motion is visible whatever the frame rate
         x = int((now % 4.0) / 4.0 * w)
-        img[:h * 9 // 10, x:min(w, x + max(2, w // 80) + 1)] = 255
+        draw.rectangle((x, 0, min(w - 1, x + max(2, w // 80)), h * 9 // 10 - 1), fill=(255, 255, 255))
         scale = h / 240
-        img[int(h * 0.25):int(h * 0.72) + 1, int(w * 0.1):int(w * 0.9) + 1] = 0
+        draw.rectangle((int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72)), fill=(0, 0, 0))
         clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         for text, y, size in ((f"frame {n}", 0.45, 1.6), (clock, 0.65, 1.0)):
-            draw_text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
-        draw_counter_cells(img, n)
+            self._text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
+        top = h - h // 10
+        for i in range(COUNTER_BITS):        # the counter cells
+            bit = (n >> (COUNTER_BITS - 1 - i)) & 1
+            draw.rectangle((i * w // COUNTER_BITS, top, (i + 1) * w // COUNTER_BITS - 1, h - 1),
+                           fill=(255, 255, 255) if bit else (0, 0, 0))
         return img
+
+    def _text(self, img: Image.Image, text: str, baseline: int, zoom: int) -> None:
+        """White `text` centred, its baseline at row `baseline`: the 11 px bitmap font zoomed by an
+        integer factor (a legible pattern needs nothing more)."""
+        _, _, right, bottom = self._font.getbbox(text)
+        glyphs = Image.new("L", (right, bottom))
+        ImageDraw.Draw(glyphs).text((0, 0), text, fill=255, font=self._font)
+        glyphs = glyphs.resize((right * zoom, bottom * zoom), Image.Resampling.NEAREST)
+        img.paste((255, 255, 255), ((img.width - glyphs.width) // 2, baseline - glyphs.height), glyphs)
 
     def close(self) -> None:
         pass
-
-
-_FONT: Any = None
-
-
-def draw_text(img: np.ndarray, text: str, baseline: int, zoom: int) -> None:
-    """White `text` centred on `img`, its baseline at row `baseline`: Pillow's built-in bitmap
-    font (11 px high) zoomed by an integer factor. OpenCV's putText loads a TrueType font on
-    first use in OpenCV 5 (+8.6 MB of RSS) for a pattern that only needs to be legible."""
-    global _FONT
-    if _FONT is None:
-        _pillow()
-        _FONT = ImageFont.load_default_imagefont()
-    _, _, right, bottom = _FONT.getbbox(text)
-    glyphs = Image.new("L", (right, bottom))
-    ImageDraw.Draw(glyphs).text((0, 0), text, fill=255, font=_FONT)
-    mask = np.asarray(glyphs).repeat(zoom, 0).repeat(zoom, 1) > 127
-    h, w = img.shape[:2]
-    mh, mw = mask.shape
-    y, x = baseline - mh, (w - mw) // 2
-    mask = mask[max(0, -y):h - y, max(0, -x):w - x]       # clip to the image
-    y, x = max(0, y), max(0, x)
-    img[y:y + mask.shape[0], x:x + mask.shape[1]][mask] = 255
-
-
-def draw_counter_cells(img: np.ndarray, value: int) -> None:
-    """Write `value` as COUNTER_BITS black/white cells across the bottom tenth of `img`."""
-    h, w = img.shape[:2]
-    top = h - h // 10
-    for i in range(COUNTER_BITS):
-        bit = (value >> (COUNTER_BITS - 1 - i)) & 1
-        img[top:, i * w // COUNTER_BITS:(i + 1) * w // COUNTER_BITS] = 255 if bit else 0
 
 
 # ----------------------------------------------------------------------------- grabber thread
