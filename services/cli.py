@@ -34,7 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 # A library a verb may miss on a partial install -> the extra that brings it (pyproject.toml).
 EXTRA_OF_MODULE: dict[str, str] = {
-    "sounddevice": "audio", "soxr": "audio", "cv2": "video", "mss": "video", "google": "gemini",
+    "sounddevice": "audio", "soxr": "audio", "cv2": "video", "mss": "video", "PIL": "video", "google": "gemini",
     "websockets": "emulator", "trustme": "emulator", "webrtcvad": "emulator", "honcho": "demo",
     "aiohttp": "console",
 }

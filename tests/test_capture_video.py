@@ -498,7 +498,7 @@ def test_stream_that_disappears_is_reopened(bus_env):
 
 # ----------------------------------------------------------------------------- pure functions
 def test_fit_keeps_aspect_and_never_upscales():
-    from livepipe.services.processes.capture_video import FrameEncoder
+    from livepipe.services.processes.capture_video import CvFrameEncoder, FrameEncoder
 
     enc = FrameEncoder(768)
     assert enc.fitted_size(1280, 720) == (768, 432)
@@ -507,8 +507,9 @@ def test_fit_keeps_aspect_and_never_upscales():
     assert enc.fitted_size(4000, 3000) == (768, 576)
     assert enc.fitted_size(640, 480) == (640, 480)
     assert enc.fitted_size(5000, 10) == (768, 2)
-    padded = FrameEncoder(768, pad=True).fit(np.full((1280, 720, 3), 255, np.uint8))
-    assert padded.shape == (768, 768, 3) and padded[:, :160].max() == 0 and padded[:, 170:590].min() == 255
+    for encoder in (FrameEncoder, CvFrameEncoder):      # Pillow (pattern, screen), OpenCV (camera, file)
+        padded = encoder(768, pad=True).fit(np.full((1280, 720, 3), 255, np.uint8))
+        assert padded.shape == (768, 768, 3) and padded[:, :160].max() == 0 and padded[:, 170:590].min() == 255
 
 
 def test_source_forms():

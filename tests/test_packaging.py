@@ -102,11 +102,13 @@ def test_wheel_installed_elsewhere_runs_the_demo(wheel: Path, tmp_path: Path) ->
 
 def test_a_verb_missing_its_library_names_the_extra() -> None:
     """On a partial install, a verb whose library is absent says which extra to install, in one line."""
-    code = ("import sys\n"
-            "sys.modules['cv2'] = None   # as if livepipe[video] was not installed\n"
-            "from livepipe.services.cli import main\n"
-            "sys.exit(main(['capture-video', 'test']))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert res.returncode == 1
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and "livepipe[video]" in lines[0] and "cv2" in lines[0], res.stderr
+    # OpenCV for a camera; Pillow for every source (the test pattern needs nothing else)
+    for module, source in (("cv2", "0"), ("PIL", "test")):
+        code = ("import sys\n"
+                f"sys.modules[{module!r}] = None   # as if livepipe[video] was not installed\n"
+                "from livepipe.services.cli import main\n"
+                f"sys.exit(main(['capture-video', {source!r}]))\n")
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "livepipe[video]" in lines[0] and module in lines[0], res.stderr

@@ -2,7 +2,8 @@
 
 1. Fit + encode, per frame, in this process (interleaved round-robin so both see the same load):
    livepipe:   capture-video's own FrameEncoder: 1280x720 fitted inside 768x768 (-> 768x432,
-               INTER_AREA), JPEG q80; also with --pad (-> 768x768);
+               INTER_AREA), JPEG q80; also with --pad (-> 768x768); and with Pillow (BOX, an area
+               average), the encoder of the test pattern and the screen, which do not load OpenCV;
    reference:  the usual quick-start client: cv2.resize(frame, (768, 768)) (distorts 16:9) and
                cv2.imencode(".jpg", frame) at OpenCV's default quality 95; also at q80, to
                separate the effect of the quality from the effect of the fit.
@@ -75,11 +76,13 @@ def camera_like_frames(count: int, width: int = 1280, height: int = 720) -> list
 
 
 def bench_encode(n: int) -> dict[str, Any]:
-    from livepipe.services.processes.capture_video import FrameEncoder   # measure the service's own code, not a copy
+    # measure the service's own code, not a copy: OpenCV's encoder (camera, file, stream) and Pillow's (test pattern, screen)
+    from livepipe.services.processes.capture_video import CvFrameEncoder, FrameEncoder
 
     frames = camera_like_frames(8)
-    fit = FrameEncoder(768, 80)
-    fit_pad = FrameEncoder(768, 80, pad=True)
+    fit = CvFrameEncoder(768, 80)
+    fit_pad = CvFrameEncoder(768, 80, pad=True)
+    fit_pillow = FrameEncoder(768, 80)
 
     def reference(q: int | None):
         params = [] if q is None else [cv2.IMWRITE_JPEG_QUALITY, q]
@@ -91,11 +94,10 @@ def bench_encode(n: int) -> dict[str, Any]:
 
     def ours(enc: FrameEncoder):
         def run(frame: np.ndarray) -> tuple[bytes, tuple[int, int]]:
-            fitted = enc.fit(frame)
-            return enc.encode(fitted), fitted.shape[1::-1]
+            return enc.fit_encode(frame)
         return run
 
-    cases = {"livepipe_fit_q80": ours(fit), "livepipe_fit_pad_q80": ours(fit_pad),
+    cases = {"livepipe_fit_q80": ours(fit), "livepipe_fit_pad_q80": ours(fit_pad), "livepipe_fit_q80_pillow": ours(fit_pillow),
              "reference_resize768_q95": reference(None), "reference_resize768_q80": reference(80)}
     times: dict[str, list[float]] = {k: [] for k in cases}
     sizes: dict[str, list[int]] = {k: [] for k in cases}

@@ -11,8 +11,9 @@ the *newest* frame at each tick:
   and "newest" means the frame playing now; at its end the process exits 0 (or `--loop`s);
 - a camera or stream that disappears is reopened with backoff (0.5 s doubling to 8 s).
 
-Frames are fitted inside SIZE x SIZE keeping the aspect ratio (never upscaled; INTER_AREA),
-optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
+Frames are fitted inside SIZE x SIZE keeping the aspect ratio (never upscaled; an area average:
+OpenCV's INTER_AREA for OpenCV's sources, Pillow's BOX for the screen and the test pattern, which
+do not load OpenCV), optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
 (capture -> publish) and the fit+encode cost.
 
 SOURCE (or env LIVEPIPE_VIDEO_SOURCE; default 0):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import logging
 import os
 import re
@@ -36,22 +38,15 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-# OpenCV and its bundled FFmpeg print their own warnings on stderr ("[ WARN:0@0.01] ...",
-# "moov atom not found"); we report every source problem ourselves in one line instead.
-# setdefault: a user debugging a source can still turn them on.
-os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # AV_LOG_QUIET
+import numpy as np
 
-import cv2  # noqa: E402  (after the environment above)
-import numpy as np  # noqa: E402
-
-from livepipe.bus import Service, setup_logging  # noqa: E402
-from livepipe.bus.config import BusConfig, add_bus_arguments  # noqa: E402
-from livepipe.services.lib.media import PullFrameSource, PushFrameSource  # noqa: E402
-from livepipe.services.lib.settings import env, number  # noqa: E402
-from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb  # noqa: E402
+from livepipe.bus import Service, setup_logging
+from livepipe.bus.config import BusConfig, add_bus_arguments
+from livepipe.services.lib.media import PullFrameSource, PushFrameSource
+from livepipe.services.lib.settings import env, number
+from livepipe.services.lib.verb import UsageError, VerbError, VerbParser, verb
 
 NAME = "capture-video"
 log = logging.getLogger(NAME)
@@ -64,11 +59,34 @@ THUMB_SIDE = 160                   # long side of the change-detection thumbnail
 THUMB_NOISE_LEVEL = 12             # grey levels: sensor noise and JPEG ringing stay below this
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 8.0
 CAMERA_RETRY_S = 5.0     # a missing camera is looked for again this often (plugged in later), quietly
+MMAP_THRESHOLD = 256 * 1024       # bytes: frames and their copies get their own mmap (see fix_mmap_threshold)
 STREAM_TIMEOUT_MS = 5000           # open/read timeout for network streams (FFmpeg's default is 30 s)
 AGE_WINDOW = 30                    # frames in the heartbeat's frame-age statistics
 COUNTER_BITS = 16                  # cells of the test pattern's machine-readable frame counter
 COUNTERS = ("frames_grabbed", "unchanged_skipped", "reopens", "decode_errors", "source_errors", "loops", "no_frame")
 STREAM_SCHEMES = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+if TYPE_CHECKING:
+    from PIL import Image, ImageDraw, ImageFont
+
+
+def _pillow() -> None:
+    """Pillow, imported only where it is used (test pattern, screen): a camera does without."""
+    global Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw, ImageFont
+
+
+def _cv2() -> Any:
+    """OpenCV, imported only by the sources that read through it (camera, file, stream): its
+    import alone is ~18 MB of RSS, which the test pattern and the screen do not need."""
+    # OpenCV and its bundled FFmpeg print their own warnings on stderr ("[ WARN:0@0.01] ...",
+    # "moov atom not found"); we report every source problem ourselves in one line instead.
+    # setdefault: a user debugging a source can still turn them on.
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")   # AV_LOG_QUIET
+    import cv2
+    return cv2
 
 
 class SourceError(VerbError):
@@ -134,72 +152,160 @@ def parse_wxh(text: str, what: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- frames
 @dataclass(slots=True)
 class Frame:
-    image: np.ndarray      # BGR or BGRA (screen), full source resolution
+    image: Any             # BGR or BGRA (screen) array, or an RGB Pillow image (pattern); full size
     capture_ns: int        # wall clock when the frame was grabbed from the source
     number: int            # frames grabbed from the source so far (1 = first)
 
 
 class FrameEncoder:
     """Fit inside size x size (aspect kept, never upscaled), optional square pad, JPEG encode,
-    and the unchanged-frame test (on a small grey thumbnail, against the last frame sent)."""
+    and the unchanged-frame test (on a small grey thumbnail, against the last frame sent).
+
+    Pillow (its bundled libjpeg-turbo) for the test pattern and the screen: ~3 MB of imports
+    instead of OpenCV's ~18 MB (CvFrameEncoder below is for OpenCV's own sources). Frames arrive as BGR (or BGRA) numpy arrays, as OpenCV and mss deliver them; they become one
+    RGB Pillow image (swapped, alpha dropped, in one copy) that is scaled with the BOX filter (an
+    area average, like OpenCV's INTER_AREA), padded and encoded without going back to numpy."""
+
+    uses_pillow = True
 
     def __init__(self, size: int = DEFAULT_SIZE, quality: int = DEFAULT_QUALITY, pad: bool = False,
                  skip_threshold: float | None = None) -> None:
         self.size, self.quality, self.pad = size, quality, pad
         self.skip_threshold = skip_threshold          # percent; None = send every frame
-        self._params = [cv2.IMWRITE_JPEG_QUALITY, quality]
         self._last_thumb: np.ndarray | None = None
+        self._full: Image.Image | None = None     # reused: a fresh 1280x720 image costs ~900 page faults
+        if self.uses_pillow:
+            _pillow()
 
     def fitted_size(self, width: int, height: int) -> tuple[int, int]:
         scale = min(self.size / width, self.size / height, 1.0)
         return max(1, round(width * scale)), max(1, round(height * scale))
 
     def fit(self, image: np.ndarray) -> np.ndarray:
-        """What is sent: scaled, then padded to a square if asked."""
-        return self.pad_square(self.scale(image))
+        """What is sent, as a BGR array: scaled, then padded to a square if asked."""
+        return np.asarray(self.pad_square(self.scale(image)))[:, :, ::-1]
 
-    def scale(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
-        nw, nh = self.fitted_size(w, h)
-        if (nw, nh) != (w, h):
-            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
-        if image.ndim == 3 and image.shape[2] == 4:      # mss gives BGRA: convert the small image
-            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        return image
+    def scale(self, image: np.ndarray | Image.Image) -> Image.Image:
+        """The frame (a BGR/BGRA array, or an RGB image) as an RGB image fitted inside size x size."""
+        if isinstance(image, np.ndarray):
+            pil = self._full = _to_pil(image, self._full)
+        else:
+            pil = image
+        fitted = self.fitted_size(*pil.size)
+        return pil if fitted == pil.size else pil.resize(fitted, Image.Resampling.BOX)
 
-    def pad_square(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
+    def pad_square(self, image: Image.Image) -> Image.Image:
+        w, h = image.size
         if not self.pad or w == h:
             return image
         side = max(w, h)
-        top, left = (side - h) // 2, (side - w) // 2
-        return cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
-                                  cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        square = Image.new(image.mode, (side, side))           # black
+        square.paste(image, ((side - w) // 2, (side - h) // 2))
+        return square
 
-    def encode(self, image: np.ndarray) -> bytes:
-        ok, buf = cv2.imencode(".jpg", image, self._params)
-        if not ok:
-            raise RuntimeError(f"JPEG encoding of a {image.shape} image failed")
-        return buf.tobytes()
+    def encode(self, image: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        try:
+            image.save(buf, "JPEG", quality=self.quality)
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"JPEG encoding of a {image.size} image failed: {exc}") from None
+        return buf.getvalue()
 
-    def thumbnail(self, image: np.ndarray) -> np.ndarray:
-        h, w = image.shape[:2]
+    def fit_encode(self, image: np.ndarray) -> tuple[bytes, tuple[int, int]]:
+        """The JPEG that is sent for `image`, and its (width, height)."""
+        fitted = self.pad_square(self.scale(image))
+        return self.encode(fitted), self.size_of(fitted)
+
+    @staticmethod
+    def size_of(image: Any) -> tuple[int, int]:
+        return image.size
+
+    def thumbnail(self, image: Image.Image) -> np.ndarray:
+        w, h = image.size
         scale = THUMB_SIDE / max(w, h)
-        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA) if scale < 1 else image
-        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+        grey = image.convert("L")
+        if scale < 1:
+            grey = grey.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BOX)
+        return np.asarray(grey)
 
     def changed_percent(self, thumb: np.ndarray) -> float:
         """Percent of thumbnail pixels that differ from the last sent frame beyond sensor noise."""
         last = self._last_thumb
         if last is None or last.shape != thumb.shape:
             return 100.0
-        return float(np.count_nonzero(cv2.absdiff(thumb, last) > THUMB_NOISE_LEVEL)) * 100.0 / thumb.size
+        diff = np.maximum(thumb, last) - np.minimum(thumb, last)     # |a - b| without uint8 wraparound
+        return float(np.count_nonzero(diff > THUMB_NOISE_LEVEL)) * 100.0 / thumb.size
 
     def remember(self, thumb: np.ndarray | None) -> None:
         """Make `thumb` the reference: call only once its frame was actually published."""
         if thumb is not None:
             self._last_thumb = thumb
+
+
+class CvFrameEncoder(FrameEncoder):
+    """The same with OpenCV (INTER_AREA, cv2.imencode), for the sources that read through OpenCV
+    anyway (camera, file, stream): it is loaded already, and its SIMD resize and encode take
+    about two thirds of Pillow's time (`livepipe bench video`). Images stay BGR arrays."""
+
+    uses_pillow = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cv2 = _cv2()
+        self._params = [self.cv2.IMWRITE_JPEG_QUALITY, self.quality]
+
+    def fit(self, image: np.ndarray) -> np.ndarray:
+        return self.pad_square(self.scale(image))
+
+    def scale(self, image: np.ndarray) -> np.ndarray:   # type: ignore[override]
+        cv2 = self.cv2
+        h, w = image.shape[:2]
+        nw, nh = self.fitted_size(w, h)
+        if (nw, nh) != (w, h):
+            image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        if image.ndim == 3 and image.shape[2] == 4:
+            image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
+        return image
+
+    def pad_square(self, image: np.ndarray) -> np.ndarray:   # type: ignore[override]
+        h, w = image.shape[:2]
+        if not self.pad or w == h:
+            return image
+        side = max(w, h)
+        top, left = (side - h) // 2, (side - w) // 2
+        return self.cv2.copyMakeBorder(image, top, side - h - top, left, side - w - left,
+                                       self.cv2.BORDER_CONSTANT, value=(0, 0, 0))
+
+    def encode(self, image: np.ndarray) -> bytes:   # type: ignore[override]
+        ok, buf = self.cv2.imencode(".jpg", image, self._params)
+        if not ok:
+            raise RuntimeError(f"JPEG encoding of a {image.shape} image failed")
+        return buf.tobytes()
+
+    @staticmethod
+    def size_of(image: Any) -> tuple[int, int]:
+        return image.shape[1], image.shape[0]
+
+    def thumbnail(self, image: np.ndarray) -> np.ndarray:   # type: ignore[override]
+        cv2 = self.cv2
+        h, w = image.shape[:2]
+        scale = THUMB_SIDE / max(w, h)
+        small = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                           interpolation=cv2.INTER_AREA) if scale < 1 else image
+        return cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+
+
+def _to_pil(image: np.ndarray, reuse: Image.Image | None = None) -> Image.Image:
+    """A BGR (or BGRA, or grey) array as a Pillow RGB (or L) image: one copy, swapped in C, into
+    `reuse` when it has the right mode and size. (Image.fromarray would keep BGRA as RGBA, and
+    Pillow weights an RGBA resize by alpha, which is 0 on some X servers.)"""
+    image = np.ascontiguousarray(image)
+    h, w = image.shape[:2]
+    mode, raw = ("L", "L") if image.ndim == 2 else ("RGB", "BGRX" if image.shape[2] == 4 else "BGR")
+    if reuse is not None and reuse.mode == mode and reuse.size == (w, h):
+        reuse.frombytes(image, "raw", raw)
+        return reuse
+    return Image.frombuffer(mode, (w, h), image, "raw", raw, 0, 1)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -215,9 +321,10 @@ class VideoSource:
         self.frame_count = 0               # files: frames the container claims (0 = unknown)
         self.width = self.height = 0
         self._pregrabbed = False
+        self.cv2 = _cv2()          # here, not in open(): a missing OpenCV is named before anything runs
 
     def open(self) -> None:
-        spec = self.spec
+        spec, cv2 = self.spec, self.cv2
         if spec.kind == "file":
             path = Path(str(spec.target))
             if not path.exists():
@@ -228,7 +335,7 @@ class VideoSource:
                 raise SourceError(f"{path}: permission denied")
             # FFmpeg when this OpenCV has it: it reads nearly everything and stays quiet on broken
             # input, where OpenCV's own AVI reader prints stray lines to stderr.
-            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY)
+            cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG if _has_ffmpeg(cv2) else cv2.CAP_ANY)
             if not cap.isOpened():
                 raise SourceError(f"{path}: not a video OpenCV can read (corrupt or unsupported format)")
             if not cap.grab():     # a header that parses but no frame that decodes
@@ -253,7 +360,7 @@ class VideoSource:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.camera_size[0])
                 cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.camera_size[1])
         else:
-            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG if _has_ffmpeg() else cv2.CAP_ANY,
+            cap = cv2.VideoCapture(str(spec.target), cv2.CAP_FFMPEG if _has_ffmpeg(cv2) else cv2.CAP_ANY,
                                    [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
                                     cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS])
             if not cap.isOpened():
@@ -275,7 +382,7 @@ class VideoSource:
 
     def rewind(self) -> bool:
         """Back to the first frame (for --loop); reopens when the container cannot seek."""
-        if self.cap is not None and self.cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+        if self.cap is not None and self.cap.set(self.cv2.CAP_PROP_POS_FRAMES, 0):
             return True
         self.close()
         try:
@@ -343,59 +450,70 @@ class ScreenSource:
 class PatternSource:
     """A synthetic test pattern: colour bars, a moving bar, a big frame counter, the wall clock,
     and the counter as COUNTER_BITS black/white cells along the bottom tenth (MSB first,
-    white = 1), which survive JPEG and scaling so a subscriber can read the frame number back."""
+    white = 1), which survive JPEG and scaling so a subscriber can read the frame number back.
+
+    Drawn with Pillow straight into one RGB image reused at every snap (the encoder takes it as
+    it is: no BGR array to convert, no fresh pages), with Pillow's built-in bitmap font: OpenCV's
+    putText loads a TrueType font on first use in OpenCV 5 (+8.6 MB of RSS)."""
 
     live = True
 
     def __init__(self, width: int = 1280, height: int = 720) -> None:
+        _pillow()
         self.name = "test pattern"
         self.width, self.height = width, height
         self.count = 0
         self._background = self._bars(width, height)
+        self._image = self._background.copy()
+        self._font = ImageFont.load_default_imagefont()
 
     @staticmethod
-    def _bars(width: int, height: int) -> np.ndarray:
-        colours = [(192, 192, 192), (0, 192, 192), (192, 192, 0), (0, 192, 0),
-                   (192, 0, 192), (0, 0, 192), (192, 0, 0), (32, 32, 32)]      # BGR
-        img = np.zeros((height, width, 3), np.uint8)
+    def _bars(width: int, height: int) -> Image.Image:
+        colours = [(192, 192, 192), (192, 192, 0), (0, 192, 192), (0, 192, 0),
+                   (192, 0, 192), (192, 0, 0), (0, 0, 192), (32, 32, 32)]      # RGB
+        img = Image.new("RGB", (width, height))
+        draw = ImageDraw.Draw(img)
         for i, c in enumerate(colours):
-            img[:, i * width // len(colours):(i + 1) * width // len(colours)] = c
+            draw.rectangle((i * width // len(colours), 0, (i + 1) * width // len(colours) - 1, height - 1), fill=c)
         return img
 
     def open(self) -> None:
         pass
 
-    def snap(self) -> np.ndarray:
+    def snap(self) -> Image.Image:
         n = self.count
         self.count += 1
         w, h = self.width, self.height
-        img = self._background.copy()
+        img = self._image      # safe to reuse: a pull source's frame is encoded before the next snap
+        img.paste(self._background)
+        draw = ImageDraw.Draw(img)
         now = time.time()
         # a bar sweeping once every 4 s, so motion is visible whatever the frame rate
         x = int((now % 4.0) / 4.0 * w)
-        cv2.rectangle(img, (x, 0), (min(w - 1, x + max(2, w // 80)), h * 9 // 10), (255, 255, 255), -1)
+        draw.rectangle((x, 0, min(w - 1, x + max(2, w // 80)), h * 9 // 10 - 1), fill=(255, 255, 255))
         scale = h / 240
-        band = (int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72))
-        cv2.rectangle(img, band[:2], band[2:], (0, 0, 0), -1)
+        draw.rectangle((int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72)), fill=(0, 0, 0))
         clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         for text, y, size in ((f"frame {n}", 0.45, 1.6), (clock, 0.65, 1.0)):
-            (tw, _), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, size * scale / 2, max(1, int(scale)))
-            cv2.putText(img, text, ((w - tw) // 2, int(h * y)), cv2.FONT_HERSHEY_SIMPLEX, size * scale / 2,
-                        (255, 255, 255), max(1, int(scale)), cv2.LINE_AA)
-        draw_counter_cells(img, n)
+            self._text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
+        top = h - h // 10
+        for i in range(COUNTER_BITS):        # the counter cells
+            bit = (n >> (COUNTER_BITS - 1 - i)) & 1
+            draw.rectangle((i * w // COUNTER_BITS, top, (i + 1) * w // COUNTER_BITS - 1, h - 1),
+                           fill=(255, 255, 255) if bit else (0, 0, 0))
         return img
+
+    def _text(self, img: Image.Image, text: str, baseline: int, zoom: int) -> None:
+        """White `text` centred, its baseline at row `baseline`: the 11 px bitmap font zoomed by an
+        integer factor (a legible pattern needs nothing more)."""
+        _, _, right, bottom = self._font.getbbox(text)
+        glyphs = Image.new("L", (right, bottom))
+        ImageDraw.Draw(glyphs).text((0, 0), text, fill=255, font=self._font)
+        glyphs = glyphs.resize((right * zoom, bottom * zoom), Image.Resampling.NEAREST)
+        img.paste((255, 255, 255), ((img.width - glyphs.width) // 2, baseline - glyphs.height), glyphs)
 
     def close(self) -> None:
         pass
-
-
-def draw_counter_cells(img: np.ndarray, value: int) -> None:
-    """Write `value` as COUNTER_BITS black/white cells across the bottom tenth of `img`."""
-    h, w = img.shape[:2]
-    top = h - h // 10
-    for i in range(COUNTER_BITS):
-        bit = (value >> (COUNTER_BITS - 1 - i)) & 1
-        img[top:, i * w // COUNTER_BITS:(i + 1) * w // COUNTER_BITS] = 255 if bit else 0
 
 
 # ----------------------------------------------------------------------------- grabber thread
@@ -606,7 +724,7 @@ class Encoded:
 SKIPPED = object()
 
 
-def _has_ffmpeg() -> bool:
+def _has_ffmpeg(cv2: Any) -> bool:
     return bool(cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG))
 
 
@@ -622,14 +740,15 @@ def _redact_url(url: str) -> str:
 class CaptureVideo:
     def __init__(self, args: argparse.Namespace, spec: SourceSpec) -> None:
         self.args, self.spec = args, spec
-        self.encoder = FrameEncoder(args.size, args.quality, args.pad,
-                                    args.skip_threshold if args.skip_unchanged else None)
         if spec.kind == "screen":
             self.source: PullFrameSource | PushFrameSource = ScreenSource(spec)
         elif spec.kind == "pattern":
             self.source = PatternSource(*args.pattern_size)
         else:
             self.source = VideoSource(spec, args.camera_size)
+        # OpenCV's encoder only where OpenCV is loaded for the source anyway
+        encoder = CvFrameEncoder if isinstance(self.source, VideoSource) else FrameEncoder
+        self.encoder = encoder(args.size, args.quality, args.pad, args.skip_threshold if args.skip_unchanged else None)
         self.grabber: Grabber | PullGrabber | None = None
         self.ages: deque[float] = deque(maxlen=AGE_WINDOW)
         self.costs: deque[float] = deque(maxlen=AGE_WINDOW)
@@ -661,7 +780,8 @@ class CaptureVideo:
         fitted = self.encoder.pad_square(scaled)
         jpeg = self.encoder.encode(fitted)
         cost = (time.perf_counter() - t0) * 1000
-        return Encoded(jpeg, fitted.shape[1], fitted.shape[0], frame.capture_ns, cost, thumb)
+        width, height = self.encoder.size_of(fitted)
+        return Encoded(jpeg, width, height, frame.capture_ns, cost, thumb)
 
     async def run(self, svc: Service) -> None:
         src = self.source
@@ -738,6 +858,21 @@ class CaptureVideo:
         )
 
 
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD) -> None:
+    """glibc: serve every allocation of `size` bytes or more with its own mmap, returned to the
+    system when freed. By default glibc raises that threshold to the size of each large block
+    freed (up to 32 MB), so after the first frame every 1-3 MB frame buffer lands in the worker
+    thread's malloc arena and stays resident there: +10 MB RSS for one frame a second. An mmap
+    per frame costs a few hundred page faults, nothing at these rates."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(-3, size)     # M_MMAP_THRESHOLD; fixing it disables the dynamic rule
+    except (OSError, AttributeError):           # not glibc (musl has no mallopt): nothing to tune
+        pass
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = VerbParser(prog=f"livepipe {NAME}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -784,6 +919,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, SourceSpec]:
 def main(argv: list[str]) -> int:
     setup_logging(NAME)
     args, spec = parse_args(argv)     # UsageError, ConfigError: one line, exit 2 (@verb)
+    fix_mmap_threshold()
     cfg = BusConfig.from_args(args)
     capture = CaptureVideo(args, spec)
     # Open before joining the bus: a missing file or camera is reported at once, broker or not.
