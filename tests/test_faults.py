@@ -165,6 +165,13 @@ def test_a_decompression_bomb_on_video_in_is_refused_unread(live_factory):  # no
                                  and m["metrics"].get("video_frames_sent") == 1 for m in ms),
                   15, "a real frame to be sent")
     assert rig.metrics()["video_frames_rejected"] == 1
+    # A frame cut short decodes to nothing: refused (counted), not sent.
+    rig.pub.publish("video.in", "image", frame.tobytes()[:len(frame) // 2], image_width=640, image_height=480,
+                    mime="image/jpeg")
+    rig.rec.until(lambda ms: any(m.topic == "status" and m["src"] == "gemini-bridge"
+                                 and m["metrics"].get("video_frames_rejected") == 2 for m in ms),
+                  15, "the bridge to refuse the cut frame")
+    assert rig.metrics()["video_frames_sent"] == 1
     out, err = rig.close()
     assert err.count("20000x20000") == 1, err
 

@@ -65,6 +65,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.setup_tools: list[dict[str, Any]] = list(s.tools or [])   # the functions the newest connection set up with
         self.stream_open = False                # audio.in flowing since the last audio_stream_end
         self._pause_timer: asyncio.TimerHandle | None = None
+        self._last_audio_at = 0.0               # loop time of the newest audio.in (signals.py)
         # output side
         self.turn = 0
         self.turn_open = False

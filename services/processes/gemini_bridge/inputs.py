@@ -16,9 +16,9 @@ from livepipe.services.processes.gemini_bridge.settings import (
     ACTIVITY_END,
     ACTIVITY_START,
     BYTES_PER_SECOND_IN,
-    MODEL_MIME,
     NAME,
 )
+from livepipe.services.processes.gemini_bridge.wire import audio_sender_for
 
 log = logging.getLogger(NAME)
 INTERLEAVE_WINDOW_S = 1.0   # chunks of two audio.in sources this close together are interleaving
@@ -126,6 +126,12 @@ class InputSide:
         while True:
             await self.audio_event.wait()
             link = await self._usable_link()
+            if link.send_audio is None:   # once per connection (wire.py); nothing is written meanwhile
+                link.send_audio, direct = await audio_sender_for(link.session)
+                self.svc.metrics["audio_in_direct"] = int(direct)
+                log.debug("connection %d: audio chunks %s", link.number,
+                          "built directly as the SDK writes them" if direct else "sent through the SDK")
+                continue   # the link may have changed meanwhile: check it again
             while self.audio_q and self.link is link and self.link_ready.is_set():
                 chunk = self.audio_q[0]
                 index = link.next_index()   # no await before the SDK writes the frame: order is exact
@@ -137,7 +143,7 @@ class InputSide:
                     elif chunk == STREAM_END_MARK:
                         await link.session.send_realtime_input(audio_stream_end=True)
                     else:
-                        await link.session.send_realtime_input(audio=types.Blob(data=chunk, mime_type=MODEL_MIME))
+                        await link.send_audio(chunk)   # what send_realtime_input(audio=Blob) writes
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # the chunk stays queued for the next connection

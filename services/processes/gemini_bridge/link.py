@@ -7,7 +7,7 @@ import logging
 import re
 import time
 from collections import deque
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -51,6 +51,7 @@ class Link:
         self.last_audio_sent = 0.0
         self.resumed = False                    # opened with a resumption handle the service accepted
         self.history_version = 0                # the bus history it began with (Bridge.history_version)
+        self.send_audio: Callable[[bytes], Awaitable[None]] | None = None   # wire.py, learned on first use
 
     def next_index(self) -> int:
         self.sent_index += 1

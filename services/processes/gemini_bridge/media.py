@@ -42,8 +42,12 @@ class AudioNormalizer:
 def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, int]:
     """Decode (which proves the frame is an image) and fit inside max_side x max_side as JPEG.
     The header's declared size is checked first: a decompression bomb is never decoded."""
+    declared = check_image(data, mime)   # raises ImageRejected
+    if mime == "image/jpeg" and max(declared) <= max_side:
+        fits = _pillow_decodes(data)     # the usual frame: sent as it came, only decoded
+        if fits is not None:
+            return data, fits[0], fits[1]
     import cv2
-    check_image(data, mime)   # raises ImageRejected
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise ValueError(f"undecodable {mime} frame of {len(data)} bytes")
@@ -58,6 +62,24 @@ def prepare_frame(data: bytes, mime: str, max_side: int) -> tuple[bytes, int, in
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes(), w, h
+
+
+def _pillow_decodes(data: bytes) -> tuple[int, int] | None:
+    """(width, height) once Pillow has decoded the whole JPEG, ValueError if it cannot, None without
+    Pillow. google-genai imports Pillow when it is installed, so this costs no memory, where
+    OpenCV's import is 16 MB of the bridge's RSS; both decode with libjpeg(-turbo) and refuse
+    truncated or broken frames alike."""
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    import io
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as img:
+            img.load()
+            return img.size
+    except Exception as exc:   # Pillow raises OSError, SyntaxError, ValueError... on a bad frame
+        raise ValueError(f"undecodable image/jpeg frame of {len(data)} bytes ({type(exc).__name__})") from None
 
 
 class SpeechMarker:

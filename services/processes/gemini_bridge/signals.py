@@ -158,9 +158,20 @@ class SignalSide:
         self.stream_open = True
         after = self.s.live.stream_end_after
         if after > 0:
-            if self._pause_timer is not None:
-                self._pause_timer.cancel()
-            self._pause_timer = asyncio.get_running_loop().call_later(after, self._end_stream, "paused")
+            # One timer that moves itself on (_pause_check), not a new TimerHandle per 20 ms chunk.
+            loop = asyncio.get_running_loop()
+            self._last_audio_at = loop.time()
+            if self._pause_timer is None:
+                self._pause_timer = loop.call_later(after, self._pause_check)
+
+    def _pause_check(self) -> None:
+        loop = asyncio.get_running_loop()
+        left = self._last_audio_at + self.s.live.stream_end_after - loop.time()
+        if left > 0:
+            self._pause_timer = loop.call_later(left, self._pause_check)
+        else:
+            self._pause_timer = None
+            self._end_stream("paused")
 
     def on_control(self, msg: Message) -> None:
         if msg.kind == "mute":
