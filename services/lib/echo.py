@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from livepipe.services.lib.audio import IN_RATE, StreamResampler
+from livepipe.services.lib.audio import IN_RATE, StreamResampler, mean_square
 
 FRAME = IN_RATE // 100           # 10 ms: the unit every WebRTC APM call takes
 NS = 1_000_000_000
@@ -397,7 +397,7 @@ class EchoStage:
         # silent at its end: the turn is over, what follows is silence, nothing to wait for.
         if end is not None and need - end < self.IDLE_MS * IN_RATE // 1000 and not self.ref.tail_loud:
             return True
-        if math.sqrt(float(np.mean(np.square(chunk, dtype=np.float64)))) < self.LOUD_RMS:
+        if math.sqrt(mean_square(chunk)) < self.LOUD_RMS:
             return True
         if waited_ns >= self.MAX_REF_WAIT_MS * 1_000_000:
             self.ref_timeouts += 1
@@ -470,11 +470,9 @@ class EchoStage:
         raw, self._raw = line[:FRAME], line[FRAME:]
         if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
             self.echo_frames += 1
-            m = mic.astype(np.float64)
-            o = out.astype(np.float64)
-            em = float(np.mean(m * m))
+            em = mean_square(mic)
             if em > 1e3:   # the echo is above the noise floor: there is something to cancel
-                self._erle.append(10 * np.log10(em / max(float(np.mean(o * o)), 1.0)))
+                self._erle.append(10 * np.log10(em / max(mean_square(out), 1.0)))
         # the output lags by `latency`: judge activity at the time of the samples it holds
         active = self._audible(index - self.latency, delay, self.ACTIVE_TAIL_MS)
         was, self._active = self._active, active
@@ -486,8 +484,7 @@ class EchoStage:
         return (out * w + raw * (1.0 - w)).astype(np.int16)
 
     def _loud_frame(self, start: int) -> bool:
-        echo_ref = self.ref.read(start, FRAME).astype(np.float64)
-        return float(np.mean(echo_ref * echo_ref)) > 1e4
+        return mean_square(self.ref.read(start, FRAME)) > 1e4
 
     @property
     def erle_db(self) -> float | None:

@@ -29,6 +29,7 @@ import numpy as np
 
 from livepipe.bus import Service, setup_logging
 from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
+                       mean_square,
                        float_to_int16,
                        import_sounddevice, print_device_list, make_audio_thread_realtime, parse_device,
                        pick_channels, pick_rate,
@@ -68,8 +69,7 @@ class Publisher:
         if self.muted:
             self.muted_chunks += 1
             return
-        f = chunk.astype(np.float64) / 32768.0
-        self._levels.append(float(np.mean(f * f)) if len(f) else 0.0)
+        self._levels.append(mean_square(chunk) / 2**30)   # of samples scaled to [-1, 1): exact, as before
         self.backlog.append((chunk.tobytes(), capture_ts, len(chunk), callback_ts))
         self.backlog_frames += len(chunk)
         while self.backlog_frames > self.max_backlog_frames and self.backlog:
