@@ -62,32 +62,36 @@ def _load() -> ctypes.CDLL:
 
 class PulseInput:
     """One record stream of s16le samples from `source` (None: the server's default, which
-    libpulse takes from PULSE_SOURCE when set), delivered in blocks of `block_frames`."""
+    libpulse takes from PULSE_SOURCE when set). The server sends a fragment every `block_frames`;
+    read() returns `read_frames` (default: one fragment) as soon as the fragment that completes
+    them has arrived, so reading a whole chunk at once costs no latency, only fewer wakeups."""
 
-    def __init__(self, source: str | None, rate: int, channels: int, block_frames: int, app: str) -> None:
+    def __init__(self, source: str | None, rate: int, channels: int, block_frames: int, app: str,
+                 read_frames: int | None = None) -> None:
         lib = _load()
         self._lib = lib
         self.rate, self.channels, self.block_frames = rate, channels, block_frames
-        self.block_bytes = block_frames * channels * 2
+        self.read_frames = read_frames or block_frames
+        self.read_bytes = self.read_frames * channels * 2
         spec = _SampleSpec(PA_SAMPLE_S16LE, rate, channels)
         # fragsize: the server sends a block as soon as one is captured (as ALSA's pulse plugin asks
         # for its period); maxlength: the server's default, seconds of audio before any is lost.
-        attr = _BufferAttr(_NO_VALUE, _NO_VALUE, _NO_VALUE, _NO_VALUE, self.block_bytes)
+        attr = _BufferAttr(_NO_VALUE, _NO_VALUE, _NO_VALUE, _NO_VALUE, block_frames * channels * 2)
         err = ctypes.c_int(0)
         self._s = lib.pa_simple_new(None, app.encode(), PA_STREAM_RECORD, source.encode() if source else None,
                                     b"microphone", ctypes.byref(spec), None, ctypes.byref(attr), ctypes.byref(err))
         if not self._s:
             raise PulseUnavailable(self._error(err.value))
         self._err = ctypes.c_int(0)
-        self.buffer = ctypes.create_string_buffer(self.block_bytes)
+        self.buffer = ctypes.create_string_buffer(self.read_bytes)
 
     def _error(self, code: int) -> str:
         text = self._lib.pa_strerror(code)
         return text.decode(errors="replace") if text else f"error {code}"
 
     def read(self) -> bytes:
-        """The next block (waits for it, without the GIL); PulseUnavailable if the stream broke."""
-        if self._lib.pa_simple_read(self._s, self.buffer, self.block_bytes, ctypes.byref(self._err)) < 0:
+        """The next `read_frames` (waits for them, without the GIL); PulseUnavailable if the stream broke."""
+        if self._lib.pa_simple_read(self._s, self.buffer, self.read_bytes, ctypes.byref(self._err)) < 0:
             raise PulseUnavailable(self._error(self._err.value))
         return self.buffer.raw
 

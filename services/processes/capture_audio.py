@@ -1,8 +1,10 @@
 """`livepipe capture-audio`: microphone, WAV file, tone or silence -> audio.in (16 kHz mono s16le).
 
-- The microphone is a sounddevice InputStream in callback mode, opened before the bus is up
-  so the first words are not missed. If the device cannot open 16 kHz it captures at its
-  own rate and a streaming soxr resampler converts (no clicks at block edges).
+- The microphone is opened before the bus is up so the first words are not missed. A sound
+  server's source (PulseAudio/PipeWire: the default, or `--device NAME`) is read with libpulse
+  directly, in a thread (services/lib/pulsein.py); any other device, or `--portaudio`, is a
+  sounddevice InputStream in callback mode. If the device cannot open 16 kHz it captures at
+  its own rate and a streaming soxr resampler converts (no clicks at block edges).
 - Chunks are `--chunk-ms` long (default 20 ms: see README) and carry `capture_ts`, the
   wall-clock time their first sample was captured.
 - Nothing the user says is thrown away while no process subscribes to audio.in: chunks are
@@ -11,7 +13,8 @@
   File, tone and silence sources simply wait for a subscriber before they start.
 - `control: mute` / `unmute` stop and resume publishing (audio while muted is discarded on
   purpose and counted as muted_chunks).
-- No sound card: one line naming --file, exit 1. sounddevice is imported only for a device.
+- No sound card: one line naming --file, exit 1. sounddevice is imported only for a device
+  that is not read through libpulse.
 """
 from __future__ import annotations
 
@@ -129,7 +132,7 @@ class PulseStream:
 
     def _read_loop(self) -> None:
         self.realtime = make_audio_thread_realtime()
-        frames = self.pulse.block_frames
+        frames = self.pulse.read_frames
         try:
             while self._running:
                 data = self.pulse.read()
@@ -163,7 +166,7 @@ class DeviceSource:
         device, server_dev = select_server_device(device, "input")   # a server source name -> pulse
         pulse = None
         if not portaudio and device in (None, "pulse", "default"):
-            pulse = self._open_pulse(server_dev, device_rate, block_ms)
+            pulse = self._open_pulse(server_dev, device_rate, block_ms, chunk_frames)
         if pulse is not None:
             self.sd = None
             self.device_index = -1
@@ -219,13 +222,17 @@ class DeviceSource:
                               "use --file PATH.wav to read audio from a file instead") from None
 
     @staticmethod
-    def _open_pulse(server_dev: Any, device_rate: int | None, block_ms: float | None) -> PulseInput | None:
+    def _open_pulse(server_dev: Any, device_rate: int | None, block_ms: float | None,
+                    chunk_frames: int) -> PulseInput | None:
         """The sound server's source (the chosen one, else its default) read directly, or None
-        (no libpulse, no server: PortAudio is tried, and says what is missing)."""
+        (no libpulse, no server: PortAudio is tried, and says what is missing). The server still
+        sends a fragment every block (10 ms); at 16 kHz a read takes a whole chunk, returning
+        with the fragment that completes it, when the loop would have been woken anyway."""
         rate = device_rate or IN_RATE
+        block = max(16, int(round(rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
+        read = chunk_frames if rate == IN_RATE and chunk_frames % block == 0 else block
         try:
-            return PulseInput(server_dev.name if server_dev else None, rate, 1,
-                              max(16, int(round(rate * (block_ms or DEFAULT_BLOCK_MS) / 1000))), "livepipe capture-audio")
+            return PulseInput(server_dev.name if server_dev else None, rate, 1, block, "livepipe capture-audio", read)
         except PulseUnavailable as exc:
             log.debug("no direct sound server input (%s): using PortAudio", exc)
             return None
