@@ -106,6 +106,7 @@ def test_speech_into_the_microphone_arrives_on_audio_in_intact(pulse_devices, bu
     finally:
         out, err = stop(proc)
     assert "Traceback" not in err, err
+    assert "through libpulse" in err, err   # a sound server's source is read directly (no PortAudio)
     got = pcm_of(msgs)
     assert all(m["rate"] == IN_RATE and m["channels"] == 1 and m["sample_width"] == 2 for m in msgs)
     assert all(m["frames"] == CHUNK_FRAMES for m in msgs), {m["frames"] for m in msgs}
@@ -130,12 +131,13 @@ def test_a_microphone_at_another_rate_is_resampled_without_clicks(pulse_devices,
     beep = tone(1000.0, 1.0, IN_RATE, -12.0)
     wav = tmp_path / "beep.wav"
     write_wav_int16(wav, beep, IN_RATE)
-    proc, msgs = start_mic_capture(pulse_devices, bus_env, audio_client, "--device-rate", "48000")
+    # Through PortAudio (--portaudio), so its callback stream is exercised too.
+    proc, msgs = start_mic_capture(pulse_devices, bus_env, audio_client, "--device-rate", "48000", "--portaudio")
     try:
         collect_while(lambda: play_into_mic(pulse_devices, wav), audio_client, msgs, 0.3)
     finally:
         out, err = stop(proc)
-    assert "48000 Hz, resampled to 16000 Hz" in err, err
+    assert "48000 Hz, resampled to 16000 Hz through PortAudio" in err, err
     got = pcm_of(msgs)
     spans = loud_spans(got, IN_RATE)
     assert len(spans) == 1, spans

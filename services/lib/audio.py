@@ -79,6 +79,14 @@ def decode_pcm(data: bytes | memoryview, sample_width: int, channels: int = 1, i
 
 
 # ----------------------------------------------------------------- measures
+def mean_square(x: np.ndarray) -> float:
+    """Mean of x² for integer samples (int16), exactly: squares and their sums stay below 2^53,
+    so one float64 dot product gives what np.mean(np.square(x, dtype=np.float64)) gives, at a
+    third of the cost (it runs several times per 20 ms chunk). 0.0 for no samples."""
+    f = x.astype(np.float64)
+    return float(f.dot(f)) / len(f) if len(f) else 0.0
+
+
 def rms_dbfs(x: np.ndarray) -> float:
     """RMS level in dBFS (full-scale sine = -3 dBFS); -inf dB is reported as -120."""
     if x.size == 0:

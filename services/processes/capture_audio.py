@@ -1,8 +1,10 @@
 """`livepipe capture-audio`: microphone, WAV file, tone or silence -> audio.in (16 kHz mono s16le).
 
-- The microphone is a sounddevice InputStream in callback mode, opened before the bus is up
-  so the first words are not missed. If the device cannot open 16 kHz it captures at its
-  own rate and a streaming soxr resampler converts (no clicks at block edges).
+- The microphone is opened before the bus is up so the first words are not missed. A sound
+  server's source (PulseAudio/PipeWire: the default, or `--device NAME`) is read with libpulse
+  directly, in a thread (services/lib/pulsein.py); any other device, or `--portaudio`, is a
+  sounddevice InputStream in callback mode. If the device cannot open 16 kHz it captures at
+  its own rate and a streaming soxr resampler converts (no clicks at block edges).
 - Chunks are `--chunk-ms` long (default 20 ms: see README) and carry `capture_ts`, the
   wall-clock time their first sample was captured.
 - Nothing the user says is thrown away while no process subscribes to audio.in: chunks are
@@ -11,7 +13,8 @@
   File, tone and silence sources simply wait for a subscriber before they start.
 - `control: mute` / `unmute` stop and resume publishing (audio while muted is discarded on
   purpose and counted as muted_chunks).
-- No sound card: one line naming --file, exit 1. sounddevice is imported only for a device.
+- No sound card: one line naming --file, exit 1. sounddevice is imported only for a device
+  that is not read through libpulse.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 from collections import deque
 from typing import Any, AsyncIterator
@@ -28,6 +32,7 @@ import numpy as np
 
 from livepipe.bus import Service, setup_logging
 from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
+                       mean_square,
                        float_to_int16,
                        import_sounddevice, print_device_list, make_audio_thread_realtime, parse_device,
                        pick_channels, pick_rate,
@@ -35,6 +40,7 @@ from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, Devic
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSource
+from livepipe.services.lib.pulsein import PulseInput, PulseUnavailable
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.services.lib.echo import MODES as ECHO_MODES, EchoLink, aec_available
 from livepipe.bus.message import Message
@@ -66,8 +72,7 @@ class Publisher:
         if self.muted:
             self.muted_chunks += 1
             return
-        f = chunk.astype(np.float64) / 32768.0
-        self._levels.append(float(np.mean(f * f)) if len(f) else 0.0)
+        self._levels.append(mean_square(chunk) / 2**30)   # of samples scaled to [-1, 1): exact, as before
         self.backlog.append((chunk.tobytes(), capture_ts, len(chunk), callback_ts))
         self.backlog_frames += len(chunk)
         while self.backlog_frames > self.max_backlog_frames and self.backlog:
@@ -109,20 +114,72 @@ class Publisher:
         return round(max(-120.0, 10 * np.log10(ms)) if ms > 0 else -120.0, 1)
 
 
+class PulseStream:
+    """A PulseInput read by a thread of its own, each block handed to `deliver` as it arrives (the
+    part of a PortAudio stream that DeviceSource uses: start, active, closed, abort, close)."""
+
+    def __init__(self, pulse: PulseInput, deliver: Any) -> None:
+        self.pulse, self.deliver = pulse, deliver
+        self.active = False
+        self.closed = False
+        self.realtime: bool | None = None
+        self._running = False
+        self._thread = threading.Thread(target=self._read_loop, name="pulse-read", daemon=True)
+
+    def start(self) -> None:
+        self._running = self.active = True
+        self._thread.start()
+
+    def _read_loop(self) -> None:
+        self.realtime = make_audio_thread_realtime()
+        frames = self.pulse.read_frames
+        try:
+            while self._running:
+                data = self.pulse.read()
+                self.deliver(data, frames, False, time.time_ns())
+        except PulseUnavailable as exc:
+            if self._running:
+                log.error("the sound server stopped the microphone stream: %s", exc)
+        finally:
+            self.active = False
+            self.deliver(b"", 0, False, time.time_ns())   # wakes the reader, which sees the stream stopped
+
+    def abort(self) -> None:
+        self._running = False
+        self._thread.join(1.0)   # a read returns within one block
+
+    def close(self) -> None:
+        if not self.closed and not self._thread.is_alive():
+            self.closed = True
+            self.pulse.close()
+
+
 class DeviceSource:
-    """The microphone: a callback InputStream whose blocks go through a thread-safe queue."""
+    """The microphone: its blocks go through a thread-safe queue to the event loop. A sound
+    server's source is read with libpulse directly (PulseStream); any other device, or
+    `portaudio=True`, through a sounddevice callback InputStream."""
 
     kind = "device"
 
     def __init__(self, device: str | None, device_rate: int | None, chunk_frames: int,
-                 block_ms: float | None = None) -> None:
+                 block_ms: float | None = None, portaudio: bool = False) -> None:
         device, server_dev = select_server_device(device, "input")   # a server source name -> pulse
-        self.sd = import_sounddevice("input")
-        info = resolve_device(self.sd, parse_device(device), "input")
-        self.device_index = int(info["index"])
-        self.device_name = device_in_use(str(info["name"]), "input", server_dev)
-        self.rate = pick_rate(self.sd, self.device_index, "input", IN_RATE, device_rate)
-        self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
+        pulse = None
+        if not portaudio and device in (None, "pulse", "default"):
+            pulse = self._open_pulse(server_dev, device_rate, block_ms, chunk_frames)
+        if pulse is not None:
+            self.sd = None
+            self.device_index = -1
+            self.device_name = device_in_use("pulse", "input", server_dev)
+            self.rate, self.channels = pulse.rate, pulse.channels
+        else:
+            self.sd = import_sounddevice("input")
+            info = resolve_device(self.sd, parse_device(device), "input")
+            self.device_index = int(info["index"])
+            self.device_name = device_in_use(str(info["name"]), "input", server_dev)
+            self.rate = pick_rate(self.sd, self.device_index, "input", IN_RATE, device_rate)
+            self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
+        self.api = "pulse" if pulse is not None else "portaudio"
         self.resampler = StreamResampler(self.rate, IN_RATE)
         self.chunker = Chunker(chunk_frames, IN_RATE)
         # 10 ms device blocks by default: blocks as long as a 20 ms chunk cost 2.5 % of a core less
@@ -145,6 +202,13 @@ class DeviceSource:
         self.chunk_frames = chunk_frames
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        if pulse is not None:
+            self.stream: Any = PulseStream(pulse, self._deliver)
+            self.latency_s = pulse.latency_s
+            self.clock = SampleClock(self.rate, self.latency_s)
+            self.out_frames = 0
+            self.stream.start()
+            return
         try:
             self.stream = self.sd.RawInputStream(device=self.device_index, samplerate=self.rate,
                                                  channels=self.channels, dtype="int16",
@@ -157,21 +221,47 @@ class DeviceSource:
             raise DeviceError(f"cannot open input device {self.device_name!r} at {self.rate} Hz: {exc}; "
                               "use --file PATH.wav to read audio from a file instead") from None
 
+    @staticmethod
+    def _open_pulse(server_dev: Any, device_rate: int | None, block_ms: float | None,
+                    chunk_frames: int) -> PulseInput | None:
+        """The sound server's source (the chosen one, else its default) read directly, or None
+        (no libpulse, no server: PortAudio is tried, and says what is missing). The server still
+        sends a fragment every block (10 ms); at 16 kHz a read takes a whole chunk, returning
+        with the fragment that completes it, when the loop would have been woken anyway."""
+        rate = device_rate or IN_RATE
+        block = max(16, int(round(rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
+        read = chunk_frames if rate == IN_RATE and chunk_frames % block == 0 else block
+        try:
+            return PulseInput(server_dev.name if server_dev else None, rate, 1, block, "livepipe capture-audio", read)
+        except PulseUnavailable as exc:
+            log.debug("no direct sound server input (%s): using PortAudio", exc)
+            return None
+
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
         arrival_ns = time.time_ns()
         if self.realtime is None:
             self.realtime = make_audio_thread_realtime()
-        lost = bool(status.input_overflow)
+        self._deliver(bytes(indata), frames, bool(status.input_overflow), arrival_ns)
+
+    def _deliver(self, data: bytes, frames: int, lost: bool, arrival_ns: int) -> None:
+        """A device block (audio thread): queued, and the loop woken if it completes a chunk.
+        An empty block only wakes the loop (the stream stopped)."""
+        if not frames:
+            self._wake_loop()
+            return
         if lost:
             self.overflows += 1
         if len(self.queue) >= self.max_queue:
             self.queue_dropped += 1     # the event loop is wedged; never block the audio thread
             return
-        self.queue.append((bytes(indata), arrival_ns, lost))
+        self.queue.append((data, arrival_ns, lost))
         self.blocks += 1
         self.in_frames += frames
         if self.in_frames < self.wake_at:
             return   # no chunk yet: the loop sleeps on (the watchdog still looks in every second)
+        self._wake_loop()
+
+    def _wake_loop(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             try:
@@ -239,9 +329,10 @@ class DeviceSource:
             pass
 
     def metrics(self) -> dict[str, Any]:
-        return {"device": self.device_name, "device_rate": self.rate, "overflows": self.overflows,
+        realtime = self.stream.realtime if self.api == "pulse" else self.realtime
+        return {"device": self.device_name, "device_api": self.api, "device_rate": self.rate, "overflows": self.overflows,
                 "queue_dropped_blocks": self.queue_dropped, "device_latency_ms": round(self.latency_s * 1000, 1),
-                "audio_thread_realtime": int(bool(self.realtime))}
+                "audio_thread_realtime": int(bool(realtime))}
 
 
 class PacedSource:
@@ -336,6 +427,7 @@ class Capture:
                 log.info("waiting for a subscriber to audio.in before starting the %s", self.source.kind)
         desc = (f"device {self.source.device_name!r} at {self.source.rate} Hz"
                 + ("" if self.source.rate == IN_RATE else f", resampled to {IN_RATE} Hz")
+                + (" through libpulse" if self.source.api == "pulse" else " through PortAudio")
                 if isinstance(self.source, DeviceSource) else self.source.kind)
         log.info("capturing from %s in %d ms chunks", desc, self.chunk_ms)
         metrics_task = asyncio.create_task(self._metrics_loop())
@@ -393,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"length of each audio.in chunk (default {DEFAULT_CHUNK_MS} ms)")
     p.add_argument("--device-rate", type=int, metavar="HZ",
                    help="open the device at this rate and resample (default: 16000 if the device takes it)")
+    p.add_argument("--portaudio", action="store_true",
+                   help="open the microphone through PortAudio even when it is a sound server's source "
+                        "(default: read PulseAudio/PipeWire directly with libpulse, cheaper)")
     p.add_argument("--block-ms", type=float, metavar="MS",
                    help=f"device callback block (default {DEFAULT_BLOCK_MS} ms)")
     p.add_argument("--backlog-s", type=float, default=30.0,
@@ -440,7 +535,7 @@ def main(argv: list[str]) -> int:
             source = PacedSource("silence", chunk_frames)
         else:
             # Opened before the bus is up: the first words are captured while we connect.
-            source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms)
+            source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms, args.portaudio)
     except (DeviceError, AudioFileError) as exc:
         return fail("capture-audio", exc)
     if args.echo == "cancel" and not aec_available():
