@@ -44,8 +44,11 @@ if not Path(CHROMIUM).is_file():
     pytest.skip("no /usr/bin/chromium: launch/install.sh --test installs it", allow_module_level=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """One headless Chromium for the module (a launch costs a second or two); every test's
+    browser.new_page() opens its page in a fresh context of its own (no cookies, storage or cache
+    shared between tests)."""
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
