@@ -81,7 +81,7 @@ def read_url(proc: subprocess.Popen) -> str:
 def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Path, browser) -> None:
     cfg = BusConfig.from_env(bus_env)
     procs: dict[str, subprocess.Popen] = {}
-    emu = Emulator(bus_env)
+    emu = Emulator(bus_env, wait=False)   # the bridge waits for it by itself; all start side by side
     reply_wav = tmp_path / "reply.wav"
     try:
         procs["gemini-bridge"] = spawn(["gemini-bridge"], bus_env)
@@ -90,6 +90,7 @@ def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Pat
         # A key in the console's environment must never reach the page.
         procs["console"] = spawn(["console", "--port", "0", "--record-dir", str(tmp_path / "rec")],
                                  {**bus_env, "GEMINI_API_KEY": SENTINEL_KEY})
+        emu.wait_ready()
         url = read_url(procs["console"])
         page = browser.new_page(viewport={"width": 1280, "height": 860}, bypass_csp=True)
         frames: list[str] = []
