@@ -48,15 +48,18 @@ class BusClient:
         self.sub.subscribe(wire_topic(topic, self.cfg.session))
 
     def wait_ready(self, timeout: float = 10.0) -> None:
-        """Block until our subscriptions reached the broker and our publisher is connected."""
+        """Block until our subscriptions reached the broker and our publisher is connected.
+
+        A refused CURVE key raises at once (the broker is there and will not change its mind until
+        its allow folder does and it restarts); no broker at all raises after `timeout`."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
+            refused = self.handshake.check()
+            if refused:
+                self.counters["curve_refused"] = self.handshake.refused
+                raise BusTimeout(refused)
             if left <= 0:
-                refused = self.handshake.check()
-                if refused:
-                    self.counters["curve_refused"] = self.handshake.refused
-                    raise BusTimeout(refused)
                 raise BusTimeout(f"no broker at {self.cfg.pub_endpoint} / {self.cfg.sub_endpoint} "
                                  f"after {timeout:.0f} s")
             if self.pub.poll(int(min(left, 0.1) * 1000)):

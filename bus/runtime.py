@@ -249,22 +249,35 @@ class Service:
                 t.exception()
 
     async def _wait_ready(self, pending: set) -> None:
-        """Wait for the readiness handshake, or a stop; log every 5 s while the broker is missing."""
+        """Wait for the readiness handshake, or a stop; log every 5 s while the broker is missing.
+
+        A refused CURVE key is said within half a second, then at most once per 5 s period: the
+        broker is there, so the user need not wait out a 5 s "is the broker running?" period."""
         t0 = time.monotonic()
+        next_log = t0 + 5.0
+        refused_in_period = said_in_period = False
         waiters = [asyncio.ensure_future(self._ready.wait()), asyncio.ensure_future(self._stop.wait())]
         try:
             while pending and not self._stop.is_set():
-                done, _ = await asyncio.wait(waiters, timeout=5.0, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(waiters, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                now = time.monotonic()
                 refused = self._handshake.check() if self._handshake is not None and not done else None
                 if refused:
                     self.counters["curve_refused"] = self._handshake.refused
-                    self.log.error("%s", refused)
-                elif not done:
-                    self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
-                                     "is `livepipe broker` running?", self.cfg.pub_endpoint,
-                                     self.cfg.sub_endpoint, time.monotonic() - t0)
-                elif time.monotonic() - t0 > 5.0 and not self._stop.is_set():
-                    self.log.info("bus is live")
+                    refused_in_period = True
+                    if not said_in_period:
+                        self.log.error("%s", refused)
+                        said_in_period = True
+                if done:
+                    if now - t0 > 5.0 and not self._stop.is_set():
+                        self.log.info("bus is live")
+                elif now >= next_log:
+                    if not refused_in_period:
+                        self.log.warning("waiting for the broker (publish %s, subscribe %s) for %.0f s: "
+                                         "is `livepipe broker` running?", self.cfg.pub_endpoint,
+                                         self.cfg.sub_endpoint, now - t0)
+                    refused_in_period = said_in_period = False
+                    next_log = now + 5.0
         finally:
             for w in waiters:
                 w.cancel()

@@ -139,11 +139,20 @@ def turn_completed(turn: int) -> Callable[[list[Message]], bool]:
 
 
 class Emulator:
-    def __init__(self, env: dict[str, str], *args: str) -> None:
+    """`livepipe emulator` on a free port. With wait=False the constructor returns at once, so a
+    bridge can start beside it (it waits for emulator.json by itself); call wait_ready() after."""
+
+    def __init__(self, env: dict[str, str], *args: str, wait: bool = True) -> None:
         self.env = env
         self.state = Path(env["LIVEPIPE_STATE_DIR"])
         self.timeline_path = self.state / "timeline.jsonl"
         self.proc = spawn(["emulator", "--port", "0", "--timeline", str(self.timeline_path), *args], env)
+        self.out = ("", "")
+        self.info: dict = {}
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "Emulator":
         info_path = self.state / "emulator" / "emulator.json"
 
         def ready() -> dict | None:
@@ -155,7 +164,7 @@ class Emulator:
                 return None
             return info if info.get("pid") == self.proc.pid else None
         self.info = wait_for(ready, 15, "emulator.json")
-        self.out = ("", "")
+        return self
 
     def timeline(self) -> list[dict]:
         try:
@@ -218,9 +227,12 @@ class Live:
                 self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
                                               m.get("detail") == "waiting for the emulator" for m in ms),
                                20, "the bridge to wait for the emulator")
-            self.emu = Emulator(bus_env, "--latency", "0.05", *emulator_args)
+            # Emulator and bridge start side by side (each pays its own interpreter start): the bridge
+            # waits for emulator.json by itself, as under honcho.
+            self.emu = Emulator(bus_env, "--latency", "0.05", *emulator_args, wait=False)
             if not bridge_first:
                 self.bridge = start_bridge(bus_env, *bridge_args, extra_env=bridge_env, python=bridge_python)
+            self.emu.wait_ready()
             self.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and
                                           m["state"] == "connected" for m in ms), 20, "the bridge to connect")
             self.pub.wait_subscriber("audio.in")

@@ -1,42 +1,36 @@
 """`livepipe console` driven in headless Chromium (Debian's `chromium`, through Playwright with its
 executable path: no browser download) against real pipelines: the processes started one by one
-(to kill one and to press the buttons at chosen moments), and `livepipe demo --console`.
+(to kill one and to press the buttons at chosen moments). `livepipe demo --console` is watched in
+tests/test_packaging.py (test_wheel_installed_elsewhere_runs_the_demo), on the one demo run the suite
+makes from a wheel.
 
-Screenshots go to each test's tmp dir. The console's own CPU during the demo is measured with
-psutil and printed (run with -s to see it); it is a figure to report, not an assertion.
+Screenshots go to each test's tmp dir.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import wave
 from pathlib import Path
 from typing import Iterator
 
-import psutil
 import pytest
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.services.lib.recording import RecordingReader
-from livepipe.services.dev import harness
 from tests.bridge_support import Emulator
-from tests.conftest import ROOT, free_port, spawn, stop
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
+from tests.conftest import ROOT, spawn, stop
 
 pytestmark = pytest.mark.timeout(120)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
 SENTINEL_KEY = "AIzaSyTHIS-IS-A-FAKE-KEY-THAT-MUST-NOT-SHOW-0001"
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
@@ -44,8 +38,11 @@ if not Path(CHROMIUM).is_file():
     pytest.skip("no /usr/bin/chromium: launch/install.sh --test installs it", allow_module_level=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
+    """One headless Chromium for the module (a launch costs a second or two); every test's
+    browser.new_page() opens its page in a fresh context of its own (no cookies, storage or cache
+    shared between tests)."""
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -78,7 +75,7 @@ def read_url(proc: subprocess.Popen) -> str:
 def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Path, browser) -> None:
     cfg = BusConfig.from_env(bus_env)
     procs: dict[str, subprocess.Popen] = {}
-    emu = Emulator(bus_env)
+    emu = Emulator(bus_env, wait=False)   # the bridge waits for it by itself; all start side by side
     reply_wav = tmp_path / "reply.wav"
     try:
         procs["gemini-bridge"] = spawn(["gemini-bridge"], bus_env)
@@ -87,6 +84,7 @@ def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Pat
         # A key in the console's environment must never reach the page.
         procs["console"] = spawn(["console", "--port", "0", "--record-dir", str(tmp_path / "rec")],
                                  {**bus_env, "GEMINI_API_KEY": SENTINEL_KEY})
+        emu.wait_ready()
         url = read_url(procs["console"])
         page = browser.new_page(viewport={"width": 1280, "height": 860}, bypass_csp=True)
         frames: list[str] = []
@@ -252,47 +250,3 @@ def test_console_access_rules(bus_env: dict, browser) -> None:
         assert http(url + "api/control", "POST", {"op": "unmute"}) == 200
     finally:
         stop(proc)
-
-
-def test_demo_console_shows_the_demo(tmp_path: Path, browser) -> None:
-    """`livepipe demo --console`: the URL is printed, the page shows the scripted conversation (the
-    barge-in marked), the demo's summary is unchanged, and Ctrl-C ends the console."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API", "PULSE_"))}
-    env["LIVEPIPE_STATE_DIR"] = str(tmp_path / "state")
-    port = free_port()
-    demo = subprocess.Popen([sys.executable, "-m", "livepipe.services", "demo", "--json", "--console",
-                             "--console-port", str(port)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        assert demo.stderr is not None and demo.stdout is not None
-        line = ""
-        for line in demo.stderr:
-            if "console: http://" in line:
-                break
-        url = f"http://127.0.0.1:{port}/"
-        assert url in line
-        harness.wait_for_port(port, demo, timeout=20, name="demo")   # the console starts beside honcho
-        page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-        page.goto(url)
-        page.wait_for_selector('#procs tr[data-src="console"]', timeout=20000)
-        console = next(p for p in psutil.Process(demo.pid).children(recursive=True)
-                       if "console" in p.cmdline())
-        cpu0, t0 = console.cpu_times(), time.monotonic()
-        page.wait_for_selector(".turn.interrupted .hd:has-text('barge-in')", timeout=40000)
-        page.wait_for_selector(".turn[data-turn='2'][data-finished='1'] .model:text-matches('reply 2')",
-                               timeout=40000)
-        cpu1, t1 = console.cpu_times(), time.monotonic()
-        page.screenshot(path=str(tmp_path / "console-demo.png"))
-        summary = json.loads(demo.stdout.readline())
-        assert summary["ok"] and summary["turns"] >= 2 and summary["interrupts"] >= 1, summary
-        cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0) * 100
-        print(f"\nconsole CPU during the demo conversation: {cpu:.1f} % of one core over {t1 - t0:.1f} s "
-              f"(page open, pid {console.pid})")
-        (tmp_path / "console-cpu.json").write_text(json.dumps({"cpu_percent": round(cpu, 2), "seconds": t1 - t0}))
-        demo.send_signal(signal.SIGINT)
-        assert demo.wait(15) == 0
-        assert not console.is_running() or console.status() == psutil.STATUS_ZOMBIE
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()

@@ -49,14 +49,15 @@ def assert_sane(summary: dict) -> None:
     assert all(rc == 0 for rc in summary["exit_codes"].values()), summary["exit_codes"]
 
 
-def test_demo_runs_a_conversation_with_barge_in(tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "livepipe.services", "demo", "--json"], cwd=ROOT, env=clean_env(tmp_path),
-                         capture_output=True, text=True, timeout=110)
-    assert res.returncode == 0, res.stderr
-    summary = json.loads(res.stdout)           # exactly one JSON object on stdout
+def check_demo_run(summary: dict, state_dir: Path) -> None:
+    """What a listener checks after `livepipe demo --json`: the summary (assert_sane), and the reply
+    WAV under the state dir holding the replies intact, the interrupted one cut, each as long as the
+    summary says it was heard. The demo itself runs in tests/test_packaging.py
+    (test_wheel_installed_elsewhere_runs_the_demo): from a wheel installed elsewhere, the way a user
+    without a checkout runs it; one ~18 s run serves both checks."""
     assert_sane(summary)
     reply = Path(summary["reply_wav"])
-    assert reply.is_relative_to(tmp_path / "state")
+    assert reply.is_relative_to(state_dir)
     heard, rate = read_wav(reply)
     segs = check_replies(heard, rate)
     # the summary says what the file holds: how long each reply was heard

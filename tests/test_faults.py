@@ -490,13 +490,14 @@ def test_a_restarted_file_playback_continues_the_record(bus_env, listener, tmp_p
 
 
 def test_a_stalled_playback_resumes_with_the_audio_due_now_not_the_backlog(bus_env, listener, tmp_path):
-    """Playback SIGSTOPped for 3 s in the middle of an 8 s reply (streamed in well ahead, as the
+    """Playback SIGSTOPped for 3 s in the middle of a 6.5 s reply (streamed in well ahead, as the
     model does): after SIGCONT the listener hears the part of the reply due at that wall time,
-    the stale part is skipped, counted and said in one line."""
+    the stale part is skipped, counted and said in one line. (The reply is 1 s heard + the 3 s
+    stall + 2.5 s due after it: enough to find where playing resumed, no longer to play out.)"""
     from livepipe.services.lib.audio import WavReader
     path = tmp_path / "heard.wav"
     rng = np.random.default_rng(15)
-    sent = np.clip(rng.normal(0, 3000, OUT_RATE * 8), -32000, 32000).astype(np.int16)   # every window unique
+    sent = np.clip(rng.normal(0, 3000, OUT_RATE * 13 // 2), -32000, 32000).astype(np.int16)   # every window unique
     proc = start_playback(["--file", str(path)], bus_env, listener)
     try:
         publish_turn(listener, 1, sent)

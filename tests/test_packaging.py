@@ -5,16 +5,23 @@ import ast
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 import tomllib
 import venv
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import ROOT
+from livepipe.services.dev import harness
+from tests.browser_support import CHROMIUM, CHROMIUM_ARGS, chromium_missing
+from tests.conftest import ROOT, free_port
+from tests.test_demo import check_demo_run
 
 CODE_FOLDERS = ("bus", "services", "tests", "launch")
 
@@ -76,7 +83,13 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
 
 
 def test_wheel_installed_elsewhere_runs_the_demo(wheel: Path, tmp_path: Path) -> None:
-    """A non-editable install in a fresh virtualenv, run from an unrelated directory, passes the demo."""
+    """A non-editable install in a fresh virtualenv, run from an unrelated directory, passes the demo:
+    a conversation with a barge-in, checked as a listener would (tests/test_demo.py check_demo_run).
+
+    The run is `livepipe demo --json --console`, the suite's one demo run without devices: the URL is
+    printed, the page (headless Chromium, when installed) shows the scripted conversation with the
+    barge-in marked, the summary is the demo's as without --console, and Ctrl-C ends the console.
+    The console's own CPU while the page is open is printed (run with -s), a figure, not an assertion."""
     env_dir = tmp_path / "venv"
     # System site-packages provide the dependencies (no download); livepipe itself comes from the wheel.
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
@@ -86,18 +99,69 @@ def test_wheel_installed_elsewhere_runs_the_demo(wheel: Path, tmp_path: Path) ->
     assert res.returncode == 0, res.stderr
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API", "PYTHON"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LIVEPIPE_", "GEMINI_", "GOOGLE_API", "PULSE_", "PYTHON"))}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env['PATH']}", LIVEPIPE_STATE_DIR=str(tmp_path / "state"))
     where = subprocess.run([str(py), "-c", "import livepipe.bus, livepipe.services; "
                             "print(livepipe.bus.__file__); print(livepipe.services.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, timeout=60)
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(env_dir)) for line in where.stdout.split()), where.stdout
-    demo = subprocess.run([str(env_dir / "bin" / "livepipe"), "demo", "--json"], cwd=elsewhere, env=env,
-                          capture_output=True, text=True, timeout=180)
-    assert demo.returncode == 0, demo.stderr[-2000:]
-    summary = json.loads(demo.stdout)
-    assert summary["ok"] and summary["turns"] >= 2 and summary["interrupts"] >= 1
+    port = free_port()
+    demo = subprocess.Popen([str(env_dir / "bin" / "livepipe"), "demo", "--json", "--console", "--console-port",
+                             str(port)], cwd=elsewhere, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    stderr: list[str] = []
+    try:
+        assert demo.stderr is not None and demo.stdout is not None
+        for line in demo.stderr:
+            stderr.append(line)
+            if "console: http://" in line:
+                break
+        url = f"http://127.0.0.1:{port}/"
+        assert url in stderr[-1], "".join(stderr)[-2000:]
+        # The rest of stderr is read beside the page (a full pipe would stall the demo).
+        reader = threading.Thread(target=lambda: stderr.extend(demo.stderr), daemon=True)
+        reader.start()
+        harness.wait_for_port(port, demo, timeout=20, name="demo")   # the console starts beside honcho
+        if chromium_missing() is None:
+            watch_the_demo_console(url, demo, tmp_path)
+        summary = json.loads(demo.stdout.readline())   # exactly one JSON object on stdout
+        console = [p for p in psutil.Process(demo.pid).children(recursive=True) if "console" in p.cmdline()]
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(15) == 0, "".join(stderr)[-2000:]
+        assert demo.stdout.read() == ""
+        assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in console)
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    check_demo_run(summary, tmp_path / "state")
+
+
+def watch_the_demo_console(url: str, demo: subprocess.Popen, tmp_path: Path) -> None:
+    """The page shows the demo's conversation: the console process's row, the barge-in marked, turn 2's reply."""
+    from playwright import sync_api
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+            page.goto(url)
+            page.wait_for_selector('#procs tr[data-src="console"]', timeout=20000)
+            console = next(p for p in psutil.Process(demo.pid).children(recursive=True)
+                           if "console" in p.cmdline())
+            cpu0, t0 = console.cpu_times(), time.monotonic()
+            page.wait_for_selector(".turn.interrupted .hd:has-text('barge-in')", timeout=40000)
+            page.wait_for_selector(".turn[data-turn='2'][data-finished='1'] .model:text-matches('reply 2')",
+                                   timeout=40000)
+            cpu1, t1 = console.cpu_times(), time.monotonic()
+            page.screenshot(path=str(tmp_path / "console-demo.png"))
+        finally:
+            browser.close()
+    cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (t1 - t0) * 100
+    print(f"\nconsole CPU during the demo conversation: {cpu:.1f} % of one core over {t1 - t0:.1f} s "
+          f"(page open, pid {console.pid})")
+    (tmp_path / "console-cpu.json").write_text(json.dumps({"cpu_percent": round(cpu, 2), "seconds": t1 - t0}))
 
 
 def test_a_verb_missing_its_library_names_the_extra() -> None:
