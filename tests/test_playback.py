@@ -383,6 +383,20 @@ def test_jitter_buffer_skips_audio_that_fell_behind_its_schedule_to_what_is_due_
     assert jb.stats["turns_started"] == 2
 
 
+def test_jitter_buffer_max_lag_0_never_skips():
+    events: list[tuple[str, dict]] = []
+    clock = FakeClock()
+    jb = JitterBuffer(OUT_RATE, prebuffer_ms=0, turn_gap_ms=1000, max_lag_ms=0,
+                      on_event=lambda k, f: events.append((k, f)), clock=clock, wall_ns=clock.wall_ns)
+    ramp = (np.arange(OUT_RATE * 2) % 30000).astype(np.int16)
+    jb.push(1, ramp)
+    pull(jb, clock, 1)
+    clock.t += 0.001                      # clock jitter, then a 3 s stall: the audio goes on where it was
+    assert np.array_equal(pull(jb, clock, 1), ramp[480:960])
+    clock.t += 3.0
+    assert np.array_equal(pull(jb, clock, 1), ramp[960:1440]) and jb.stats["stale_skips"] == 0
+
+
 def test_jitter_buffer_never_calls_a_reply_after_a_long_silence_stale():
     jb, events, clock = make_buffer(prebuffer_ms=0)
     jb.push(1, tone(440.0, 1.0, OUT_RATE, -12.0))

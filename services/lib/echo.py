@@ -525,12 +525,15 @@ class BargeInGuard:
     same length, counted: the service never takes it for the user barging in.
 
     Bursts that start while the model is silent are never held. Timestamps are kept, so audio.in
-    stays continuous; only the moment a held burst is sent moves (by up to `min_ms` + END_MS)."""
+    stays continuous; only the moment a held burst is sent moves (by up to MAX_HOLD_MS)."""
 
     END_MS = 400            # a burst ends after this much unvoiced audio: a pause between words is shorter,
                             # so a short first word ("Stop.") is released with the words after it
     OPEN_END_MS = 600       # released speech: stop passing straight through after this much silence
-    MAX_HOLD_MS = 1500      # never hold longer than this, whatever the detector says
+    # Never hold longer than this, whatever the detector says (knocks 300 ms apart are neither 260 ms of
+    # speech nor 400 ms quiet): under gemini-bridge's 1 s pause that ends the audio stream, which a
+    # longer hold would trigger with audio still to come.
+    MAX_HOLD_MS = 800
 
     def __init__(self, min_ms: int) -> None:
         from livepipe.services.lib.vad import VoiceFramer   # webrtcvad: the `aec` extra

@@ -155,7 +155,7 @@ class JitterBuffer:
                  prebuffer_max_ms: float | None = None, max_lag_ms: float = 1000.0) -> None:
         self.rate = rate
         # Staleness: audio playing this far behind its schedule (a stalled process) is skipped.
-        self.max_lag_ns = int(max_lag_ms * 1e6)
+        self.max_lag_ns = int(max_lag_ms * 1e6) if max_lag_ms > 0 else None   # 0: never skip
         # Wall time the next queued frame is due to sound on the playing schedule: audio plays
         # back to back from when it started (a turn no earlier than its first chunk came);
         # None while nothing plays (silence because no audio was there is not lag).
@@ -317,7 +317,8 @@ class JitterBuffer:
         with self._lock:
             now = self.clock()
             self._flush_finishing(events)
-            if self._sched_ns is not None and first_ns - self._sched_ns > self.max_lag_ns:
+            if (self._sched_ns is not None and self.max_lag_ns is not None
+                    and first_ns - self._sched_ns > self.max_lag_ns):
                 self._skip_stale(first_ns, now, events)
             while pos < n and self._turns:
                 t = next(iter(self._turns.values()))
@@ -367,7 +368,7 @@ class JitterBuffer:
         audio due now. A turn queued behind is due from max(end of the one before, its
         arrival), and is skipped only if it too is more than max_lag behind."""
         cursor = self._sched_ns
-        assert cursor is not None
+        assert cursor is not None and self.max_lag_ns is not None
         lag_ns = first_ns - cursor
         frames = chunks = 0
         turns: list[int] = []
@@ -891,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a turn dry this long with no turn_complete is reported finished (default 1000)")
     p.add_argument("--max-lag-ms", type=float, default=DEFAULT_MAX_LAG_MS,
                    help=f"playing further behind schedule than this (a stalled process) skips the stale audio "
-                        f"to what is due now (default {DEFAULT_MAX_LAG_MS:g})")
+                        f"to what is due now (default {DEFAULT_MAX_LAG_MS:g}; 0 = never skip)")
     p.add_argument("--max-buffer-s", type=float, default=600.0,
                    help="most audio held (default 600 s); beyond it chunks are dropped and counted")
     p.add_argument("--no-device-reset", action="store_true",
