@@ -127,15 +127,25 @@ def main(argv: list[str]) -> int:
                  " (CURVE)" if args.server_key else "")
         return run_proxy(ctx, xsub, xpub)
     finally:
-        # Teardown joins the proxy and authenticator threads; bound it so a wedged thread never
-        # keeps a stopping broker alive (honcho and supervise SIGKILL after 5 s).
-        guard = threading.Timer(3.0, _exit_now)
-        guard.daemon = True
-        guard.start()
+        # Teardown joins the proxy and authenticator threads; the guard armed by the stop signal
+        # (or here) bounds it, so a wedged thread never keeps a stopping broker alive.
+        _arm_exit_guard()
         if auth is not None:
             auth.stop()
         ctx.destroy(linger=0)
-        guard.cancel()
+
+
+_guard: threading.Timer | None = None
+
+
+def _arm_exit_guard() -> None:
+    """Exit 3 s from now whatever a ZeroMQ thread does: honcho and supervise SIGKILL after 5 s,
+    which a user reads as a crash. Armed once, at the stop signal, and never cancelled."""
+    global _guard
+    if _guard is None:
+        _guard = threading.Timer(3.0, _exit_now)
+        _guard.daemon = True
+        _guard.start()
 
 
 def _exit_now() -> None:
@@ -152,6 +162,8 @@ def run_proxy(ctx: zmq.Context, xsub: zmq.Socket, xpub: zmq.Socket) -> int:
     done = threading.Event()
 
     def proxy() -> None:
+        # Stop signals go to the main thread: one landing here would end zmq_proxy with EINTR.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         peer = ctx.socket(zmq.PAIR)
         peer.connect(ctrl_addr)
         try:
@@ -163,14 +175,27 @@ def run_proxy(ctx: zmq.Context, xsub: zmq.Socket, xpub: zmq.Socket) -> int:
             done.set()
 
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        _arm_exit_guard()
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     thread = threading.Thread(target=proxy, name="proxy", daemon=True)
     thread.start()
     while not stop.wait(0.5) and not done.is_set():
         pass
-    ctrl.send(b"TERMINATE")
-    done.wait(1.0)
+    if done.is_set() and not stop.is_set():
+        log.error("the proxy stopped on its own: exiting so a supervisor restarts the broker")
+        ctrl.close(linger=0)
+        return 1
+    else:
+        try:   # never block: a proxy that is gone takes no TERMINATE
+            ctrl.send(b"TERMINATE", zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        done.wait(1.0)
     ctrl.close(linger=0)
     log.info("stopped")
     return 0
