@@ -622,6 +622,11 @@ class BargeInGuard:
         self.release_delay_ms_last = 0.0
 
     def push(self, chunk: np.ndarray, ts: int, model_heard: bool) -> list[tuple[np.ndarray, int]]:
+        if (self.state == "idle" and not model_heard and not len(self._vad.pending)
+                and not len(chunk) % self._vad.frame):
+            # Nothing can be held: the detector is not asked (its frames stay aligned; the quiet
+            # count restarts at the first voiced frame anyway)
+            return [(chunk, ts)]
         voiced_ms = 20 * sum(self._vad.is_voiced(f) for f in self._vad.cut(chunk))
         chunk_ms = len(chunk) * 1000 / IN_RATE
         self._quiet_ms = 0.0 if voiced_ms else self._quiet_ms + chunk_ms
