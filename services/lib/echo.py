@@ -326,6 +326,13 @@ class DelayEstimator:
         ref = np.concatenate(self.ref).astype(np.float64)
         if float(np.mean(ref * ref)) < 1e4 or float(np.mean(mic * mic)) < 100:   # nothing played / heard
             return self.delay
+        # Nothing heard where an echo of it can be (from the first audible reference sample on, less
+        # the earliest lag): the model spoke while the microphone heard nothing (headphones, or the
+        # user spoke before the model only): no FFT
+        loud = np.flatnonzero(np.abs(ref) > 100)
+        after = mic[max(0, int(loud[0]) + self.min_lag):] if len(loud) else mic[:0]
+        if float(after.dot(after)) / len(mic) < 100:
+            return self.delay
         self.runs += 1
         n = _fft_size(len(mic) + self.max_lag - self.min_lag)
         corr = np.fft.irfft(np.fft.rfft(mic, n) * np.conj(np.fft.rfft(ref, n)), n)
