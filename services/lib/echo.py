@@ -331,7 +331,7 @@ class DelayEstimator:
         # user spoke before the model only): no FFT
         loud = np.flatnonzero(np.abs(ref) > 100)
         after = mic[max(0, int(loud[0]) + self.min_lag):] if len(loud) else mic[:0]
-        if float(after.dot(after)) / len(mic) < 100:
+        if float(np.sum(after * after)) / len(mic) < 100:   # not .dot: OpenBLAS threads spin for long vectors
             return self.delay
         self.runs += 1
         n = _fft_size(len(mic) + self.max_lag - self.min_lag)
