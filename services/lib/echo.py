@@ -362,11 +362,11 @@ class DelayEstimator:
         ref = np.concatenate(self.ref).astype(np.float64)
         if float(np.mean(ref * ref)) < 1e4 or float(np.mean(mic * mic)) < 100:   # nothing played / heard
             return self.delay
-        # Nothing heard where an echo of it can be (from the first audible reference sample on, less
-        # the earliest lag): the model spoke while the microphone heard nothing (headphones, or the
-        # user spoke before the model only): no FFT
+        # Nothing heard where an echo of it can be (from the first audible reference sample less the
+        # earliest lag, to the last one plus the longest): the model spoke while the microphone heard
+        # nothing (headphones), the user spoke only before or after it: no FFT
         loud = np.flatnonzero(np.abs(ref) > 100)
-        after = mic[max(0, int(loud[0]) + self.min_lag):] if len(loud) else mic[:0]
+        after = mic[max(0, int(loud[0]) + self.min_lag):int(loud[-1]) + self.max_lag] if len(loud) else mic[:0]
         if float(np.sum(after * after)) / len(mic) < 100:   # not .dot: OpenBLAS threads spin for long vectors
             return self.delay
         self.runs += 1
