@@ -245,23 +245,44 @@ class ReferenceTrack:
     def add(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
         """`pcm` (int16 mono at `rate`) whose first sample sounds at `first_ns`."""
         self.blocks += 1
-        self.silent = False
         idx = first_ns * IN_RATE // NS
-        # A block that continues the previous one (within 5 ms) keeps the resampler and the
-        # running index, so timestamp jitter does not tear the signal.
-        if self._rs is None or self._rs.in_rate != rate or self._next is None or abs(first_ns - self._next_ns) > 5_000_000:
-            self._rs = StreamResampler(rate, IN_RATE)
-            self._next = idx
+        gap = 0
+        if self.silent and self._rs is not None and self._rs.in_rate == rate and len(pcm):
+            # After playback's silence marker: the device played whole silent blocks meanwhile. The
+            # silence is put back (as zeros) when the gap is that, give or take 5 ms of timestamp
+            # jitter, so the reference does not shift against its echo (AEC3 does not recover well
+            # from a reference that jumps). A gap of more than a second (between turns) restarts.
+            frames = (first_ns - self._next_ns) * rate / NS
+            k = round(frames / len(pcm))
+            if 0 <= k * len(pcm) <= rate and abs(frames - k * len(pcm)) * NS <= 5_000_000 * rate:
+                gap = k * len(pcm)
+            else:
+                self._flush()
+        self.silent = False
+        if gap:
+            pcm_in = np.concatenate([np.zeros(gap, np.int16), pcm])
+        else:
+            pcm_in = pcm
+            # A block that continues the previous one (within 5 ms) keeps the resampler and the
+            # running index, so timestamp jitter does not tear the signal.
+            if (self._rs is None or self._rs.in_rate != rate or self._next is None
+                    or abs(first_ns - self._next_ns) > 5_000_000):
+                self._flush()
+                self._rs = StreamResampler(rate, IN_RATE)
+                self._next = idx
         self._next_ns = first_ns + len(pcm) * NS // rate
-        out = self._rs.process(pcm)
-        self._write(out)
+        assert self._rs is not None
+        self._write(self._rs.process(pcm_in))
 
-    def mark_silent(self) -> None:
-        """Playback plays silence after the newest block until it sends another: the resampler's
-        tail is written out (the next block starts a new run), and nothing is awaited meanwhile."""
+    def _flush(self) -> None:
+        """The resampler's tail written out; the next block starts a new run."""
         if self._rs is not None and self._next is not None:
             self._write(self._rs.process(np.empty(0, np.int16), last=True))
         self._rs = None
+
+    def mark_silent(self) -> None:
+        """Playback plays silence after the newest block until it sends another: nothing is
+        awaited meanwhile (and the next block may continue the run, see add)."""
         self.silent = True
         self.tail_loud = False
 
