@@ -428,13 +428,14 @@ class EchoStage:
 
     REALIGN_MS = 20         # a delay estimate this far from the one applied re-aligns the reference
     QUIET_MS = 500          # ... once the model has been silent this long
-    # Once the canceller's reference has been silent this long (well past AEC3's echo path and
-    # delay search), and its output is not in use, the canceller is fed nothing: both streams
-    # skip the same frames, so AEC3 sees no jump between them, only silence it had settled on.
-    # Most of a conversation is spent so (the user talking, or nobody). 0 = never skip.
-    SKIP_AFTER_MS = 1000
-    # ... but a new canceller is fed this many frames first: AEC3 fed nothing before a reply
-    # cancelled 20 dB less of it (measured on a scripted echo: 29 dB instead of 49 dB)
+    # Skipping the canceller (both streams, the same frames) once its reference has been silent
+    # this long, its output not in use, saves ~1 % of a core while the model is silent, and a
+    # scripted echo was cancelled as well as before; but through the real room of
+    # tests/test_echo.py a canceller made at a re-alignment then cancelled ~30 dB instead of ~51 dB
+    # (with the skip from 300 ms or 1 s of silence, 6 runs; 50-52 dB without it): 0 = off
+    # (README, Echo cancellation). WARM_FRAMES: a new canceller is fed this many frames before
+    # any skip (fed nothing before a reply, it cancelled 20 dB less of it on the scripted echo).
+    SKIP_AFTER_MS = 0
     WARM_FRAMES = 100
 
     # A chunk whose reference has not arrived (playback or the bus slowed by CPU load) waits for
