@@ -845,7 +845,7 @@ class EchoReference:
     Called from the audio thread with every block. Blocks with sound are published; when the
     device goes silent, one `silence` marker says so (from its `out_ts` on), and nothing more until
     it plays sound again: a silent reference costs no message, and capture-audio knows it is not
-    late (it never waits for it) and skips its echo canceller meanwhile. Published only while some process
+    late (it never waits for it). Published only while some process
     subscribes to audio.ref (`wanted`, refreshed by the event loop every 0.25 s): otherwise each
     block would wake the loop for nothing (echo off, or no capture-audio on this bus). A
     capture-audio that subscribes later takes references only after it has seen playback's
