@@ -81,8 +81,11 @@ AUDIO_OUT = _declare(Topic("audio.out", "audio", {
     "audio": Kind(required={**AUDIO_FIELDS, "turn": INT}, optional={"capture_ts": INT, **STAMPS}, payload=True)},
     "model audio: 24 kHz mono s16le PCM, tagged with the model turn id"))
 AUDIO_REF = _declare(Topic("audio.ref", "audio", {
-    "audio": Kind(required={**AUDIO_FIELDS, "out_ts": INT}, payload=True)},
-    "echo reference: exactly what playback handed to its device; out_ts = wall time its first sample sounds"))
+    "audio": Kind(required={**AUDIO_FIELDS, "out_ts": INT}, payload=True),
+    # from out_ts on the device plays silence, and no `audio` comes until it plays sound again
+    "silence": Kind(required={"out_ts": INT})},
+    "echo reference: exactly what playback handed to its device (blocks with sound); out_ts = wall time its "
+    "first sample sounds"))
 VIDEO_IN = _declare(Topic("video.in", "video", {
     "image": Kind(required={"image_width": INT, "image_height": INT, "mime": STR},
                   optional={"capture_ts": INT}, payload=True)},

@@ -9,8 +9,38 @@ stops that.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+
+
+class _Vad:
+    """webrtcvad.Vad on its C module directly: the package's __init__ reads its own version through
+    importlib.metadata (which imports email, csv and more: +0.5-2 MB of RSS in capture-audio)."""
+
+    def __init__(self, mode: int) -> None:
+        import _webrtcvad   # the C part of the `webrtcvad` wheel
+        self._c: Any = _webrtcvad
+        self._vad = _webrtcvad.create()
+        _webrtcvad.init(self._vad)
+        _webrtcvad.set_mode(self._vad, mode)
+
+    def is_speech(self, buf: bytes, sample_rate: int) -> bool:
+        return bool(self._c.process(self._vad, sample_rate, buf, len(buf) // 2))
+
+
+def make_vad(mode: int) -> Any:
+    """A webrtcvad detector (`is_speech(bytes, rate)`); ImportError without webrtcvad."""
+    try:
+        return _Vad(mode)
+    except (ImportError, AttributeError):   # another webrtcvad build: its own wrapper
+        import webrtcvad
+        return webrtcvad.Vad(mode)
+
+
+def vad_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("_webrtcvad") is not None or importlib.util.find_spec("webrtcvad") is not None
 
 
 def rms_of_dbfs(dbfs: float) -> float:
@@ -23,11 +53,10 @@ class VoiceFramer:
     classifies them with webrtcvad `mode` (0 least to 3 most aggressive) and an optional level floor."""
 
     def __init__(self, rate: int = 16_000, frame_ms: int = 20, mode: int = 2, floor_rms: float | None = None) -> None:
-        import webrtcvad   # the emulator/gemini extra; imported where it is used
         self.rate = rate
         self.frame = rate * frame_ms // 1000
         self.floor_rms = floor_rms
-        self.vad = webrtcvad.Vad(mode)
+        self.vad = make_vad(mode)   # webrtcvad, the emulator/gemini extra: imported where it is used
         self.pending = np.zeros(0, np.int16)   # the start of the next frame (public: the emulator saves it)
         self._pending_ts = 0
 

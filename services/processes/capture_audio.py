@@ -548,9 +548,8 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.barge_in_ms <= 2000:
         raise UsageError("--barge-in-ms (LIVEPIPE_BARGE_IN_MS) must be within 0..2000")
     if args.barge_in_ms and args.echo in ("auto", "cancel"):
-        try:
-            import webrtcvad  # noqa: F401   (the guard's speech detector, in the `aec` extra)
-        except ImportError:
+        from livepipe.services.lib.vad import vad_available   # the guard's speech detector, in the `aec` extra
+        if not vad_available():
             log.warning("--barge-in-ms needs webrtcvad (pip install 'livepipe[aec]'): a cough over the model "
                         "may interrupt it")
             args.barge_in_ms = 0

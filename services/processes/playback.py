@@ -467,9 +467,8 @@ class DeviceSink:
         self._last_callback = 0.0
         self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
         self.realtime: bool | None = None   # decided in the callback thread itself
-        # Echo reference (audio.ref): called from the audio thread with each block of a turn
-        # (silences inside it too, so the reference stays contiguous) and the wall time its
-        # first sample sounds. Set by the Player.
+        # Echo reference (audio.ref): called from the audio thread with every block and the wall
+        # time its first sample sounds (it publishes the blocks with sound). Set by the Player.
         self.on_block: Callable[[np.ndarray, int], None] | None = None
         self.stream = self._open()
         self.latency_s = float(self.stream.latency)
@@ -496,7 +495,7 @@ class DeviceSink:
             delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
             out_ns = time.time_ns() + int(delay * 1e9)
             block = self.jb.pull(frames, out_ns)
-            if self.on_block is not None and (block.any() or self.jb.active):
+            if self.on_block is not None:
                 self.on_block(block, out_ns)
             if self.channels > 1:
                 block = np.repeat(block, self.channels)
@@ -843,7 +842,10 @@ class Player:
 class EchoReference:
     """audio.ref: exactly what went to the device, for a local capture-audio's echo canceller.
 
-    Called from the audio thread with each block of a turn. Published only while some process
+    Called from the audio thread with every block. Blocks with sound are published; when the
+    device goes silent, one `silence` marker says so (from its `out_ts` on), and nothing more until
+    it plays sound again: a silent reference costs no message, and capture-audio knows it is not
+    late (it never waits for it). Published only while some process
     subscribes to audio.ref (`wanted`, refreshed by the event loop every 0.25 s): otherwise each
     block would wake the loop for nothing (echo off, or no capture-audio on this bus). A
     capture-audio that subscribes later takes references only after it has seen playback's
@@ -852,6 +854,7 @@ class EchoReference:
     def __init__(self, svc: Service, rate: int) -> None:
         self.svc, self.rate = svc, rate
         self.wanted = True
+        self.sounding = True   # the last block published had sound (so the first silence is said)
 
     def refresh(self) -> None:
         self.wanted = self.svc.has_subscriber("audio.ref")
@@ -859,9 +862,16 @@ class EchoReference:
     def __call__(self, block: np.ndarray, out_ns: int) -> None:
         if not self.wanted or self.svc.stopping:
             return
+        sound = bool(block.any())
+        if not (sound or self.sounding):
+            return   # silence goes on: said once
+        self.sounding = sound
         try:
-            self.svc.publish_threadsafe("audio.ref", "audio", block.tobytes(), rate=self.rate, channels=1,
-                                        sample_width=2, frames=len(block), out_ts=out_ns)
+            if sound:
+                self.svc.publish_threadsafe("audio.ref", "audio", block.tobytes(), rate=self.rate, channels=1,
+                                            sample_width=2, frames=len(block), out_ts=out_ns)
+            else:
+                self.svc.publish_threadsafe("audio.ref", "silence", out_ts=out_ns)
         except (AssertionError, RuntimeError):   # the loop is not running yet / any more
             pass
 
