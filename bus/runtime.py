@@ -96,6 +96,8 @@ class Service:
         self._wire_topics: dict[str, bytes] = {}
         self._fd_readers: list[int] = []           # socket FDs watched by the lanes
         self._lanes: list[_Lane] = []
+        self._subs: dict[str, zmq.Socket] = {}     # lane -> its SUB socket, while running
+        self._muted: set[str] = set()              # topics with handlers, not subscribed for now (listen)
         self._handshake: sockets.HandshakeWatch | None = None   # tells a refused CURVE key from no broker
         self._probe_prefix = wire_topic("_ready.", self.cfg.session)
         self.started_ns = time.time_ns()
@@ -106,6 +108,19 @@ class Service:
         if topic not in TOPICS:
             raise KeyError(f"unknown topic {topic!r}")
         self._handlers[topic].append(handler)
+
+    def listen(self, topic: str, on: bool) -> None:
+        """Subscribe to a topic that has handlers (the default), or stop receiving it for now: a
+        process that needs a frequent topic only at times need not be woken by every message."""
+        if topic not in TOPICS:
+            raise KeyError(f"unknown topic {topic!r}")
+        if on == (topic not in self._muted):
+            return
+        (self._muted.discard if on else self._muted.add)(topic)
+        sock = self._subs.get(TOPICS[topic].lane)
+        if sock is not None and not sock.closed and topic in self._handlers:
+            wt = wire_topic(topic, self.cfg.session)
+            sock.subscribe(wt) if on else sock.unsubscribe(wt)
 
     def publish(self, topic: str, kind: str, payload: bytes | memoryview | None = None, **fields: Any) -> bool:
         """Publish one message; returns False (and counts `dropped`) if the queue is full.
@@ -209,8 +224,10 @@ class Service:
             probes = {wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session) for lane in lanes}
             for lane, s in subs.items():
                 s.subscribe(wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session))
+            self._subs = subs
             for topic in self._handlers:
-                subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
+                if topic not in self._muted:
+                    subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
             pending = {(name, p) for name in pubs for p in probes}
             self._handshake = sockets.HandshakeWatch([*pubs.values(), *subs.values()], self.cfg)
             tasks += [asyncio.create_task(self._watch_subscriptions(name, s, pending)) for name, s in pubs.items()]
@@ -243,6 +260,7 @@ class Service:
                 s.close(linger=sockets.LINGER_MS)
             ctx.term()
             self._lanes.clear()
+            self._subs = {}
         return self.exit_code
 
     async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
