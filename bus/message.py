@@ -50,6 +50,11 @@ def wire_topic(topic: str, session: str = "") -> bytes:
     return f"{session}/{topic}".encode() if session else topic.encode()
 
 
+def pack_header(header: dict[str, Any]) -> bytes:
+    """The second frame: the header as msgpack."""
+    return _packer.pack(header)
+
+
 def encode(topic: str, header: dict[str, Any], payload: bytes | memoryview | None = None,
            session: str = "") -> list[bytes | memoryview]:
     frames: list[bytes | memoryview] = [wire_topic(topic, session), _packer.pack(header)]

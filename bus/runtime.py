@@ -36,7 +36,7 @@ import zmq.asyncio
 
 from livepipe.bus import sockets
 from livepipe.bus.config import BusConfig, ConfigError
-from livepipe.bus.message import MAX_FRAME_BYTES, Message, decode, encode, make_header, wire_topic
+from livepipe.bus.message import MAX_FRAME_BYTES, Message, decode, make_header, pack_header as _pack, wire_topic
 from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
@@ -86,14 +86,18 @@ class Service:
         self.exit_code = 0
         self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._seq: Counter[str] = Counter()
-        self._last_seq: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._last_seq: dict[tuple[str, str], int] = {}   # oldest-heard first (see _check_seq)
         self._subscribed: set[bytes] = set()      # wire topics someone subscribes to, per the broker
         self._sub_events: dict[bytes, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._ready: asyncio.Event | None = None
         self._sync_pubs: dict[str, zmq.Socket] = {}
-        self._fd_readers: list[int] = []           # socket FDs watched by the lane loops
+        self._wire_topics: dict[str, bytes] = {}
+        self._fd_readers: list[int] = []           # socket FDs watched by the lanes
+        self._lanes: list[_Lane] = []
+        self._subs: dict[str, zmq.Socket] = {}     # lane -> its SUB socket, while running
+        self._muted: set[str] = set()              # topics with handlers, not subscribed for now (listen)
         self._handshake: sockets.HandshakeWatch | None = None   # tells a refused CURVE key from no broker
         self._probe_prefix = wire_topic("_ready.", self.cfg.session)
         self.started_ns = time.time_ns()
@@ -104,6 +108,19 @@ class Service:
         if topic not in TOPICS:
             raise KeyError(f"unknown topic {topic!r}")
         self._handlers[topic].append(handler)
+
+    def listen(self, topic: str, on: bool) -> None:
+        """Subscribe to a topic that has handlers (the default), or stop receiving it for now: a
+        process that needs a frequent topic only at times need not be woken by every message."""
+        if topic not in TOPICS:
+            raise KeyError(f"unknown topic {topic!r}")
+        if on == (topic not in self._muted):
+            return
+        (self._muted.discard if on else self._muted.add)(topic)
+        sock = self._subs.get(TOPICS[topic].lane)
+        if sock is not None and not sock.closed and topic in self._handlers:
+            wt = wire_topic(topic, self.cfg.session)
+            sock.subscribe(wt) if on else sock.unsubscribe(wt)
 
     def publish(self, topic: str, kind: str, payload: bytes | memoryview | None = None, **fields: Any) -> bool:
         """Publish one message; returns False (and counts `dropped`) if the queue is full.
@@ -119,10 +136,20 @@ class Service:
         header = make_header(kind, self.name, self.inst, seq, fields)
         validate(topic, header, None if payload is None else memoryview(payload))  # never send wrong
         lane = TOPICS[topic].lane
-        sock = self._sync_pubs["control" if lane == "control" else "data"]
-        frames = encode(topic, header, payload, self.cfg.session)
+        send = self._sync_pubs["control" if lane == "control" else "data"].send
+        wt = self._wire_topics.get(topic)
+        if wt is None:
+            wt = self._wire_topics[topic] = wire_topic(topic, self.cfg.session)
+        # The parts one by one with int flags: send_multipart's checks and enum flags cost more
+        # than the sends themselves for a 640-byte chunk.
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK, copy=payload is None or len(payload) < 65536)
+            if payload is None:
+                send(wt, _NOBLOCK | _SNDMORE)
+                send(_pack(header), _NOBLOCK)
+            else:
+                send(wt, _NOBLOCK | _SNDMORE)
+                send(_pack(header), _NOBLOCK | _SNDMORE)
+                send(payload, _NOBLOCK, copy=len(payload) < 65536)
         except zmq.Again:
             self.counters["dropped"] += 1
             self.ratelog.warning(f"drop:{topic}", f"send queue full: dropped a {topic} message")
@@ -197,12 +224,14 @@ class Service:
             probes = {wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session) for lane in lanes}
             for lane, s in subs.items():
                 s.subscribe(wire_topic(f"_ready.{self.inst}.{lane}", self.cfg.session))
+            self._subs = subs
             for topic in self._handlers:
-                subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
+                if topic not in self._muted:
+                    subs[TOPICS[topic].lane].subscribe(wire_topic(topic, self.cfg.session))
             pending = {(name, p) for name in pubs for p in probes}
             self._handshake = sockets.HandshakeWatch([*pubs.values(), *subs.values()], self.cfg)
             tasks += [asyncio.create_task(self._watch_subscriptions(name, s, pending)) for name, s in pubs.items()]
-            tasks += [asyncio.create_task(self._lane_loop(lane, s)) for lane, s in subs.items()]
+            tasks += [t for lane, s in subs.items() if (t := self._start_lane(lane, s)) is not None]
             await self._wait_ready(pending)
             if self._stop.is_set():
                 return self.exit_code
@@ -215,6 +244,10 @@ class Service:
             self.log.error("%s", exc)
             self.exit_code = self.exit_code or 2
         finally:
+            for lane_obj in self._lanes:
+                lane_obj.closing = True
+                if lane_obj.task is not None:
+                    tasks.append(lane_obj.task)
             await self._cancel_tasks(tasks)
             for fd in self._fd_readers:
                 self._loop.remove_reader(fd)
@@ -226,6 +259,8 @@ class Service:
             for s in socks:
                 s.close(linger=sockets.LINGER_MS)
             ctx.term()
+            self._lanes.clear()
+            self._subs = {}
         return self.exit_code
 
     async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
@@ -319,66 +354,35 @@ class Service:
             elif name == "data":
                 self._subscribed.discard(topic)
 
-    async def _lane_loop(self, lane: str, sock: zmq.asyncio.Socket) -> None:
+    def _start_lane(self, lane: str, sock: zmq.asyncio.Socket) -> asyncio.Task | None:
+        """Serve one lane: from the socket's FD callback (_Lane), or, where the loop cannot watch
+        an FD (Windows' proactor), from a task polling through zmq.asyncio."""
         sync = zmq.Socket.shadow(sock.underlying)
-        newest_only = lane == "video"
-        wait = self._lane_waiter(sync, sock)
-        while True:
-            await wait()
-            batch: list[list[bytes]] = []
-            # Drain what is queued without yielding per message; bounded so one lane
-            # cannot starve the loop. ZMQ_EVENTS says when the queue is empty: cheaper than
-            # the zmq.Again exception a last recv would raise (~10 us on a cold path).
-            for _ in range(256):
-                try:
-                    batch.append(sync.recv_multipart(zmq.NOBLOCK))
-                except zmq.Again:
-                    break
-                if not sync.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    break
-            if newest_only and len(batch) > 1:
-                self.counters["stale_dropped"] += len(batch) - 1
-                batch = batch[-1:]
-            for frames in batch:
-                await self._dispatch(frames)
-            if len(batch) == 256:
-                await asyncio.sleep(0)   # a full batch: let the other lanes run before the next one
-
-    def _lane_waiter(self, sync: zmq.Socket, sock: zmq.asyncio.Socket) -> Callable[[], Awaitable[Any]]:
-        """An awaitable that returns once `sync` has a message to read.
-
-        zmq.asyncio's `poll()` builds a poller and a chain of futures per call, each callback one
-        more loop iteration: about 100 us per message on a 2-core machine. Instead, watch the
-        socket's ZMQ_FD with one persistent reader and an Event (one loop hop). ZMQ_FD is
-        edge-triggered: reading ZMQ_EVENTS (in the callback and before sleeping) consumes the
-        notification, so the reader never spins while a handler awaits."""
-        loop = asyncio.get_running_loop()
-        ready = asyncio.Event()
-
-        def on_fd() -> None:
-            if sync.closed:
-                return
-            if sync.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                ready.set()
-
         fd = sync.getsockopt(zmq.FD)
+        lane_obj = _Lane(self, lane, sync)
         try:
-            loop.add_reader(fd, on_fd)
-        except NotImplementedError:   # e.g. Windows' proactor loop: zmq.asyncio's own poll works there
-            return lambda: sock.poll(flags=zmq.POLLIN)
+            self._loop.add_reader(fd, lane_obj.on_fd)
+        except NotImplementedError:
+            return asyncio.create_task(self._polled_lane(lane_obj, sock))
         self._fd_readers.append(fd)
+        self._lanes.append(lane_obj)
+        self._loop.call_soon(lane_obj.on_fd)   # anything queued before the reader was added
+        return None
 
-        async def wait() -> None:
-            ready.clear()
-            if sync.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
-            await ready.wait()
+    async def _polled_lane(self, lane: "_Lane", sock: zmq.asyncio.Socket) -> None:
+        while True:
+            await sock.poll(flags=zmq.POLLIN)
+            for frames in lane.take():
+                pending = self._dispatch_now(frames)
+                if pending is not None:
+                    await pending
+            await asyncio.sleep(0)
 
-        return wait
-
-    async def _dispatch(self, frames: list[bytes]) -> None:
+    def _dispatch_now(self, frames: list[bytes]) -> Awaitable[None] | None:
+        """Decode one message and run its handlers; returns what is left to await when a handler
+        returned an awaitable (the handlers after it run once it is done), else None."""
         if frames[0].startswith(self._probe_prefix):
-            return  # a readiness probe: not for handlers
+            return None  # a readiness probe: not for handlers
         try:
             msg = decode(frames, self.cfg.session)   # a single frame is rejected there, and counted
         except SchemaError as exc:
@@ -391,10 +395,28 @@ class Service:
             # cannot multiply the lines (or the table).
             key = f"reject:{name}" if name in TOPICS else "reject:?"
             self.ratelog.warning(key, f"rejected a message on {topic.decode('utf-8', 'replace')!r}: {exc}")
-            return
+            return None
         self.counters["received"] += 1
         self._check_seq(msg)
-        for handler in self._handlers.get(msg.topic, ()):
+        handlers = self._handlers.get(msg.topic, ())
+        for i, handler in enumerate(handlers):
+            try:
+                result = handler(msg)
+            except Exception as exc:
+                self._handler_failed(msg, exc)
+                continue
+            if result is not None and inspect.isawaitable(result):
+                return self._finish_handlers(msg, result, handlers[i + 1:])
+        return None
+
+    async def _finish_handlers(self, msg: Message, result: Awaitable[Any], rest: list[Handler]) -> None:
+        try:
+            await result
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._handler_failed(msg, exc)
+        for handler in rest:
             try:
                 result = handler(msg)
                 if result is not None and inspect.isawaitable(result):
@@ -402,20 +424,29 @@ class Service:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.counters["handler_errors"] += 1
-                self.ratelog.warning(f"handler:{msg.topic}",
-                                     f"handler for {msg.topic} failed: {type(exc).__name__}: {exc}")
+                self._handler_failed(msg, exc)
+
+    def _handler_failed(self, msg: Message, exc: Exception) -> None:
+        self.counters["handler_errors"] += 1
+        self.ratelog.warning(f"handler:{msg.topic}", f"handler for {msg.topic} failed: {type(exc).__name__}: {exc}")
+
+    async def _dispatch(self, frames: list[bytes]) -> None:
+        """Decode one message and run its handlers to the end (awaiting any that are async)."""
+        pending = self._dispatch_now(frames)
+        if pending is not None:
+            await pending
 
     def _check_seq(self, msg: Message) -> None:
-        key = (msg.header["inst"], msg.topic)
-        seq = msg.header["seq"]
-        last = self._last_seq.get(key)
+        header = msg.header
+        key = (header["inst"], msg.topic)
+        seq = header["seq"]
+        last_seq = self._last_seq
+        last = last_seq.pop(key, None)   # re-inserted last: the dict's order is least recently heard first
         if last is not None and seq > last + 1:
             self.counters["gaps"] += seq - last - 1
-        self._last_seq[key] = seq
-        self._last_seq.move_to_end(key)
-        if len(self._last_seq) > 1024:   # bounded: forget the longest-silent sources
-            self._last_seq.popitem(last=False)
+        last_seq[key] = seq
+        if len(last_seq) > 1024:   # bounded: forget the longest-silent sources
+            del last_seq[next(iter(last_seq))]
 
     async def _heartbeat(self) -> None:
         try:
@@ -434,6 +465,81 @@ class Service:
             self.publish("status", "heartbeat", counters=counters, metrics=dict(self.metrics),
                          pid=os.getpid(), host=host)
             await asyncio.sleep(HEARTBEAT_S)
+
+
+# Plain ints: the zmq constants are enums, and `int & enum` builds a new enum member each time
+# (a Python-level call, several per message).
+_EVENTS, _POLLIN, _RCVMORE, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVMORE), int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+BATCH = 256   # messages read per turn of one lane, so a flooded lane cannot starve the loop
+
+
+class _Lane:
+    """One lane's SUB socket, read and dispatched from the event loop's callback on its ZMQ_FD.
+
+    A message costs one loop wakeup: it is read, decoded and handed to the (synchronous) handlers in
+    that callback, with no task woken in between (a wakeup of an idle process costs ~100 us of CPU
+    on a small VM, more than the decoding). A handler that returns an awaitable is awaited in a task;
+    the lane's later messages wait for it, in order, and are then read by that task.
+
+    ZMQ_FD is edge-triggered: reading ZMQ_EVENTS consumes its notification, so it is read on every
+    callback (also while a task holds the lane) and the queue is read until ZMQ_EVENTS says it is empty."""
+
+    def __init__(self, svc: Service, name: str, sync: zmq.Socket) -> None:
+        self.svc, self.name, self.sync = svc, name, sync
+        self.newest_only = name == "video"
+        self.task: asyncio.Task | None = None   # running an async handler: the lane is held
+        self.closing = False
+
+    def on_fd(self) -> None:
+        if self.closing or self.sync.closed:
+            return
+        if self.task is not None:
+            self.sync.get(_EVENTS)   # consume the edge; the task reads the queue when its handler is done
+            return
+        self._serve()
+
+    def take(self) -> list[list[bytes]]:
+        """Up to BATCH queued messages, without blocking (video: only the newest, the rest counted)."""
+        batch: list[list[bytes]] = []
+        sync = self.sync
+        recv, get = sync.recv, sync.get
+        while len(batch) < BATCH:
+            try:
+                frames = [recv(_NOBLOCK)]
+            except zmq.Again:
+                break
+            while get(_RCVMORE):
+                frames.append(recv(_NOBLOCK))   # the parts of a message arrive together
+            batch.append(frames)
+            if not get(_EVENTS) & _POLLIN:
+                break
+        if self.newest_only and len(batch) > 1:
+            self.svc.counters["stale_dropped"] += len(batch) - 1
+            batch = batch[-1:]
+        return batch
+
+    def _serve(self) -> None:
+        batch = self.take()
+        dispatch = self.svc._dispatch_now
+        for i, frames in enumerate(batch):
+            pending = dispatch(frames)
+            if pending is not None:
+                self.task = asyncio.get_running_loop().create_task(self._hold(pending, batch[i + 1:]))
+                return
+        if len(batch) == BATCH:   # more queued: let the other lanes and tasks run first
+            asyncio.get_running_loop().call_soon(self.on_fd)
+
+    async def _hold(self, pending: Awaitable[None], rest: list[list[bytes]]) -> None:
+        try:
+            await pending
+            for frames in rest:
+                more = self.svc._dispatch_now(frames)
+                if more is not None:
+                    await more
+        finally:
+            self.task = None
+        self.on_fd()   # what came meanwhile
 
 
 async def wait_event(ev: asyncio.Event, timeout: float | None) -> bool:

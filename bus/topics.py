@@ -161,13 +161,37 @@ class SchemaError(ValueError):
     """A message that does not match its topic's schema."""
 
 
-def _check(header: Mapping[str, Any], spec: Mapping[str, tuple[type, ...]], required: bool) -> None:
-    for name, types in spec.items():
-        if name not in header:
+# Each field spec compiled once: (name, accepted types, the exact types among them). msgpack only
+# produces exact types, so a received field's type is found in a set with one lookup; anything else
+# (a subclass, a wrong type, bool where only int is accepted) takes the full check below.
+_Plan = tuple[tuple[str, tuple[type, ...], frozenset], ...]
+_MISSING = object()
+_PLANS: dict[int, tuple[Any, _Plan, _Plan]] = {}   # id(Kind) -> (the Kind, its required, its optional)
+
+
+def _plan(spec: Mapping[str, tuple[type, ...]]) -> _Plan:
+    return tuple((name, types, frozenset(types)) for name, types in spec.items())
+
+
+_COMMON_PLAN = _plan(COMMON_FIELDS)
+
+
+def _kind_plans(kind: Kind) -> tuple[_Plan, _Plan]:
+    entry = _PLANS.get(id(kind))
+    if entry is None or entry[0] is not kind:
+        entry = _PLANS[id(kind)] = (kind, _plan(kind.required), _plan(kind.optional))
+    return entry[1], entry[2]
+
+
+def _check(header: Mapping[str, Any], plan: _Plan, required: bool) -> None:
+    for name, types, exact in plan:
+        value = header.get(name, _MISSING)
+        if type(value) in exact:
+            continue
+        if value is _MISSING:
             if required:
                 raise SchemaError(f"missing field {name!r}")
             continue
-        value = header[name]
         # bool is an int subclass: keep them apart so `seq: True` is rejected
         if isinstance(value, bool) and bool not in types:
             raise SchemaError(f"field {name!r} has type bool")
@@ -182,14 +206,15 @@ def validate(topic_name: str, header: Any, payload: bytes | None) -> Topic:
         raise SchemaError(f"unknown topic {topic_name!r}")
     if not isinstance(header, dict):
         raise SchemaError("header is not a map")
-    _check(header, COMMON_FIELDS, True)
+    _check(header, _COMMON_PLAN, True)
     if header["v"] != SCHEMA_VERSION:
         raise SchemaError(f"schema version {header['v']} (expected {SCHEMA_VERSION})")
     kind = topic.kinds.get(header["kind"])
     if kind is None:
         raise SchemaError(f"unknown kind {header['kind']!r} for {topic_name}")
-    _check(header, kind.required, True)
-    _check(header, kind.optional, False)
+    required, optional = _kind_plans(kind)
+    _check(header, required, True)
+    _check(header, optional, False)
     if kind.payload:
         if payload is None:
             raise SchemaError("payload missing")

@@ -195,6 +195,14 @@ def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answer
     pcm = np.concatenate([speech("Good morning"), silence(0.8), speech("Tell me a story")])
     a_end = len(speech("Good morning")) + len(silence(0.8))
     chunks = [pcm[i:i + 320].tobytes() for i in range(0, len(pcm), 320)]
+    # The voice check (all frames at once) says what a VoiceFramer fed chunk by chunk says, frames
+    # straddling chunks of any size included.
+    from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
+    from livepipe.services.processes.gemini_bridge.link import voiced_chunks
+    for size in (320, 77, 1000):
+        pieces = [pcm[i:i + size].tobytes() for i in range(0, len(pcm), size)]
+        framer = VoiceFramer(16000, 30, 2, floor_rms=rms_of_dbfs(-50))
+        assert voiced_chunks(pieces) == [any(v for *_, v in framer.feed(np.frombuffer(p, "<i2"))) for p in pieces]
     for chunk in chunks:
         lk.sent_audio(lk.next_index(), chunk, limit)
     bridge.on_server_message(lk, audio())                      # the reply to A begins (B under way)

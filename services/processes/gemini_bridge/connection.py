@@ -20,6 +20,7 @@ from livepipe.services.processes.gemini_bridge.errors import (
 )
 from livepipe.services.processes.gemini_bridge.link import Link
 from livepipe.services.processes.gemini_bridge.settings import BYTES_PER_SECOND_IN, NAME, live_config
+from livepipe.services.processes.gemini_bridge.wire import learn_audio_parse, tap_audio_messages
 
 log = logging.getLogger(NAME)
 
@@ -89,6 +90,11 @@ class ConnectionSide:
 
     async def _receive_loop(self, link: Link) -> None:
         try:
+            # Reply audio without the SDK's per-message model work (wire.py), learned before the first read.
+            parse = await learn_audio_parse(link.session)
+            direct = parse is not None and tap_audio_messages(
+                link.session, parse, lambda data, mime: self.on_audio_message(link, data, mime))
+            self.svc.metrics["audio_out_direct"] = int(direct)
             while True:
                 # receive() ends at every turnComplete: one loop for the connection's whole life.
                 async for msg in link.session.receive():

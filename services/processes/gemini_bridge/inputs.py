@@ -63,9 +63,43 @@ class InputSide:
             starts, ends = "start" in events, events[-1:] == ["end"]
         if starts:
             self._enqueue_audio(ACTIVITY_START)   # markers keep their place between the chunks
-        self._enqueue_audio(pcm)
+        if not self._write_audio_now(pcm):
+            self._enqueue_audio(pcm)
         if ends:
             self._enqueue_audio(ACTIVITY_END)
+
+    def _write_audio_now(self, pcm: bytes) -> bool:
+        """Write the chunk to the connection from here, when nothing is queued before it and the
+        socket takes it at once (wire.py write_now); else False: the sender task sends it."""
+        link = self.link
+        if self.audio_q or link is None or not self.link_ready.is_set() or link.closed.is_set():
+            return False
+        write = getattr(link.send_audio, "write_now", None)
+        if write is None:
+            return False
+        try:
+            if not write(pcm):
+                return False
+        except Exception as exc:  # the chunk is queued for the next connection
+            self._send_failed(link, exc)
+            return False
+        self.in_stamps = {**self.in_stamps_received, "in_sent_ts": time.time_ns()}   # the newest chunk
+        self._audio_sent(link, link.next_index(), pcm)
+        return True
+
+    def _audio_sent(self, link: Link, index: int, chunk: bytes | str) -> None:
+        """Bookkeeping once `chunk` (client message `index`) is on `link`'s socket."""
+        link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
+        if self._gap_from and isinstance(chunk, bytes):
+            gap = round((time.monotonic() - self._gap_from) * 1000, 1)
+            self._gap_from = 0.0
+            self.svc.metrics["switch_audio_gap_ms"] = gap
+            self.svc.metrics["switch_audio_gap_ms_max"] = max(gap, self.svc.metrics.get("switch_audio_gap_ms_max", 0))
+            log.info("audio to the model resumed on connection %d: %.1f ms after the last write "
+                     "to the previous one", link.number, gap)
+        if isinstance(chunk, bytes):
+            self.svc.metrics["audio_in_chunks"] += 1
+            self.svc.metrics["audio_in_sent_ms"] += len(chunk) * 1000 // BYTES_PER_SECOND_IN
 
     def _enqueue_audio(self, pcm: bytes | str) -> None:
         self.audio_q.append(pcm)
@@ -155,17 +189,7 @@ class InputSide:
                         self.audio_q_bytes -= len(chunk)
                         if not self.audio_q:   # the newest chunk is on the socket
                             self.in_stamps = {**self.in_stamps_received, "in_sent_ts": time.time_ns()}
-                link.sent_audio(index, chunk, int(self.s.buffer_seconds * BYTES_PER_SECOND_IN))
-                if self._gap_from and isinstance(chunk, bytes):
-                    gap = round((time.monotonic() - self._gap_from) * 1000, 1)
-                    self._gap_from = 0.0
-                    self.svc.metrics["switch_audio_gap_ms"] = gap
-                    self.svc.metrics["switch_audio_gap_ms_max"] = max(gap, self.svc.metrics.get("switch_audio_gap_ms_max", 0))
-                    log.info("audio to the model resumed on connection %d: %.1f ms after the last write "
-                             "to the previous one", link.number, gap)
-                if isinstance(chunk, bytes):
-                    self.svc.metrics["audio_in_chunks"] += 1
-                    self.svc.metrics["audio_in_sent_ms"] += len(chunk) * 1000 // BYTES_PER_SECOND_IN
+                self._audio_sent(link, index, chunk)
             self.svc.metrics["audio_buffered_ms"] = self.audio_q_bytes * 1000 // BYTES_PER_SECOND_IN
             if not self.audio_q:
                 self.audio_event.clear()

@@ -11,7 +11,7 @@ from typing import Any, Awaitable, Callable
 
 import numpy as np
 
-from livepipe.services.lib.vad import VoiceFramer, rms_of_dbfs
+from livepipe.services.lib.vad import rms_of_dbfs
 from livepipe.services.processes.gemini_bridge.settings import ACTIVITY_END, ACTIVITY_START, NAME
 
 log = logging.getLogger(NAME)
@@ -23,6 +23,30 @@ def parse_duration_ms(text: str | None) -> int:
         return 0
     m = re.match(r"^\s*([0-9.]+)\s*s?\s*$", str(text))
     return int(float(m.group(1)) * 1000) if m else 0
+
+
+VAD_FRAME = 480   # 30 ms at 16 kHz
+
+
+def voiced_chunks(chunks: list[bytes]) -> list[bool]:
+    """Whether each 16 kHz int16 chunk completes a voiced 30 ms frame, the frames cut from their
+    concatenation: what a VoiceFramer(16000, 30, 2, floor -50 dBFS) fed the chunks one by one says
+    (the same webrtcvad calls in the same order), with the level floor computed for all frames at once."""
+    import webrtcvad
+    samples = np.frombuffer(b"".join(chunks), "<i2")
+    n = len(samples) // VAD_FRAME
+    frames = samples[:n * VAD_FRAME].reshape(n, VAD_FRAME)
+    f = frames.astype(np.float64)
+    loud = np.sqrt(np.einsum("ij,ij->i", f, f) / VAD_FRAME) >= rms_of_dbfs(-50)   # exact sums for int16
+    vad = webrtcvad.Vad(2)
+    voiced = [bool(loud[k]) and vad.is_speech(frames[k].tobytes(), 16000) for k in range(n)]
+    out, done, total = [], 0, 0
+    for c in chunks:
+        total += len(c) // 2
+        upto = total // VAD_FRAME   # the frames complete once this chunk is in
+        out.append(any(voiced[done:upto]))
+        done = upto
+    return out
 
 
 class Link:
@@ -82,7 +106,7 @@ class Link:
         cut = 0          # entries before this position are answered
         quiet = silence_bytes
         inside = False   # markers: between an activityStart and its activityEnd
-        framer = VoiceFramer(16000, 30, 2, floor_rms=rms_of_dbfs(-50))   # webrtcvad: room noise is not speech
+        chunks: list[tuple[int, bytes]] = []   # (position, audio) up to upto_index
         for pos, (index, item, _) in enumerate(self.replay):
             if index > upto_index:
                 break
@@ -92,9 +116,10 @@ class Link:
                 elif item == ACTIVITY_END or not inside:
                     inside, cut = False, pos + 1
                 continue
-            if not isinstance(item, bytes):
-                continue
-            if any(voiced for _, _, voiced in framer.feed(np.frombuffer(item, "<i2"))):
+            if isinstance(item, bytes):
+                chunks.append((pos, item))
+        for (pos, item), voiced in zip(chunks, voiced_chunks([c for _, c in chunks])):
+            if voiced:
                 if quiet >= silence_bytes:
                     cut = pos       # speech after a closing silence: answered only if it ends too
                 quiet = 0

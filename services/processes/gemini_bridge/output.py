@@ -76,6 +76,14 @@ class OutputSide:
         if usage is not None:
             self._usage(usage)
 
+    def on_audio_message(self, link: Link, data: bytes, mime: str) -> None:
+        """A server message holding one audio part and nothing else (wire.py reads it without the
+        SDK): what on_server_message does for it."""
+        self.reply_recv_ts = time.time_ns()   # latency budget
+        if link.retired:
+            return
+        self._model_audio(data, mime)
+
     def _on_interrupted(self) -> None:
         if not self.turn:
             return

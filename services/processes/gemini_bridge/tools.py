@@ -34,6 +34,7 @@ class ToolSide:
         if msg.kind == "withdraw":
             if self.announcers.pop(inst, None) is not None:
                 log.info("tools of %s (%s) withdrawn", msg["src"], inst)
+                self._listen_for_heartbeats()
                 self._announced_changed()
             return
         functions = msg["functions"]
@@ -44,9 +45,15 @@ class ToolSide:
             return
         known = self.announcers.get(inst)
         self.announcers[inst] = (msg["src"], list(functions), time.monotonic())
+        self._listen_for_heartbeats()
         if known is None or known[1] != functions:
             log.info("%s (%s) serves %s", msg["src"], inst, ", ".join(d["name"] for d in functions) or "nothing")
             self._announced_changed()
+
+    def _listen_for_heartbeats(self) -> None:
+        """Heartbeats matter only while some process serves functions: without one, the bridge is
+        not woken by every process's status message (about 6 a second in a pipeline)."""
+        self.svc.listen("status", bool(self.announcers))
 
     def on_status(self, msg: Message) -> None:
         known = self.announcers.get(msg["inst"])
@@ -56,6 +63,7 @@ class ToolSide:
     async def expire_announcers(self) -> None:
         """Drop the functions of processes that stopped heartbeating (crashed or killed)."""
         self.svc.publish("tool.query", "query")   # processes started before us announce again
+        self._listen_for_heartbeats()
         while True:
             await asyncio.sleep(1.0)
             now = time.monotonic()
@@ -66,6 +74,7 @@ class ToolSide:
                 del self.announcers[inst]
             if gone:
                 self._announced_changed()
+                self._listen_for_heartbeats()
 
     def merged_tools(self) -> list[dict[str, Any]]:
         """--tools (or the last context_update's tools), then announced functions; the first
