@@ -85,7 +85,15 @@ def stop_processes(procs: Iterable[subprocess.Popen], timeout: float = 5.0) -> l
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-    return [stop_process(proc, timeout) for proc in procs]
+    outs = []
+    deadline = time.monotonic() + timeout
+    for proc in procs:   # one SIGTERM each: a second one, while a process stops, would kill it (rc -15)
+        try:
+            outs.append(proc.communicate(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            outs.append(proc.communicate())
+    return outs
 
 
 def _exit_detail(proc: subprocess.Popen, log: Path | None) -> str:
