@@ -38,6 +38,11 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[str, str]:
     return harness.stop_process(proc, timeout)
 
 
+def stop_all(procs: list[subprocess.Popen], timeout: float = 5.0) -> list[tuple[str, str]]:
+    """stop() for processes that may stop in any order, signalled together so their shutdowns overlap."""
+    return harness.stop_processes(procs, timeout)
+
+
 class Broker:
     def __init__(self, env: dict[str, str], pub_port: int, sub_port: int, extra: list[str] | None = None) -> None:
         self.env, self.pub_port, self.sub_port, self.extra = env, pub_port, sub_port, extra or []

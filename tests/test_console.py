@@ -27,7 +27,7 @@ from livepipe.bus.config import BusConfig
 from livepipe.services.lib.recording import RecordingReader
 from tests.bridge_support import Emulator
 from tests.browser_support import CHROMIUM, CHROMIUM_ARGS
-from tests.conftest import ROOT, spawn, stop
+from tests.conftest import ROOT, spawn, stop, stop_all
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,8 +175,7 @@ def test_console_watches_and_steers_a_live_pipeline(bus_env: dict, tmp_path: Pat
         everything = page.content() + "".join(frames)
         assert SENTINEL_KEY not in everything and "api_key" not in everything
     finally:
-        outs = {name: stop(p) for name, p in procs.items()}
-        emu.stop()
+        outs = dict(zip(procs, stop_all([*procs.values(), emu.proc])))
     assert procs["console"].returncode == 0, outs["console"]
     assert "Traceback" not in outs["console"][1]
 

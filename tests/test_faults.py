@@ -339,18 +339,24 @@ def test_random_topics_and_single_frames_are_counted_and_said_in_few_lines(bus_e
 
 
 def test_tap_stats_keeps_one_row_for_undeclared_topics(bus_env, bus_cfg):
-    tap = spawn(["tap", "--stats", "--json", "--interval", "0.2", "--seconds", "4"], bus_env)
+    # --seconds 20 only bounds a hung tap: it is stopped once a refresh has counted all 500.
+    tap = spawn(["tap", "--stats", "--json", "--interval", "0.2", "--seconds", "20"], bus_env)
     sender = BusClient("garbage", bus_cfg)
+    rows: list[dict] = []
     try:
         assert "listening to" in tap.stderr.readline()
         sender.wait_ready()
         for _ in range(500):
             sender.send_raw([f"x.{os.urandom(6).hex()}".encode(), b"\x80"])
-        out, err = tap.communicate(timeout=20)
+        while not rows or rows[-1]["topics"].get("(undeclared topics)", {}).get("rejected", 0) < 500:
+            line = tap.stdout.readline()
+            assert line, f"tap ended before counting 500 rejected messages: {rows[-1:]}"
+            rows.append(json.loads(line))
     finally:
         sender.close()
-        stop(tap)
-    last = json.loads(out.strip().splitlines()[-1])
+        out, err = stop(tap)
+    rows += [json.loads(line) for line in out.strip().splitlines()]   # its last refresh, on SIGTERM
+    last = rows[-1]
     assert set(last["topics"]) <= set(TOPICS) | {"(undeclared topics)"}, list(last["topics"])[:10]
     assert last["topics"]["(undeclared topics)"]["rejected"] == 500
 

@@ -12,7 +12,7 @@ import time
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
-from tests.conftest import ROOT, livepipe_cmd, spawn, stop
+from tests.conftest import ROOT, livepipe_cmd, spawn, stop, stop_all
 
 README = (ROOT / "README.md").read_text()
 
@@ -227,8 +227,7 @@ def test_top_fits_80_and_120_columns_shows_what_matters_and_q_quits(bus_env):
     finally:
         for term in terminals:
             term.close()
-        for proc in pipeline:
-            stop(proc)
+        stop_all(pipeline)
 
 
 # ------------------------------------------------------------ point 8: replay into a running pipeline
@@ -278,7 +277,7 @@ def test_replay_into_a_live_pipeline_warns_and_replace_mutes_the_microphone(bus_
             _, err = replace.communicate(timeout=15)
             assert replace.returncode == 0 and "sent control: mute" in err and "sent control: unmute" in err, err
     finally:
-        outs = [stop(p) for p in pipeline]
+        outs = stop_all(pipeline)
     bridge_err = outs[1][1]
     assert bridge_err.count("two sources publish audio.in") == 1, bridge_err    # said once, rate-limited
 

@@ -19,7 +19,7 @@ import pytest
 
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
-from livepipe.services.dev.harness import stop_process
+from livepipe.services.dev.harness import stop_process, stop_processes
 from livepipe.services.lib.audio import write_wav_int16
 from tests.conftest import free_port
 from tests.demo_audio import USER_SCRIPT, USER_WAV, read_wav
@@ -125,8 +125,8 @@ def test_edge_and_hub_in_two_network_namespaces(tmp_path: Path, link: Link) -> N
         hub["bridge"] = _livepipe(["gemini-bridge"], hub_env, tmp_path / "bridge.log")
 
     def stop_hub() -> None:
-        for name in ("bridge", "emulator", "broker"):
-            stop_process(hub.pop(name))
+        stop_processes([hub.pop("bridge"), hub.pop("emulator")])   # side by side, then their broker
+        stop_process(hub.pop("broker"))
 
     edge: list[subprocess.Popen] = []
     start_hub()
@@ -177,9 +177,10 @@ def test_edge_and_hub_in_two_network_namespaces(tmp_path: Path, link: Link) -> N
             assert played_after_s < 3.0, (f"the restarted bridge's first reply was not played "
                                           f"(playback started {played_after_s:.1f} s after it arrived)")
     finally:
-        for p in edge:
-            stop_process(p)
-        for name in list(hub):
-            stop_process(hub.pop(name))
+        broker = hub.pop("broker", None)
+        stop_processes([*edge, *hub.values()])   # side by side, then their broker
+        hub.clear()
+        if broker is not None:
+            stop_process(broker)
     print(f"two hosts: first reply {first_s:.1f} s, after a 5 s cut {after_cut_s:.1f} s, "
           f"a restarted hub's first reply played {played_after_s * 1000:.0f} ms after it arrived")

@@ -19,7 +19,7 @@ from livepipe.services.lib.verb import VerbError
 HOST = "127.0.0.1"
 
 __all__ = ["BenchError", "HarnessError", "ProcessExited", "PortTimeout", "free_port", "livepipe_cmd",
-           "spawn_livepipe", "stop_process", "wait_for_port", "wait_for_ports", "start_broker"]
+           "spawn_livepipe", "stop_process", "stop_processes", "wait_for_port", "wait_for_ports", "start_broker"]
 
 
 class HarnessError(VerbError, RuntimeError):
@@ -73,6 +73,27 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> tuple[Any, Any
     except subprocess.TimeoutExpired:
         proc.kill()
         return proc.communicate()
+
+
+def stop_processes(procs: Iterable[subprocess.Popen], timeout: float = 5.0) -> list[tuple[Any, Any]]:
+    """stop_process for several processes at once: SIGTERM to all first, so their shutdowns overlap
+    instead of adding up; then each is waited for (SIGKILL after `timeout`). Outputs in order.
+
+    Only for processes that may stop in any order: a broker goes after its clients (a client
+    whose broker is gone waits out its socket linger)."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    outs = []
+    deadline = time.monotonic() + timeout
+    for proc in procs:   # one SIGTERM each: a second one, while a process stops, would kill it (rc -15)
+        try:
+            outs.append(proc.communicate(timeout=max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            outs.append(proc.communicate())
+    return outs
 
 
 def _exit_detail(proc: subprocess.Popen, log: Path | None) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import sys
 from typing import Callable, NoReturn
 
@@ -65,6 +66,9 @@ def verb(name: str) -> Callable[[Callable[[list[str]], int | None]], Callable[[l
     def wrap(main: Callable[[list[str]], int | None]) -> Callable[[list[str]], int]:
         @functools.wraps(main)
         def wrapped(argv: list[str]) -> int:
+            # What the imports built lives as long as the process: frozen, the collector skips it
+            # while the verb runs and at exit (its teardown added ~0.03-0.08 s to every stop).
+            gc.freeze()
             return run_verb(name, lambda: main(argv))
         return wrapped
     return wrap
