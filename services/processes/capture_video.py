@@ -12,8 +12,8 @@ the *newest* frame at each tick:
 - a camera or stream that disappears is reopened with backoff (0.5 s doubling to 8 s).
 
 Frames are fitted inside SIZE x SIZE keeping the aspect ratio (never upscaled; an area average:
-OpenCV's INTER_AREA for OpenCV's sources, Pillow's BOX for the screen and the test pattern, which
-do not load OpenCV), optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
+OpenCV's INTER_AREA for OpenCV's sources, Pillow's BOX for the screen, which does not load OpenCV;
+the test pattern is drawn at the fitted size), optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
 (capture -> publish) and the fit+encode cost.
 
 SOURCE (or env LIVEPIPE_VIDEO_SOURCE; default 0):
