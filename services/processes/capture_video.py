@@ -479,6 +479,12 @@ class PatternSource:
         self._font = ImageFont.load_default_imagefont()
 
     @staticmethod
+    def fits(width: int, height: int) -> bool:
+        """Whether the counter cells fit (a pixel each at least); a smaller picture is drawn larger
+        and scaled down, so the counter can still be read as well as such a size allows."""
+        return width >= COUNTER_BITS and height >= 10
+
+    @staticmethod
     def _bars(width: int, height: int) -> Image.Image:
         colours = [(192, 192, 192), (192, 192, 0), (0, 192, 192), (0, 192, 0),
                    (192, 0, 192), (192, 0, 0), (0, 0, 192), (32, 32, 32)]      # RGB
@@ -510,7 +516,7 @@ class PatternSource:
         for text, y, size in ((f"frame {n}", 0.45, 1.6), (clock, 0.65, 1.0)):
             self._text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
         top = h - h // 10
-        for i in range(COUNTER_BITS):        # the counter cells
+        for i in range(COUNTER_BITS if self.fits(w, h) else 0):        # the counter cells
             bit = (n >> (COUNTER_BITS - 1 - i)) & 1
             draw.rectangle((i * w // COUNTER_BITS, top, (i + 1) * w // COUNTER_BITS - 1, h - 1),
                            fill=(255, 255, 255) if bit else (0, 0, 0))
@@ -759,7 +765,8 @@ class CaptureVideo:
         if spec.kind == "screen":
             self.source: PullFrameSource | PushFrameSource = ScreenSource(spec)
         elif spec.kind == "pattern":   # drawn at the size it is sent: nothing to scale
-            self.source = PatternSource(*args.pattern_size, render=self.encoder.fitted_size(*args.pattern_size))
+            fitted = self.encoder.fitted_size(*args.pattern_size)
+            self.source = PatternSource(*args.pattern_size, render=fitted if PatternSource.fits(*fitted) else None)
         else:
             self.source = VideoSource(spec, args.camera_size)
         self.grabber: Grabber | PullGrabber | None = None
