@@ -241,6 +241,9 @@ def test_pattern_sizes_pad_and_quality(bus_env):
     # the pattern's counter advances by exactly one per frame sent (grabbed at the tick)
     counters = [read_counter(decode(m)) for m in default.frames]
     assert counters == list(range(counters[0], counters[0] + len(counters))), counters
+    # the picture is live: the white bar sweeps the top band (above the counter's box) between frames
+    tops = [decode(m)[:100].astype(np.int16) for m in default.frames]
+    assert all(np.abs(a - b).max() > 100 for a, b in zip(tops, tops[1:]))
     assert [read_counter(decode(m)) for m in small30.frames][:2] == [0, 1]
     # padding: black bands above and below the 768x432 picture, centred
     img = decode(pad.frames[0])

@@ -12,8 +12,8 @@ the *newest* frame at each tick:
 - a camera or stream that disappears is reopened with backoff (0.5 s doubling to 8 s).
 
 Frames are fitted inside SIZE x SIZE keeping the aspect ratio (never upscaled; an area average:
-OpenCV's INTER_AREA for OpenCV's sources, Pillow's BOX for the screen and the test pattern, which
-do not load OpenCV), optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
+OpenCV's INTER_AREA for OpenCV's sources, Pillow's BOX for the screen, which does not load OpenCV;
+the test pattern is drawn at the fitted size), optionally padded to a square, and encoded as JPEG. The heartbeat carries the frame age
 (capture -> publish) and the fit+encode cost.
 
 SOURCE (or env LIVEPIPE_VIDEO_SOURCE; default 0):
@@ -454,18 +454,35 @@ class PatternSource:
 
     Drawn with Pillow straight into one RGB image reused at every snap (the encoder takes it as
     it is: no BGR array to convert, no fresh pages), with Pillow's built-in bitmap font: OpenCV's
-    putText loads a TrueType font on first use in OpenCV 5 (+8.6 MB of RSS)."""
+    putText loads a TrueType font on first use in OpenCV 5 (+8.6 MB of RSS).
+
+    It is drawn at the size it is sent (`render`: WIDTHxHEIGHT fitted inside --size): shapes and
+    a bitmap font need no area average, and scaling a drawn 1280x720 frame down cost four times
+    its drawing and encoding together. Only what changes is redrawn: the moving bar (its last
+    place restored from the still background), the black box with the counter and the clock, and
+    the counter cells."""
 
     live = True
 
-    def __init__(self, width: int = 1280, height: int = 720) -> None:
+    def __init__(self, width: int = 1280, height: int = 720, render: tuple[int, int] | None = None) -> None:
         _pillow()
         self.name = "test pattern"
-        self.width, self.height = width, height
+        self.width, self.height = width, height          # the pattern's own size (as a camera's)
+        w, h = self.size = render or (width, height)      # what is drawn: the picture that is sent
         self.count = 0
-        self._background = self._bars(width, height)
+        self._box = (int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72))
+        self._background = self._bars(w, h)
+        ImageDraw.Draw(self._background).rectangle(self._box, fill=(0, 0, 0))
         self._image = self._background.copy()
+        self._draw = ImageDraw.Draw(self._image)
+        self._bar: tuple[int, int, int, int] | None = None     # where the moving bar was drawn last
         self._font = ImageFont.load_default_imagefont()
+
+    @staticmethod
+    def fits(width: int, height: int) -> bool:
+        """Whether the counter cells fit (a pixel each at least); a smaller picture is drawn larger
+        and scaled down, so the counter can still be read as well as such a size allows."""
+        return width >= COUNTER_BITS and height >= 10
 
     @staticmethod
     def _bars(width: int, height: int) -> Image.Image:
@@ -483,21 +500,23 @@ class PatternSource:
     def snap(self) -> Image.Image:
         n = self.count
         self.count += 1
-        w, h = self.width, self.height
-        img = self._image      # safe to reuse: a pull source's frame is encoded before the next snap
-        img.paste(self._background)
-        draw = ImageDraw.Draw(img)
+        w, h = self.size
+        img, draw = self._image, self._draw   # reused: a pull source's frame is encoded before the next snap
         now = time.time()
+        if self._bar is not None:            # the bar's last place back to the background
+            x0, y0, x1, y1 = self._bar
+            img.paste(self._background.crop((x0, y0, x1 + 1, y1 + 1)), (x0, y0))
         # a bar sweeping once every 4 s, so motion is visible whatever the frame rate
         x = int((now % 4.0) / 4.0 * w)
-        draw.rectangle((x, 0, min(w - 1, x + max(2, w // 80)), h * 9 // 10 - 1), fill=(255, 255, 255))
+        self._bar = (x, 0, min(w - 1, x + max(2, w // 80)), h * 9 // 10 - 1)
+        draw.rectangle(self._bar, fill=(255, 255, 255))
+        draw.rectangle(self._box, fill=(0, 0, 0))           # under the text, over the bar
         scale = h / 240
-        draw.rectangle((int(w * 0.1), int(h * 0.25), int(w * 0.9), int(h * 0.72)), fill=(0, 0, 0))
         clock = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         for text, y, size in ((f"frame {n}", 0.45, 1.6), (clock, 0.65, 1.0)):
             self._text(img, text, int(h * y), max(1, round(size * scale * 1.5)))
         top = h - h // 10
-        for i in range(COUNTER_BITS):        # the counter cells
+        for i in range(COUNTER_BITS if self.fits(w, h) else 0):        # the counter cells
             bit = (n >> (COUNTER_BITS - 1 - i)) & 1
             draw.rectangle((i * w // COUNTER_BITS, top, (i + 1) * w // COUNTER_BITS - 1, h - 1),
                            fill=(255, 255, 255) if bit else (0, 0, 0))
@@ -740,15 +759,16 @@ def _redact_url(url: str) -> str:
 class CaptureVideo:
     def __init__(self, args: argparse.Namespace, spec: SourceSpec) -> None:
         self.args, self.spec = args, spec
+        # OpenCV's encoder only where OpenCV is loaded for the source anyway
+        encoder = FrameEncoder if spec.kind in ("screen", "pattern") else CvFrameEncoder
+        self.encoder = encoder(args.size, args.quality, args.pad, args.skip_threshold if args.skip_unchanged else None)
         if spec.kind == "screen":
             self.source: PullFrameSource | PushFrameSource = ScreenSource(spec)
-        elif spec.kind == "pattern":
-            self.source = PatternSource(*args.pattern_size)
+        elif spec.kind == "pattern":   # drawn at the size it is sent: nothing to scale
+            fitted = self.encoder.fitted_size(*args.pattern_size)
+            self.source = PatternSource(*args.pattern_size, render=fitted if PatternSource.fits(*fitted) else None)
         else:
             self.source = VideoSource(spec, args.camera_size)
-        # OpenCV's encoder only where OpenCV is loaded for the source anyway
-        encoder = CvFrameEncoder if isinstance(self.source, VideoSource) else FrameEncoder
-        self.encoder = encoder(args.size, args.quality, args.pad, args.skip_threshold if args.skip_unchanged else None)
         self.grabber: Grabber | PullGrabber | None = None
         self.ages: deque[float] = deque(maxlen=AGE_WINDOW)
         self.costs: deque[float] = deque(maxlen=AGE_WINDOW)
