@@ -41,7 +41,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -461,12 +461,16 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
     t0 = time.monotonic()
     deadline = t0 + args.timeout
 
+    drain: Callable[[], None] = lambda: None   # reads what the bus still holds, once it is up
+
     def check_alive() -> None:
         failure = honcho.first_failure()
         if failure is None and honcho.proc.poll() is not None:
             failure = f"honcho exited with code {honcho.proc.returncode}"
         if failure is not None:
-            raise DemoError(failure)
+            # The bridge says why on the bus before it exits; honcho's exit line can come first.
+            drain()
+            raise DemoError(watcher.error or failure)
         if watcher.error:
             raise DemoError(watcher.error)
         if time.monotonic() > deadline:
@@ -507,6 +511,7 @@ def converse(args: argparse.Namespace, run: Run, honcho: Honcho, watcher: Watche
                 if msg is None or time.monotonic() >= end:
                     return
 
+        drain = lambda: pump(0.3)   # noqa: E731
         connect_by = time.monotonic() + min(args.timeout, CONNECT_WAIT_S)
         said = ""
         needed = ("playback", "capture-video") + (("console",) if args.console else ())
