@@ -29,8 +29,6 @@ import numpy as np
 from livepipe.services.lib.audio import IN_RATE, StreamResampler, mean_square
 
 FRAME = IN_RATE // 100           # 10 ms: the unit every WebRTC APM call takes
-_SILENT = np.zeros(FRAME, np.int16)   # a silent reference frame, shared (never written)
-_SILENT.flags.writeable = False
 NS = 1_000_000_000
 MODES = ("cancel", "gate", "off")
 
@@ -357,18 +355,12 @@ class DelayEstimator:
         self._delay: int | None = None   # median of `accepted`, kept as it changes (read every 10 ms frame)
         self.last_corr = 0.0
         self.runs = 0
-        self._pushed = 0          # samples pushed so far
-        self._ref_pushed = 0      # ... when the last reference other than _SILENT was
 
     def push(self, mic: np.ndarray, ref_wall: np.ndarray) -> None:
-        """`ref_wall`: the reference at the same wall time as `mic` (no delay applied); _SILENT
-        when it is known silent."""
+        """`ref_wall`: the reference at the same wall time as `mic` (no delay applied)."""
         self.mic.append(mic)
         self.ref.append(ref_wall)
         self.frames += len(mic)
-        self._pushed += len(mic)
-        if ref_wall is not _SILENT:
-            self._ref_pushed = self._pushed
         while self.frames > self.n + self.max_lag:
             self.frames -= len(self.mic.popleft())
             self.ref.popleft()
@@ -377,8 +369,6 @@ class DelayEstimator:
         """Run one estimate (call a few times a second); returns the delay in samples or None."""
         if self.frames < self.n // 2:
             return self.delay
-        if self._pushed - self._ref_pushed >= self.frames:
-            return self.delay   # the whole window's reference is silent: nothing played (as tested below)
         mic = np.concatenate(self.mic).astype(np.float64)
         ref = np.concatenate(self.ref).astype(np.float64)
         if float(np.mean(ref * ref)) < 1e4 or float(np.mean(mic * mic)) < 100:   # nothing played / heard
@@ -428,15 +418,6 @@ class EchoStage:
 
     REALIGN_MS = 20         # a delay estimate this far from the one applied re-aligns the reference
     QUIET_MS = 500          # ... once the model has been silent this long
-    # Skipping the canceller (both streams, the same frames) once its reference has been silent
-    # this long, its output not in use, saves ~1 % of a core while the model is silent, and a
-    # scripted echo was cancelled as well as before; but through the real room of
-    # tests/test_echo.py a canceller made at a re-alignment then cancelled ~30 dB instead of ~51 dB
-    # (with the skip from 300 ms or 1 s of silence, 6 runs; 50-52 dB without it): 0 = off
-    # (README, Echo cancellation). WARM_FRAMES: a new canceller is fed this many frames before
-    # any skip (fed nothing before a reply, it cancelled 20 dB less of it on the scripted echo).
-    SKIP_AFTER_MS = 0
-    WARM_FRAMES = 100
 
     # A chunk whose reference has not arrived (playback or the bus slowed by CPU load) waits for
     # it this long at most, and only if it is loud enough to hold an echo: the room is otherwise
@@ -470,8 +451,6 @@ class EchoStage:
         self.echo_frames = 0        # frames in which the model was audible
         self.gated_frames = 0
         self.cancelled_frames = 0   # frames published from the canceller's output
-        self.idle_frames = 0        # frames the canceller skipped (its reference silent, SKIP_AFTER_MS)
-        self._fed = 0               # frames the current canceller has processed
         self.heard = False          # the model was audible in the last chunk processed
         self.ref_waits = 0          # chunks held for a late reference
         self.ref_wait_ms_max = 0.0
@@ -560,14 +539,6 @@ class EchoStage:
 
     def _frame(self, mic: np.ndarray, index: int) -> np.ndarray:
         self.frames += 1
-        if self.mode == "cancel" and self._idle(index):
-            self.idle_frames += 1
-            self.estimator.push(mic, _SILENT)
-            self._estimate()
-            line = np.concatenate([self._raw, mic])
-            raw, self._raw = line[:FRAME], line[FRAME:]
-            self._realign(index)
-            return raw
         ref_wall = self.ref.read(index, FRAME)
         self.estimator.push(mic, ref_wall)
         self._estimate()
@@ -582,7 +553,6 @@ class EchoStage:
         margin = self.MARGIN_MS * IN_RATE // 1000
         assert self.canceller is not None
         self._realign(index)
-        self._fed += 1
         out = self.canceller.process(mic, self.ref.read(index - self.applied_delay + margin, FRAME), self.MARGIN_MS)
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
@@ -615,19 +585,7 @@ class EchoStage:
             assert self.make_canceller is not None
             self.applied_delay = delay
             self.canceller = self.make_canceller()
-            self._fed = 0
             self.realigns += 1
-
-    def _idle(self, index: int) -> bool:
-        """Nothing for the canceller: no sound in its reference for SKIP_AFTER_MS up to this frame's,
-        none ahead, and its output is not in use (no sound within ACTIVE_TAIL_MS at the delay
-        estimated). May the model be heard, it is False a few frames before the output is used."""
-        if not self.SKIP_AFTER_MS or self._active or self._fed < self.WARM_FRAMES:
-            return False
-        rate_ms = IN_RATE // 1000
-        read_at = index - self.applied_delay + self.MARGIN_MS * rate_ms
-        return not (self.ref.may_be_loud(read_at - self.SKIP_AFTER_MS * rate_ms)
-                    or self.ref.may_be_loud(index - self.latency - self.delay_samples - self.ACTIVE_TAIL_MS * rate_ms))
 
     def _loud_frame(self, start: int) -> bool:
         return mean_square(self.ref.read(start, FRAME)) > 1e4
@@ -646,7 +604,6 @@ class EchoStage:
                 "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
                 "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
                 "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
-                "echo_idle_frames": self.idle_frames,
                 "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1),
                 "echo_ref_waits": self.ref_waits, "echo_ref_wait_ms_max": round(self.ref_wait_ms_max, 1),
                 "echo_ref_timeouts": self.ref_timeouts, "echo_ref_late": self.ref_late}
