@@ -39,3 +39,28 @@ def test_a_reply_cut_by_a_dropped_connection_is_published_once(live_factory):  #
     out, err = rig.close()
     assert rig.bridge.returncode == 0 and "Traceback" not in err
     assert "published once" in err, err
+
+
+def test_typed_words_whose_reply_a_dropped_connection_cut_are_answered_once(live_factory):  # noqa: F811
+    # Typed words get a tone of 0.4 s + 30 ms a character from the emulator. The connection drops
+    # 0.3 s into that reply, before any resumption handle covers the words: the resumed session must
+    # be sent them again (else the user's words are lost) and the answer is heard whole, once.
+    from livepipe.services.processes.emulator.session import synthetic_reply
+    rig = live_factory(emulator_args=("--drop-in-reply", "0.3", "--pace", "1"))
+    text = "What is the weather like in the mountains"
+    rig.pub.wait_subscriber("text.in")
+    rig.pub.publish("text.in", "text", text=text)
+    rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "resuming"
+                                 for m in ms), 10, "the drop and the resumption")
+    rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "turn_complete" and m["turn"] >= 2
+                                 for m in ms), 10, "the resumed session's answer to the typed words")
+    ref = synthetic_reply(text)
+    heard = np.frombuffer(b"".join(m.payload for m in sorted(rig.rec.select("audio.out", "audio"),
+                                                             key=lambda m: m["turn"])), "<i2")
+    assert 0.95 * len(ref) <= len(heard) <= 1.05 * len(ref), (len(heard), len(ref))
+    metrics = wait_for(lambda: (m := rig.metrics()) and m.get("reconnects", 0) >= 1 and m, 5, "reconnect metrics")
+    assert metrics["text_resent"] == 1 and metrics["text_sent"] == 2, metrics
+    assert len([e for e in rig.emu.timeline() if e["event"] == "text_in"]) == 2   # the cut session's and the resumed one's
+    out, err = rig.close()
+    assert rig.bridge.returncode == 0 and "Traceback" not in err
+    assert "sending again 1 typed message(s) the resumed session has not heard" in err, err

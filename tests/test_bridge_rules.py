@@ -226,6 +226,25 @@ def test_a_fresh_session_is_sent_the_speech_no_reply_followed_and_not_the_answer
     assert lk.to_send_again(fresh=True) == [start, chunks[3]]
 
 
+def test_typed_words_are_sent_again_until_a_reply_to_them_completes(rig) -> None:
+    # A resumed session gets what its handle does not cover; a fresh one (seeded only with completed
+    # turns) all not yet answered; once a reply that began after them completes, never again.
+    bridge, _ = rig
+    lk = link()
+    bridge.link = lk
+    first, second = (lambda ses: None), (lambda ses: None)
+    lk.texts += [(lk.next_index(), first), (lk.next_index(), second)]     # client messages 1 and 2
+    lk.covered(1)
+    assert lk.texts_to_send_again(fresh=False) == [second]
+    assert lk.texts_to_send_again(fresh=True) == [first, second]
+    lk.answered(1, silence_bytes=16000)                                   # a reply to the first completed
+    assert lk.texts_to_send_again(fresh=True) == [second]
+    bridge.events_q.append(("text", lambda ses: None))                    # typed while reconnecting
+    bridge._replay_from(lk)
+    assert [send for _, send in bridge.events_q][:1] == [second] and len(bridge.events_q) == 2
+    assert bridge.svc.metrics["text_resent"] == 1
+
+
 def test_a_context_update_with_an_unusable_function_name_is_refused_and_counted(rig) -> None:
     bridge, _ = rig
 

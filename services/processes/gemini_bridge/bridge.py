@@ -40,7 +40,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         self.history_version = 0                # counts control history messages taken
         self.memory: list[dict[str, Any]] = []  # {"role", "pieces", "turn", "done"} as published on transcript
         self.session_turns_from = 0             # self.turn when the current session began
-        self.session_texts_from = 0             # texts sent before it began (typed text is not sent again)
+        self.session_texts_from = 0             # text_sent when it began (a text sent since: it has begun)
         self._gap_from = 0.0                    # last audio write on a replaced connection
         self._clients: dict[tuple[str, str], Any] = {}
         # input side
@@ -89,7 +89,7 @@ class Bridge(ConnectionSide, InputSide, OutputSide, ToolSide, SignalSide):
         for k in ("audio_in_chunks", "audio_in_sent_ms", "audio_in_converted", "audio_in_rejected",
                   "audio_in_dropped_ms", "audio_buffered_ms", "audio_out_chunks", "audio_out_ms",
                   "audio_out_dropped_interrupted", "video_frames_sent", "video_frames_skipped",
-                  "video_frames_rejected", "video_frames_too_large", "text_sent", "tool_calls", "tool_results", "tool_timeouts",
+                  "video_frames_rejected", "video_frames_too_large", "text_sent", "text_resent", "tool_calls", "tool_results", "tool_timeouts",
                   "tool_results_unknown", "tool_announces_rejected", "tools_announced", "turns", "interrupts", "connections", "reconnects", "go_aways",
                   "resumption_handles", "silent_server_detected"):
             svc.metrics[k] = 0

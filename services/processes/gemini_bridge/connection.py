@@ -277,7 +277,15 @@ class ConnectionSide:
         """Queue again, ahead of what was held, the audio the next session has not heard: beyond
         what the handle covers when it resumed; for a fresh session, all that was not answered."""
         items = old.to_send_again(fresh)
+        texts = old.texts_to_send_again(fresh)
         old.replay.clear()
+        old.texts.clear()
+        if texts:   # ahead of what was typed meanwhile, in the order they were typed
+            self.events_q.extendleft(reversed([("text", send) for send in texts]))
+            self.events_event.set()
+            self.svc.metrics["text_resent"] += len(texts)
+            log.info("sending again %d typed message(s) the %s session has not heard", len(texts),
+                     "fresh" if fresh else "resumed")
         if not items:
             return
         replayed = sum(len(i) for i in items if isinstance(i, bytes))

@@ -246,7 +246,7 @@ class InputSide:
                 # waiting for it to finish the turn we are letting it finish.
                 link = await self._usable_link()
             try:
-                link.next_index()
+                index = link.next_index()
                 await send(link.session)
             except asyncio.CancelledError:
                 raise
@@ -256,5 +256,6 @@ class InputSide:
                 continue
             self.events_q.popleft()
             if what == "text":
+                link.texts.append((index, send))   # until answered: a next connection may need it again
                 self.svc.metrics["text_sent"] += 1
 

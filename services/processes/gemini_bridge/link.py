@@ -71,6 +71,9 @@ class Link:
         self.sent_index = 0
         self.replay: deque[tuple[int, bytes | str, float]] = deque()
         self.replay_bytes = 0
+        # Typed words sent (client message index, the send): kept until a reply to them completes, so a
+        # resumed session not covering them, or a fresh one (only completed turns are seeded), gets them again.
+        self.texts: list[tuple[int, Callable[[Any], Awaitable[None]]]] = []
         self.covered_index = 0
         self.last_audio_sent = 0.0
         self.resumed = False                    # opened with a resumption handle the service accepted
@@ -102,7 +105,8 @@ class Link:
         up to there was heard and answered, except speech still going on when the reply began (no
         `silence_bytes` of silence after it: the service's VAD had not closed it, so it is a new
         utterance; with `markers` (--vad off) the activityStart/End sent say where speech is).
-        Forgets the answered audio; returns how many bytes."""
+        Forgets the answered audio and typed words; returns how many bytes of audio."""
+        self.texts = [t for t in self.texts if t[0] > upto_index]
         cut = 0          # entries before this position are answered
         quiet = silence_bytes
         inside = False   # markers: between an activityStart and its activityEnd
@@ -137,6 +141,10 @@ class Link:
         """What the next connection must be sent again: beyond what the handle covers when it
         resumes; all that is not answered when it is a fresh session, which heard nothing."""
         return [item for index, item, _ in self.replay if fresh or index > self.covered_index]
+
+    def texts_to_send_again(self, fresh: bool) -> list[Callable[[Any], Awaitable[None]]]:
+        """The typed words the next connection must be sent again, by the same rule as audio."""
+        return [send for index, send in self.texts if fresh or index > self.covered_index]
 
     def _pop(self) -> None:
         _, item, _ = self.replay.popleft()

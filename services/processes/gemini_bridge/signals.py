@@ -125,7 +125,7 @@ class SignalSide:
             return      # connecting: _install calls this again
         if link.history_version == self.history_version:
             return
-        # Audio not answered is sent again to a new session; typed text is not: a text sent counts.
+        # A session that heard a turn or a typed text has begun: it keeps its history.
         if (self.turn_open or self.turn != self.session_turns_from
                 or self.svc.metrics["text_sent"] != self.session_texts_from):
             link.history_version = self.history_version   # begun: the next new session has it
