@@ -101,8 +101,12 @@ class PulseLoop:
         self._io: dict[int, _Event] = {}
         self._time: dict[int, _Event] = {}
         self._defer: dict[int, _Event] = {}
-        self._readers: dict[int, list[_Event]] = {}   # fd -> io events wanting input (as on the loop)
-        self._writers: dict[int, list[_Event]] = {}
+        self._readers: dict[int, list[_Event]] = {}   # fd -> io events wanting input
+        self._writers: dict[int, list[_Event]] = {}   # fd -> io events wanting output
+        self._reading: set[int] = set()   # fds the asyncio loop watches for us (add_reader)
+        self._writing: set[int] = set()
+        self._busy = -1                   # the fd whose callback runs now: its watch is synced after it
+        self._polls: dict[int, Any] = {}  # fd -> a poll object asking "more to read already?"
         self.dispatch_errors = 0
         # The C side of the table: bound methods kept alive as long as this object.
         self._vtable = _MainloopApi(None, *(ftype(getattr(self, f"_{name}")) for name, ftype in _FIELDS))
@@ -115,8 +119,8 @@ class PulseLoop:
             return
         assert self.loop is None, "a PulseLoop is attached once"
         self.loop = loop
-        for ev in self._io.values():
-            self._watch(ev, ev.flags)
+        for fd in {ev.fd for ev in self._io.values()}:
+            self._sync(fd)
         for ev in self._time.values():
             self._schedule_timer(ev)
         for ev in self._defer.values():
@@ -177,21 +181,45 @@ class PulseLoop:
         ev.cb(self.api, ev.id, ev.fd, flags, ev.userdata)
 
     def _on_readable(self, fd: int) -> None:
-        events = self._readers.get(fd)
-        if not events:
-            return
-        if len(events) == 1:   # as libpulse watches a descriptor: no list copy per wakeup
-            ev = events[0]
-            ev.cb(self.api, ev.id, fd, IO_INPUT, ev.userdata)
-            return
-        for ev in list(events):
-            if ev.id in self._io:
-                ev.cb(self.api, ev.id, fd, IO_INPUT, ev.userdata)
+        # libpulse reads one thing per callback (a packet's descriptor, then its payload), and
+        # drops and re-creates its io event around each read: what is already there is read
+        # here, in this loop iteration, and the loop's watch is updated once, after.
+        self._busy = fd
+        try:
+            for _ in range(16):
+                events = self._readers.get(fd)
+                if not events:
+                    break
+                if len(events) == 1:
+                    ev = events[0]
+                    ev.cb(self.api, ev.id, fd, IO_INPUT, ev.userdata)
+                else:
+                    for ev in list(events):
+                        if ev.id in self._io:
+                            ev.cb(self.api, ev.id, fd, IO_INPUT, ev.userdata)
+                if fd not in self._readers or not self._more(fd):
+                    break
+        finally:
+            self._busy = -1
+            self._sync(fd)
+
+    def _more(self, fd: int) -> bool:
+        poller = self._polls.get(fd)
+        if poller is None:
+            poller = self._polls[fd] = select.poll()
+            poller.register(fd, select.POLLIN)
+        ready = poller.poll(0)
+        return bool(ready) and bool(ready[0][1] & select.POLLIN)
 
     def _on_writable(self, fd: int) -> None:
-        for ev in list(self._writers.get(fd, ())):
-            if ev.id in self._io:
-                ev.cb(self.api, ev.id, fd, IO_OUTPUT, ev.userdata)
+        self._busy = fd
+        try:
+            for ev in list(self._writers.get(fd, ())):
+                if ev.id in self._io:
+                    ev.cb(self.api, ev.id, fd, IO_OUTPUT, ev.userdata)
+        finally:
+            self._busy = -1
+            self._sync(fd)
 
     def _fire_timer(self, ev: _Event) -> None:
         ev.handle = None
@@ -218,22 +246,43 @@ class PulseLoop:
             ev.handle = self.loop.call_soon(self._fire_defer, ev)
 
     def _watch(self, ev: _Event, flags: int) -> None:
-        """Bring the loop's readers/writers for ev.fd in line with `flags` (before attach: none)."""
-        for table, bit, add, remove, on in ((self._readers, IO_INPUT, "add_reader", "remove_reader", self._on_readable),
-                                            (self._writers, IO_OUTPUT, "add_writer", "remove_writer", self._on_writable)):
-            events = table.get(ev.fd, [])
-            want = bool(flags & bit) and self.loop is not None
-            if want and ev not in events:
-                events.append(ev)
-                table[ev.fd] = events
-                if len(events) == 1 and self._live:
-                    getattr(self.loop, add)(ev.fd, on, ev.fd)
-            elif not want and ev in events:
+        """Note which events want input/output on ev.fd, and tell the loop (but not while that
+        fd's callback runs: libpulse frees and re-creates its event around every read)."""
+        for table, bit in ((self._readers, IO_INPUT), (self._writers, IO_OUTPUT)):
+            events = table.get(ev.fd)
+            if flags & bit:
+                if events is None:
+                    table[ev.fd] = [ev]
+                elif ev not in events:
+                    events.append(ev)
+            elif events is not None and ev in events:
                 events.remove(ev)
                 if not events:
                     del table[ev.fd]
-                    if self._live:
-                        getattr(self.loop, remove)(ev.fd)
+        if ev.fd != self._busy:
+            self._sync(ev.fd)
+
+    def _sync(self, fd: int) -> None:
+        """The asyncio loop's readers/writers for fd, as the events want them (once attached)."""
+        if not self._live:
+            return
+        loop = self.loop
+        assert loop is not None
+        if fd in self._readers:
+            if fd not in self._reading:
+                self._reading.add(fd)
+                loop.add_reader(fd, self._on_readable, fd)
+        elif fd in self._reading:
+            self._reading.discard(fd)
+            self._polls.pop(fd, None)
+            loop.remove_reader(fd)
+        if fd in self._writers:
+            if fd not in self._writing:
+                self._writing.add(fd)
+                loop.add_writer(fd, self._on_writable, fd)
+        elif fd in self._writing:
+            self._writing.discard(fd)
+            loop.remove_writer(fd)
 
     # ---------------------------------------------------------------- the C table
     # Each runs when libpulse calls it (from a ctypes call of ours): an exception cannot
@@ -324,13 +373,15 @@ class PulseLoop:
         ev = self._defer.get(e)
         if ev is None:
             return
-        ev.enabled = bool(b)
-        try:
-            if ev.enabled:
-                self._schedule_defer(ev)
-            elif ev.handle is not None:
+        if not b:   # the common call: libpulse disables its defer event on every read
+            ev.enabled = False
+            if ev.handle is not None:
                 ev.handle.cancel()
                 ev.handle = None
+            return
+        ev.enabled = True
+        try:
+            self._schedule_defer(ev)
         except Exception:
             self._failed("defer_enable")
 
