@@ -144,7 +144,9 @@ class DeviceSource:
             self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
         self.api = "pulse" if pulse is not None else "portaudio"
         self.resampler = StreamResampler(self.rate, IN_RATE)
-        self.chunker = Chunker(chunk_frames, IN_RATE)
+        # libpulse: what the server sent before the loop ran is read in a burst, dated late at
+        # first; the chunks follow the clock as soon as it finds the stream earlier (> 2 ms).
+        self.chunker = Chunker(chunk_frames, IN_RATE, early_ns=2_000_000 if pulse is not None else None)
         # 10 ms device blocks by default: blocks as long as a 20 ms chunk cost 2.5 % of a core less
         # but delivered the end of speech about 24 ms later (livepipe bench pipeline, README).
         self.block_frames = max(16, int(round(self.rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
@@ -173,7 +175,6 @@ class DeviceSource:
             # chunks in `_held` until run() takes them (read while the bus connects), a minute at most.
             self._frag: list[bytes] = []
             self._frag_frames = 0
-            self._frag_lost = False
             self._held: deque[tuple[np.ndarray, int, int]] = deque()
             self._take: Any = None
             self._ended: asyncio.Future | None = None
@@ -225,20 +226,22 @@ class DeviceSource:
             self.overflows += 1
         self.blocks += 1
         frames = len(data) // 2
+        # Every fragment dates the stream (its arrival bounds when its samples were captured);
+        # the ones read late, in a burst, do not move the clock (it keeps the earliest bound).
+        self.done_frames += frames
+        self.clock.update(arrival_ns, frames, reset=lost)
         if self.resampler.passthrough:
             # At 16 kHz a chunk is cut when the fragment that completes it arrives: the fragments
-            # before it are only kept (one clock update per chunk, with that arrival, as before).
+            # before it are only kept.
             self._frag.append(data)
             self._frag_frames += frames
-            self._frag_lost |= lost
             if self._frag_frames < self.chunk_frames - self.chunker.pending:
                 return
             data = b"".join(self._frag) if len(self._frag) > 1 else data
-            frames, lost = self._frag_frames, self._frag_lost
             self._frag.clear()
-            self._frag_frames, self._frag_lost = 0, False
+            self._frag_frames = 0
         try:
-            for chunk, ts in self._block(data, frames, arrival_ns, lost):
+            for chunk, ts in self._cut(np.frombuffer(data, dtype="<i2")):
                 if self._take is None:
                     self._hold(chunk, ts, arrival_ns)
                 else:
@@ -262,6 +265,9 @@ class DeviceSource:
             self._error = exc
             if self._ended is not None and not self._ended.done():
                 self._ended.set_exception(exc)
+                self._ended.exception()   # raised by run(), if it ever runs: no "never retrieved" noise
+            if self._take is None:   # the bus is not up yet: say it now (run() raises it later)
+                log.error("%s", exc)
 
     async def run(self, take: Any) -> None:
         """Hand every chunk to `take(chunk, capture_ts)` (last_arrival_ns set) until the device
@@ -355,6 +361,10 @@ class DeviceSource:
         self.clock.update(arrival_ns, frames, reset=lost)
         if self.channels > 1:
             block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
+        return self._cut(block)
+
+    def _cut(self, block: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Mono samples already dated by the clock -> resampled, cut into chunks."""
         out = self.resampler.process(block)
         if not len(out):
             return []
