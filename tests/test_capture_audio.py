@@ -7,6 +7,8 @@ works; without a sound card the program says so in one line.
 """
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -286,6 +288,38 @@ def test_no_sound_card_gives_one_clear_line_naming_the_file_source(bus_env):
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert "no audio input device" in lines[0] and "--file" in lines[0] and "Traceback" not in err
+
+
+def test_a_sound_server_that_goes_away_ends_capture_with_one_clear_line(bus_env, audio_client, tmp_path):
+    """The microphone is read on the event loop (libpulse, no thread): when its server dies the
+    process says so in one line and exits 1 (a supervisor restarts it), it does not hang deaf."""
+    if shutil.which("pulseaudio") is None:
+        pytest.skip("pulseaudio is not installed")
+    home = tmp_path / "pulse"
+    home.mkdir()
+    (home / "server.pa").write_text(f"load-module module-native-protocol-unix socket={home}/native auth-anonymous=1\n"
+                                    "load-module module-null-sink sink_name=feed rate=16000 channels=1\n"
+                                    "set-default-source feed.monitor\n")
+    server = subprocess.Popen(["pulseaudio", "-n", "-F", str(home / "server.pa"), "--daemonize=no",
+                               "--exit-idle-time=-1", "--use-pid-file=no"],
+                              env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(home)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**bus_env, "PULSE_SERVER": f"unix:{home}/native"}
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline and server.poll() is None, "the private PulseAudio did not start"
+            time.sleep(0.05)   # poll interval for the daemon's socket
+        proc = spawn(["capture-audio"], env)
+        assert next_audio(audio_client, 15) is not None, stop(proc)
+    finally:
+        server.terminate()
+        server.wait(10)
+    _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 1, err
+    errors = [line for line in err.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "stopped delivering audio" in errors[0], err
+    assert "Traceback" not in err
 
 
 def test_list_devices_shows_the_pulse_devices(pulse, bus_env):  # noqa: F811

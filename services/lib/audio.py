@@ -161,15 +161,18 @@ class Chunker:
     source clock disagrees by more than `resync_ns` (after an overflow, for instance).
     """
 
-    def __init__(self, size: int, rate: int, resync_ns: int = 50_000_000) -> None:
+    def __init__(self, size: int, rate: int, resync_ns: int = 50_000_000, early_ns: int | None = None) -> None:
+        # early_ns: re-anchor as soon as the source dates samples this much EARLIER than the chunks
+        # say (a SampleClock finding a more punctual block), not only beyond resync_ns.
         self.size, self.rate, self.resync_ns = size, rate, resync_ns
+        self.early_ns = resync_ns if early_ns is None else early_ns
         self._buf = np.empty(0, dtype=np.int16)
         self._head_ts: int | None = None
 
     def push(self, samples: np.ndarray, ts_ns: int) -> list[tuple[np.ndarray, int]]:
         if samples.size:
             expected = None if self._head_ts is None else self._head_ts + self._ns(len(self._buf))
-            if expected is None or abs(ts_ns - expected) > self.resync_ns:
+            if expected is None or abs(ts_ns - expected) > self.resync_ns or expected - ts_ns > self.early_ns:
                 self._head_ts = ts_ns - self._ns(len(self._buf))
             self._buf = np.concatenate([self._buf, samples.astype(np.int16, copy=False)])
         out = []

@@ -1,26 +1,36 @@
-"""Reading a PulseAudio/PipeWire source directly with libpulse's simple API (ctypes, no PortAudio).
+"""Reading a PulseAudio/PipeWire source directly with libpulse (ctypes, no PortAudio, no thread).
 
 capture-audio's microphone goes to the sound server anyway: through PortAudio it took PortAudio's
-ALSA thread, ALSA's pulse plugin and a cffi callback into Python for every 10 ms block. Measured
-on the bench machine, reading 10 ms blocks of the default source for 20 s: 8.2 % of a core and
-49 MB RSS through sounddevice, 1.3 % and 30 MB with pa_simple_read in a thread (the server
-delivers the same 10 ms fragments; ctypes releases the GIL while the read waits).
+ALSA thread, ALSA's pulse plugin and a cffi callback into Python for every 10 ms block. Session 4
+read it with libpulse's simple API in a thread (1.3 % of a core against 8.2 % through
+sounddevice); pa_simple still ran libpulse's threaded mainloop, so each 10 ms fragment woke two
+threads besides the event loop's. Here the record stream runs on the process's asyncio loop
+(services/lib/pulseloop.py): each fragment is taken (pa_stream_peek/pa_stream_drop) in the loop
+iteration its arrival wakes, and handed to `on_data` there.
 
-Standard library only; `PulseUnavailable` when libpulse-simple is missing or no server answers,
-and the caller uses PortAudio instead.
+Standard library only; `PulseUnavailable` when libpulse is missing or no server answers, and
+the caller uses PortAudio instead. The structures and constants below are also used by
+services/lib/pulseout.py.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import logging
+import time
+from typing import Callable
+
+from livepipe.services.lib.pulseloop import (OPERATION_RUNNING, STREAM_ADJUST_LATENCY, STREAM_FAILED,
+                                             STREAM_INTERPOLATE_TIMING, STREAM_READY, STREAM_TERMINATED,
+                                             PulseContext, PulseLoop, PulseUnavailable, notify_cb, request_cb,
+                                             success_cb)
+
+__all__ = ["PulseRecord", "PulseUnavailable", "PA_SAMPLE_S16LE"]
+
+log = logging.getLogger("pulsein")
 
 PA_STREAM_RECORD = 2
 PA_SAMPLE_S16LE = 3
 _NO_VALUE = 0xFFFFFFFF   # (uint32_t) -1: "the server's default" in pa_buffer_attr
-
-
-class PulseUnavailable(OSError):
-    """No libpulse-simple, or the server refused the stream (the message says which)."""
 
 
 class _SampleSpec(ctypes.Structure):
@@ -32,77 +42,128 @@ class _BufferAttr(ctypes.Structure):
                 ("minreq", ctypes.c_uint32), ("fragsize", ctypes.c_uint32)]
 
 
-_lib: ctypes.CDLL | None = None
-
-
-def _load() -> ctypes.CDLL:
-    global _lib
-    if _lib is not None:
-        return _lib
-    name = ctypes.util.find_library("pulse-simple") or "libpulse-simple.so.0"
-    try:
-        lib = ctypes.CDLL(name)
-    except OSError as exc:
-        raise PulseUnavailable(f"libpulse-simple not found ({exc})") from None
-    lib.pa_simple_new.restype = ctypes.c_void_p
-    lib.pa_simple_new.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
-                                  ctypes.POINTER(_SampleSpec), ctypes.c_void_p, ctypes.POINTER(_BufferAttr),
-                                  ctypes.POINTER(ctypes.c_int)]
-    lib.pa_simple_read.restype = ctypes.c_int
-    lib.pa_simple_read.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_int)]
-    lib.pa_simple_get_latency.restype = ctypes.c_uint64
-    lib.pa_simple_get_latency.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]
-    lib.pa_simple_free.restype = None
-    lib.pa_simple_free.argtypes = [ctypes.c_void_p]
-    lib.pa_strerror.restype = ctypes.c_char_p
-    lib.pa_strerror.argtypes = [ctypes.c_int]
-    _lib = lib
-    return lib
-
-
-class PulseInput:
+class PulseRecord:
     """One record stream of s16le samples from `source` (None: the server's default, which
-    libpulse takes from PULSE_SOURCE when set). The server sends a fragment every `block_frames`;
-    read() returns `read_frames` (default: one fragment) as soon as the fragment that completes
-    them has arrived, so reading a whole chunk at once costs no latency, only fewer wakeups."""
+    libpulse takes from PULSE_SOURCE when set), opened on `ml` before it returns (run_until:
+    before the PulseLoop is attached to the event loop). The server sends a fragment every
+    `block_frames`, and keeps what arrives until it is read (up to its default maxlength, 4 MB:
+    two minutes at 16 kHz), so nothing is lost while the event loop is not running yet.
 
-    def __init__(self, source: str | None, rate: int, channels: int, block_frames: int, app: str,
-                 read_frames: int | None = None) -> None:
-        lib = _load()
-        self._lib = lib
+    `start(on_data, on_stopped)`: from then on each fragment is handed to `on_data(bytes, lost)`
+    (lost: the server skipped audio before it) in the loop iteration that received it, and a
+    stream that the server ends calls `on_stopped(reason)` once."""
+
+    def __init__(self, ml: PulseLoop, source: str | None, rate: int, channels: int, block_frames: int,
+                 app: str, timeout: float = 5.0) -> None:
+        self.ml = ml
         self.rate, self.channels, self.block_frames = rate, channels, block_frames
-        self.read_frames = read_frames or block_frames
-        self.read_bytes = self.read_frames * channels * 2
-        spec = _SampleSpec(PA_SAMPLE_S16LE, rate, channels)
-        # fragsize: the server sends a block as soon as one is captured (as ALSA's pulse plugin asks
-        # for its period); maxlength: the server's default, seconds of audio before any is lost.
-        attr = _BufferAttr(_NO_VALUE, _NO_VALUE, _NO_VALUE, _NO_VALUE, block_frames * channels * 2)
-        err = ctypes.c_int(0)
-        self._s = lib.pa_simple_new(None, app.encode(), PA_STREAM_RECORD, source.encode() if source else None,
-                                    b"microphone", ctypes.byref(spec), None, ctypes.byref(attr), ctypes.byref(err))
-        if not self._s:
-            raise PulseUnavailable(self._error(err.value))
-        self._err = ctypes.c_int(0)
-        self.buffer = ctypes.create_string_buffer(self.read_bytes)
+        self.holes = 0                 # gaps the server reported in the stream (counted as overflows)
+        self.stopped: str | None = None   # why the stream ended, once it has
+        self._on_data: Callable[[bytes, bool], None] | None = None
+        self._on_stopped: Callable[[str], None] | None = None
+        self._lost = False
+        self._ptr, self._len = ctypes.c_void_p(), ctypes.c_size_t()
+        self._peek_args = (ctypes.byref(self._ptr), ctypes.byref(self._len))
+        self._state_cb = notify_cb(self._on_state)
+        self._read_cb = request_cb(self._on_read)
+        self._timing_cb = success_cb(lambda *_: None)
+        self.stream: int | None = None
+        self.ctx = PulseContext(ml, app, timeout)
+        lib = self.lib = self.ctx.lib
+        try:
+            spec = _SampleSpec(PA_SAMPLE_S16LE, rate, channels)
+            self.stream = lib.pa_stream_new(self.ctx.ctx, b"microphone", ctypes.byref(spec), None)
+            if not self.stream:
+                raise PulseUnavailable(self.ctx.error())
+            lib.pa_stream_set_state_callback(self.stream, self._state_cb, None)
+            # fragsize: the server sends a block as soon as one is captured (as ALSA's pulse plugin
+            # asks for its period); the flags are pa_simple's, without its timing updates (a timer
+            # that polls the server's latency, up to every 10 ms): the latency is read once, below.
+            attr = _BufferAttr(_NO_VALUE, _NO_VALUE, _NO_VALUE, _NO_VALUE, block_frames * channels * 2)
+            if lib.pa_stream_connect_record(self.stream, source.encode() if source else None, ctypes.byref(attr),
+                                            STREAM_INTERPOLATE_TIMING | STREAM_ADJUST_LATENCY) < 0:
+                raise PulseUnavailable(self.ctx.error())
+            if not ml.run_until(lambda: self._state() != 1, timeout):   # 1: PA_STREAM_CREATING
+                raise PulseUnavailable(f"the sound server did not open the stream within {timeout:.0f} s")
+            if self._state() != STREAM_READY:
+                raise PulseUnavailable(self.ctx.error())
+            # The server records into the stream from about now: what is read later is dated from here.
+            self.ready_ns = time.time_ns()
+            self.latency_s = self._latency(timeout)
+        except PulseUnavailable:
+            self.close()
+            raise
 
-    def _error(self, code: int) -> str:
-        text = self._lib.pa_strerror(code)
-        return text.decode(errors="replace") if text else f"error {code}"
+    def _state(self) -> int:
+        return self.lib.pa_stream_get_state(self.stream) if self.stream else STREAM_TERMINATED
 
-    def read(self) -> bytes:
-        """The next `read_frames` (waits for them, without the GIL); PulseUnavailable if the stream broke."""
-        if self._lib.pa_simple_read(self._s, self.buffer, self.read_bytes, ctypes.byref(self._err)) < 0:
-            raise PulseUnavailable(self._error(self._err.value))
-        return self.buffer.raw
+    def _latency(self, timeout: float) -> float:
+        """What libpulse reports for the stream: the source's latency plus audio not yet read."""
+        lib = self.lib
+        op = lib.pa_stream_update_timing_info(self.stream, self._timing_cb, None)
+        if op:
+            self.ml.run_until(lambda: lib.pa_operation_get_state(op) != OPERATION_RUNNING, timeout)
+            lib.pa_operation_unref(op)
+        usec, negative = ctypes.c_uint64(), ctypes.c_int()
+        if lib.pa_stream_get_latency(self.stream, ctypes.byref(usec), ctypes.byref(negative)) < 0 or negative.value:
+            return 0.0
+        return usec.value / 1e6
+
+    def start(self, on_data: Callable[[bytes, bool], None], on_stopped: Callable[[str], None]) -> None:
+        """Hand fragments over from now on (what the server already sent first)."""
+        self._on_data, self._on_stopped = on_data, on_stopped
+        self.lib.pa_stream_set_read_callback(self.stream, self._read_cb, None)
+        self._on_read(None, 0, None)
+        if self._state() != STREAM_READY:
+            self._on_state(None, None)
+
+    def _on_read(self, stream: int | None, nbytes: int, userdata: int | None) -> None:
+        lib, s = self.lib, self.stream
+        ptr, length = self._ptr, self._len
+        try:
+            while s:
+                if lib.pa_stream_peek(s, *self._peek_args) < 0:
+                    self._stop(self.ctx.error())
+                    return
+                if not length.value:
+                    return
+                data = ctypes.string_at(ptr.value, length.value) if ptr.value else None
+                lib.pa_stream_drop(s)
+                if data is None:    # a hole: audio the server did not deliver
+                    self.holes += 1
+                    self._lost = True
+                    continue
+                lost, self._lost = self._lost, False
+                if self._on_data is not None:
+                    self._on_data(data, lost)
+                s = self.stream   # on_data may have closed the stream
+        except Exception:
+            log.exception("reading the microphone stream failed")
+
+    def _on_state(self, stream: int | None, userdata: int | None) -> None:
+        if self._state() in (STREAM_FAILED, STREAM_TERMINATED) and self.stream:
+            self._stop(self.ctx.error())
+
+    def _stop(self, reason: str) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+            if self._on_stopped is not None:
+                try:
+                    self._on_stopped(reason)
+                except Exception:
+                    log.exception("the microphone stream's stop handler failed")
 
     @property
-    def latency_s(self) -> float:
-        """What libpulse reports for the stream: the source's latency plus audio not yet read."""
-        usec = self._lib.pa_simple_get_latency(self._s, ctypes.byref(self._err))
-        return 0.0 if usec == 2**64 - 1 else usec / 1e6
+    def active(self) -> bool:
+        return self.stopped is None and self._state() == STREAM_READY
 
     def close(self) -> None:
-        """Free the stream; only once no read() is running."""
-        if self._s:
-            self._lib.pa_simple_free(self._s)
-            self._s = None
+        """Stop the stream and the connection (again: no-op)."""
+        lib = self.lib if self.stream else None
+        if lib is not None and self.stream:
+            s, self.stream = self.stream, None
+            lib.pa_stream_set_read_callback(s, request_cb(), None)
+            lib.pa_stream_set_state_callback(s, notify_cb(), None)
+            lib.pa_stream_disconnect(s)
+            lib.pa_stream_unref(s)
+        self.ctx.close()

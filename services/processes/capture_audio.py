@@ -2,7 +2,7 @@
 
 - The microphone is opened before the bus is up so the first words are not missed. A sound
   server's source (PulseAudio/PipeWire: the default, or `--device NAME`) is read with libpulse
-  directly, in a thread (services/lib/pulsein.py); any other device, or `--portaudio`, is a
+  directly, on the event loop (services/lib/pulsein.py, pulseloop.py); any other device, or `--portaudio`, is a
   sounddevice InputStream in callback mode. If the device cannot open 16 kHz it captures at
   its own rate and a streaming soxr resampler converts (no clicks at block edges).
 - Chunks are `--chunk-ms` long (default 20 ms: see README) and carry `capture_ts`, the
@@ -23,7 +23,6 @@ import asyncio
 import logging
 import os
 import socket
-import threading
 import time
 from collections import deque
 from typing import Any, AsyncIterator
@@ -40,7 +39,8 @@ from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, Devic
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSource
-from livepipe.services.lib.pulsein import PulseInput, PulseUnavailable
+from livepipe.services.lib.pulsein import PulseRecord, PulseUnavailable
+from livepipe.services.lib.pulseloop import PulseLoop
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.services.lib.echo import MODES as ECHO_MODES, EchoLink, aec_available
 from livepipe.bus.message import Message
@@ -114,50 +114,12 @@ class Publisher:
         return round(max(-120.0, 10 * np.log10(ms)) if ms > 0 else -120.0, 1)
 
 
-class PulseStream:
-    """A PulseInput read by a thread of its own, each block handed to `deliver` as it arrives (the
-    part of a PortAudio stream that DeviceSource uses: start, active, closed, abort, close)."""
-
-    def __init__(self, pulse: PulseInput, deliver: Any) -> None:
-        self.pulse, self.deliver = pulse, deliver
-        self.active = False
-        self.closed = False
-        self.realtime: bool | None = None
-        self._running = False
-        self._thread = threading.Thread(target=self._read_loop, name="pulse-read", daemon=True)
-
-    def start(self) -> None:
-        self._running = self.active = True
-        self._thread.start()
-
-    def _read_loop(self) -> None:
-        self.realtime = make_audio_thread_realtime()
-        frames = self.pulse.read_frames
-        try:
-            while self._running:
-                data = self.pulse.read()
-                self.deliver(data, frames, False, time.time_ns())
-        except PulseUnavailable as exc:
-            if self._running:
-                log.error("the sound server stopped the microphone stream: %s", exc)
-        finally:
-            self.active = False
-            self.deliver(b"", 0, False, time.time_ns())   # wakes the reader, which sees the stream stopped
-
-    def abort(self) -> None:
-        self._running = False
-        self._thread.join(1.0)   # a read returns within one block
-
-    def close(self) -> None:
-        if not self.closed and not self._thread.is_alive():
-            self.closed = True
-            self.pulse.close()
-
-
 class DeviceSource:
-    """The microphone: its blocks go through a thread-safe queue to the event loop. A sound
-    server's source is read with libpulse directly (PulseStream); any other device, or
-    `portaudio=True`, through a sounddevice callback InputStream."""
+    """The microphone. A sound server's source is read with libpulse on the event loop itself
+    (services/lib/pulsein.py PulseRecord over services/lib/pulseloop.py): each 10 ms fragment is
+    taken in the loop iteration its arrival wakes, and a chunk it completes is handed to `run`'s
+    `take` right there. Any other device, or `portaudio=True`, is a sounddevice callback
+    InputStream, whose blocks go through a thread-safe queue to the event loop."""
 
     kind = "device"
 
@@ -166,7 +128,8 @@ class DeviceSource:
         device, server_dev = select_server_device(device, "input")   # a server source name -> pulse
         pulse = None
         if not portaudio and device in (None, "pulse", "default"):
-            pulse = self._open_pulse(server_dev, device_rate, block_ms, chunk_frames)
+            pulse = self._open_pulse(server_dev, device_rate, block_ms)
+        self.pulse = pulse
         if pulse is not None:
             self.sd = None
             self.device_index = -1
@@ -181,7 +144,9 @@ class DeviceSource:
             self.channels = pick_channels(self.sd, self.device_index, "input", self.rate)
         self.api = "pulse" if pulse is not None else "portaudio"
         self.resampler = StreamResampler(self.rate, IN_RATE)
-        self.chunker = Chunker(chunk_frames, IN_RATE)
+        # libpulse: what the server sent before the loop ran is read in a burst, dated late at
+        # first; the chunks follow the clock as soon as it finds the stream earlier (> 2 ms).
+        self.chunker = Chunker(chunk_frames, IN_RATE, early_ns=2_000_000 if pulse is not None else None)
         # 10 ms device blocks by default: blocks as long as a 20 ms chunk cost 2.5 % of a core less
         # but delivered the end of speech about 24 ms later (livepipe bench pipeline, README).
         self.block_frames = max(16, int(round(self.rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
@@ -202,12 +167,19 @@ class DeviceSource:
         self.chunk_frames = chunk_frames
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
+        self.out_frames = 0
         if pulse is not None:
-            self.stream: Any = PulseStream(pulse, self._deliver)
             self.latency_s = pulse.latency_s
             self.clock = SampleClock(self.rate, self.latency_s)
-            self.out_frames = 0
-            self.stream.start()
+            # libpulse: fragments wait in `_frag` until they complete the next chunk (at 16 kHz),
+            # chunks in `_held` until run() takes them (read while the bus connects), a minute at most.
+            self._frag: list[bytes] = []
+            self._frag_frames = 0
+            self._held: deque[tuple[np.ndarray, int, int]] = deque()
+            self._take: Any = None
+            self._ended: asyncio.Future | None = None
+            self._error: BaseException | None = None
+            self.stream: Any = None
             return
         try:
             self.stream = self.sd.RawInputStream(device=self.device_index, samplerate=self.rate,
@@ -215,28 +187,112 @@ class DeviceSource:
                                                  blocksize=self.block_frames, latency="low", callback=self._callback)
             self.latency_s = float(self.stream.latency)
             self.clock = SampleClock(self.rate, self.latency_s)
-            self.out_frames = 0
             self.stream.start()
         except Exception as exc:   # PortAudioError: busy, unplugged, unsupported
             raise DeviceError(f"cannot open input device {self.device_name!r} at {self.rate} Hz: {exc}; "
                               "use --file PATH.wav to read audio from a file instead") from None
 
     @staticmethod
-    def _open_pulse(server_dev: Any, device_rate: int | None, block_ms: float | None,
-                    chunk_frames: int) -> PulseInput | None:
+    def _open_pulse(server_dev: Any, device_rate: int | None, block_ms: float | None) -> PulseRecord | None:
         """The sound server's source (the chosen one, else its default) read directly, or None
-        (no libpulse, no server: PortAudio is tried, and says what is missing). The server still
-        sends a fragment every block (10 ms); at 16 kHz a read takes a whole chunk, returning
-        with the fragment that completes it, when the loop would have been woken anyway."""
+        (no libpulse, no server: PortAudio is tried, and says what is missing). The server sends
+        a fragment every block (10 ms) and holds what arrives until the event loop reads it."""
         rate = device_rate or IN_RATE
         block = max(16, int(round(rate * (block_ms or DEFAULT_BLOCK_MS) / 1000)))
-        read = chunk_frames if rate == IN_RATE and chunk_frames % block == 0 else block
         try:
-            return PulseInput(server_dev.name if server_dev else None, rate, 1, block, "livepipe capture-audio", read)
+            return PulseRecord(PulseLoop(), server_dev.name if server_dev else None, rate, 1, block,
+                               "livepipe capture-audio")
         except PulseUnavailable as exc:
             log.debug("no direct sound server input (%s): using PortAudio", exc)
             return None
 
+    # ------------------------------------------------------------ libpulse, on the event loop
+    def attach(self) -> None:
+        """Start reading the sound server's stream on the running loop (once; before the bus is
+        up, so what is said meanwhile is held, not left to the server)."""
+        if self.pulse is None or self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ended = self._loop.create_future()
+        self.pulse.ml.attach(self._loop)
+        self.pulse.start(self._on_fragment, self._on_stopped)
+
+    def _on_fragment(self, data: bytes, lost: bool) -> None:
+        """A fragment from the server (event loop, inside libpulse's read callback)."""
+        if self._error is not None:
+            return
+        arrival_ns = time.time_ns()
+        if lost:
+            self.overflows += 1
+        self.blocks += 1
+        frames = len(data) // 2
+        # Every fragment dates the stream (its arrival bounds when its samples were captured);
+        # the ones read late, in a burst, do not move the clock (it keeps the earliest bound).
+        self.done_frames += frames
+        self.clock.update(arrival_ns, frames, reset=lost)
+        if self.resampler.passthrough:
+            # At 16 kHz a chunk is cut when the fragment that completes it arrives: the fragments
+            # before it are only kept.
+            self._frag.append(data)
+            self._frag_frames += frames
+            if self._frag_frames < self.chunk_frames - self.chunker.pending:
+                return
+            data = b"".join(self._frag) if len(self._frag) > 1 else data
+            self._frag.clear()
+            self._frag_frames = 0
+        try:
+            for chunk, ts in self._cut(np.frombuffer(data, dtype="<i2")):
+                if self._take is None:
+                    self._hold(chunk, ts, arrival_ns)
+                else:
+                    self.last_arrival_ns = arrival_ns
+                    self._take(chunk, ts)
+        except Exception as exc:   # in `take` (the echo stage, the publisher): ends run() with it
+            self._end(exc)
+
+    def _hold(self, chunk: np.ndarray, ts: int, arrival_ns: int) -> None:
+        self._held.append((chunk, ts, arrival_ns))
+        if len(self._held) * self.chunk_frames > 60 * IN_RATE:   # a minute, as the PortAudio queue
+            self._held.popleft()
+            self.queue_dropped += 1
+
+    def _on_stopped(self, reason: str) -> None:
+        self._end(DeviceError(f"input device {self.device_name!r} stopped delivering audio "
+                              f"(the sound server: {reason})"))
+
+    def _end(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
+            if self._ended is not None and not self._ended.done():
+                self._ended.set_exception(exc)
+                self._ended.exception()   # raised by run(), if it ever runs: no "never retrieved" noise
+            if self._take is None:   # the bus is not up yet: say it now (run() raises it later)
+                log.error("%s", exc)
+
+    async def run(self, take: Any) -> None:
+        """Hand every chunk to `take(chunk, capture_ts)` (last_arrival_ns set) until the device
+        stops: DeviceError (or what `take` raised). With libpulse, `take` runs in the loop
+        iteration whose fragment completed the chunk, with no task in between."""
+        if self.pulse is None:
+            async for chunk, ts in self.chunks():
+                take(chunk, ts)
+            return
+        self.attach()
+        while self._held and self._error is None:
+            chunk, ts, self.last_arrival_ns = self._held.popleft()
+            try:
+                take(chunk, ts)
+            except Exception as exc:
+                self._end(exc)
+        if self._error is None:
+            self._take = take
+        assert self._ended is not None
+        try:
+            await self._ended
+        finally:
+            self._take = None
+
+    # ------------------------------------------------------------ PortAudio, through a queue
     def _callback(self, indata: Any, frames: int, time_info: Any, status: Any) -> None:
         arrival_ns = time.time_ns()
         if self.realtime is None:
@@ -244,11 +300,7 @@ class DeviceSource:
         self._deliver(bytes(indata), frames, bool(status.input_overflow), arrival_ns)
 
     def _deliver(self, data: bytes, frames: int, lost: bool, arrival_ns: int) -> None:
-        """A device block (audio thread): queued, and the loop woken if it completes a chunk.
-        An empty block only wakes the loop (the stream stopped)."""
-        if not frames:
-            self._wake_loop()
-            return
+        """A device block (audio thread): queued, and the loop woken if it completes a chunk."""
         if lost:
             self.overflows += 1
         if len(self.queue) >= self.max_queue:
@@ -277,6 +329,8 @@ class DeviceSource:
                 self._wake.set()
 
     async def chunks(self) -> AsyncIterator[tuple[np.ndarray, int]]:
+        """PortAudio's chunks (libpulse's go through run())."""
+        assert self.pulse is None, "a libpulse source hands its chunks over in run()"
         self._loop, self._wake = asyncio.get_running_loop(), asyncio.Event()
         # One watchdog task rather than asyncio.wait_for per block: cheaper, and before Python 3.12
         # wait_for swallows a cancel that lands as a block arrives, leaving the process deaf to SIGTERM.
@@ -296,20 +350,28 @@ class DeviceSource:
             while self.queue:
                 data, arrival_ns, lost = self.queue.popleft()
                 self.last_arrival_ns = arrival_ns
-                block = np.frombuffer(data, dtype="<i2")
-                self.done_frames += len(block) // self.channels
-                self.clock.update(arrival_ns, len(block) // self.channels, reset=lost)
-                if self.channels > 1:
-                    block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
-                out = self.resampler.process(block)
-                if not len(out):
-                    continue
-                # soxr keeps output sample m aligned with input time m / 16 kHz.
-                first_ns = self.clock.time_of(self.out_frames * self.rate // IN_RATE)
-                self.out_frames += len(out)
-                for chunk in self.chunker.push(out, first_ns):
+                for chunk in self._block(data, len(data) // (2 * self.channels), arrival_ns, lost):
                     yield chunk
             self._set_wake_at()
+
+    def _block(self, data: bytes, frames: int, arrival_ns: int, lost: bool) -> list[tuple[np.ndarray, int]]:
+        """A device block (event loop): dated, mixed to mono, resampled, cut into chunks."""
+        block = np.frombuffer(data, dtype="<i2")
+        self.done_frames += frames
+        self.clock.update(arrival_ns, frames, reset=lost)
+        if self.channels > 1:
+            block = float_to_int16(to_mono(block.reshape(-1, self.channels).astype(np.float32) / 32768.0))
+        return self._cut(block)
+
+    def _cut(self, block: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Mono samples already dated by the clock -> resampled, cut into chunks."""
+        out = self.resampler.process(block)
+        if not len(out):
+            return []
+        # soxr keeps output sample m aligned with input time m / 16 kHz.
+        first_ns = self.clock.time_of(self.out_frames * self.rate // IN_RATE)
+        self.out_frames += len(out)
+        return self.chunker.push(out, first_ns)
 
     def _set_wake_at(self) -> None:
         """The device frame count whose arrival completes the next chunk. Only at 16 kHz: a
@@ -320,7 +382,11 @@ class DeviceSource:
         self.wake_at = self.done_frames + self.chunk_frames - self.chunker.pending
 
     def close(self) -> None:
+        """Stop the device (again: no-op). Call it while the event loop still runs, if it ran."""
         self._loop = None
+        if self.pulse is not None:
+            self.pulse.close()
+            return
         try:
             if not self.stream.closed:
                 self.stream.abort()
@@ -329,7 +395,9 @@ class DeviceSource:
             pass
 
     def metrics(self) -> dict[str, Any]:
-        realtime = self.stream.realtime if self.api == "pulse" else self.realtime
+        # libpulse has no audio thread to raise: the server holds each fragment until the event
+        # loop reads it, so a late loop delays a chunk but loses nothing (README, heartbeat).
+        realtime = False if self.pulse is not None else self.realtime
         return {"device": self.device_name, "device_api": self.api, "device_rate": self.rate, "overflows": self.overflows,
                 "queue_dropped_blocks": self.queue_dropped, "device_latency_ms": round(self.latency_s * 1000, 1),
                 "audio_thread_realtime": int(bool(realtime))}
@@ -432,13 +500,11 @@ class Capture:
         log.info("capturing from %s in %d ms chunks", desc, self.chunk_ms)
         metrics_task = asyncio.create_task(self._metrics_loop())
         try:
-            async for chunk, ts in self.source.chunks():
-                arrival = getattr(self.source, "last_arrival_ns", None)
-                if self.echo is None:
-                    self.pub.offer(chunk, ts, arrival)
-                    continue
-                for out, out_ts in self.echo.process(chunk, ts):   # none while held, several on release
-                    self.pub.offer(out, out_ts, arrival)
+            if isinstance(self.source, DeviceSource):
+                await self.source.run(self.take)   # until the device stops: DeviceError
+            else:
+                async for chunk, ts in self.source.chunks():
+                    self.take(chunk, ts)
             self._update_metrics()
             log.info("end of %s: %d chunks published", self.source.kind, self.pub.published)
             if self.pub.backlog:
@@ -450,6 +516,15 @@ class Capture:
         finally:
             metrics_task.cancel()
             self.source.close()   # stop the device while the loop it wakes still runs
+
+    def take(self, chunk: np.ndarray, ts: int) -> None:
+        """One chunk of the source: through the echo stage (if any) to the publisher."""
+        arrival = getattr(self.source, "last_arrival_ns", None)
+        if self.echo is None:
+            self.pub.offer(chunk, ts, arrival)
+            return
+        for out, out_ts in self.echo.process(chunk, ts):   # none while held, several on release
+            self.pub.offer(out, out_ts, arrival)
 
     async def _metrics_loop(self) -> None:
         while True:
@@ -525,19 +600,6 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"LIVEPIPE_ECHO must be one of auto, {', '.join(ECHO_MODES)}")
     cfg = BusConfig.from_args(args)
     chunk_frames = IN_RATE * args.chunk_ms // 1000
-    try:
-        if args.file:
-            source: AudioSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
-                                                             hold=args.hold)
-        elif args.tone is not None:
-            source = PacedSource("tone", chunk_frames, tone_hz=args.tone, tone_dbfs=args.tone_dbfs)
-        elif args.silence:
-            source = PacedSource("silence", chunk_frames)
-        else:
-            # Opened before the bus is up: the first words are captured while we connect.
-            source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms, args.portaudio)
-    except (DeviceError, AudioFileError) as exc:
-        return fail("capture-audio", exc)
     if args.echo == "cancel" and not aec_available():
         log.warning("--echo cancel needs the echo canceller (pip install 'livepipe[aec]'): using gate instead")
     if args.barge_in_ms is None:
@@ -555,6 +617,21 @@ def main(argv: list[str]) -> int:
             args.barge_in_ms = 0
     if not 0 <= args.echo_ref_wait_ms <= 200:
         raise UsageError("--echo-ref-wait-ms must be within 0..200")
+    try:
+        if args.file:
+            source: AudioSource = PacedSource("file", chunk_frames, path=args.file, loop=args.loop,
+                                                             hold=args.hold)
+        elif args.tone is not None:
+            source = PacedSource("tone", chunk_frames, tone_hz=args.tone, tone_dbfs=args.tone_dbfs)
+        elif args.silence:
+            source = PacedSource("silence", chunk_frames)
+        else:
+            # Opened before the bus is up: the first words are captured while we connect. Opened
+            # last, just before the event loop starts reading it (what the server sends meanwhile
+            # waits there, read at once when the loop starts: dated by its arrival, so late).
+            source = DeviceSource(args.device, args.device_rate, chunk_frames, args.block_ms, args.portaudio)
+    except (DeviceError, AudioFileError) as exc:
+        return fail("capture-audio", exc)
     echo = EchoLink(args.echo, socket.gethostname(), log, barge_in_ms=args.barge_in_ms,
                     ref_wait_ms=args.echo_ref_wait_ms) if isinstance(source, DeviceSource) else None
     if echo is not None and args.chunk_ms % 10:
@@ -568,6 +645,23 @@ def main(argv: list[str]) -> int:
         svc.on("audio.ref", echo.on_ref)
         svc.on("status", echo.on_status)
     try:
-        return svc.main(capture.run)
+        return _serve(svc, capture, source)
     finally:
         source.close()
+
+
+def _serve(svc: Service, capture: Capture, source: AudioSource) -> int:
+    """svc.main(capture.run), but a libpulse microphone is read from the event loop's first
+    iteration, while the bus connects (the mains start only once it is live)."""
+    async def run() -> int:
+        try:
+            if isinstance(source, DeviceSource):
+                source.attach()
+            return await svc.run(capture.run)
+        finally:
+            source.close()   # while the loop that libpulse's events are on still runs
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 130
