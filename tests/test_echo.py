@@ -18,7 +18,7 @@ import pytest
 
 from livepipe.services.dev.pulse import DeviceSet
 from livepipe.services.lib.audio import write_wav_int16
-from tests.bridge_support import Live, live_factory, speech  # noqa: F401
+from tests.bridge_support import Live, live_factory, speech, wait_for  # noqa: F401
 from tests.conftest import spawn, stop
 from livepipe.services.dev.pulse import MonitorRecorder
 from tests.pulse_support import align, play_into_mic, pulse, pulse_devices, record_source, record_speaker  # noqa: F401
@@ -159,7 +159,12 @@ def test_echo_on_plain_speakers(echo: str, tmp_path: Path, pulse_devices, live_f
                     conv.wait_turns_finished(i + 1)
             # The user coughs, then talks, over the third reply: only the talk interrupts it.
             live.rec.until(lambda ms: len(live.rec.select("playback", "turn_started")) >= 3, 15, "the third reply")
-            time.sleep(0.1)
+            # Cough once the reply's echo is at the microphone: the guard holds bursts only while the
+            # model is heard there (a cough played as turn_started arrived could reach the microphone
+            # before the reply's first echo, and be the user's barge-in: seen once in ~8 runs).
+            heard_from = mic.index_at(live.rec.select("playback", "turn_started")[2]["first_sample_ts"])
+            wait_for(lambda: int(np.max(np.abs(mic.samples(heard_from)), initial=0)) > 300, 5,
+                     "the third reply's echo at the microphone")
             conv.cough()
             # The cough's burst ends 400 ms after its last voiced frame (up to ~300 ms in): the
             # barge-in must start after that, whatever each paplay takes to start, or the guard
