@@ -30,7 +30,7 @@ log = logging.getLogger("pulseout")
 _CONTEXT_READY, _CONTEXT_FAILED, _CONTEXT_TERMINATED = 4, 5, 6
 _STREAM_READY, _STREAM_FAILED, _STREAM_TERMINATED = 2, 3, 4
 _OPERATION_RUNNING = 0
-_STREAM_INTERPOLATE_TIMING, _STREAM_AUTO_TIMING_UPDATE, _STREAM_ADJUST_LATENCY = 0x2, 0x8, 0x2000
+_STREAM_INTERPOLATE_TIMING, _STREAM_AUTO_TIMING_UPDATE, _STREAM_EARLY_REQUESTS = 0x2, 0x8, 0x4000
 _SEEK_RELATIVE = 0
 _ERR_NODATA = 8
 
@@ -75,6 +75,7 @@ def _load() -> ctypes.CDLL:
         "pa_stream_connect_playback": (I, [P, ctypes.c_char_p, ctypes.POINTER(_BufferAttr), I, P, P]),
         "pa_stream_get_state": (I, [P]),
         "pa_stream_write": (I, [P, P, S, P, ctypes.c_int64, I]),
+        "pa_stream_writable_size": (S, [P]),
         "pa_stream_flush": (P, [P, _success_cb, P]),
         "pa_stream_get_latency": (I, [P, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(I)]),
         "pa_stream_get_buffer_attr": (ctypes.POINTER(_BufferAttr), [P]),
@@ -113,6 +114,10 @@ class PulseOutput:
         self.underflows = 0
         self.callback_errors = 0
         self.on_first_write: Callable[[], None] | None = None   # called once, in libpulse's thread
+        # True = nothing to play: the stream may run dry and stop (underflows then are not counted)
+        self.idle: Callable[[], bool] | None = None
+        self.stopped = False
+        self.kicks = 0
         self._first = True
         self._ml = self._ctx = self._s = None
         # The callbacks must outlive the stream: kept on the object.
@@ -154,15 +159,18 @@ class PulseOutput:
             lib.pa_stream_set_state_callback(self._s, self._state_cb, None)
             lib.pa_stream_set_write_callback(self._s, self._write_cb, None)
             lib.pa_stream_set_underflow_callback(self._s, self._underflow_cb, None)
-            # tlength: the whole latency (ADJUST_LATENCY: the server sizes the sink's own buffer
-            # to fit, as for ALSA's pulse plugin); minreq: one period, so the server asks for a
-            # period as soon as one has played; prebuf: one period, so playing starts (and, after
+            # EARLY_REQUESTS: the server asks for a period when the sink needs one, and asks the
+            # sink for a latency of one period (minreq). Without it a tlength of two periods asked
+            # the sink for none: a null sink then woke the server every 0.5 ms (pactl: "configured
+            # 500 usec"); ADJUST_LATENCY did the same. The server then keeps tlength at 3 periods
+            # (a 40 ms request: 60 ms; PortAudio's DAC time was ~40 ms, libpulse's ~44 ms here).
+            # minreq: one period; prebuf: one period, so playing starts (and, after
             # a flush or an underrun, restarts) with the first block written. Only whole periods
             # are written, and the server may round tlength: with its default prebuf (= tlength)
             # the stream could wait for a few bytes that never come.
             tlength = max(2 * self.period_bytes, int(self.rate * latency_ms / 1000) * self.frame_bytes)
             attr = _BufferAttr(_NO_VALUE, tlength, self.period_bytes, self.period_bytes, _NO_VALUE)
-            flags = _STREAM_INTERPOLATE_TIMING | _STREAM_AUTO_TIMING_UPDATE | _STREAM_ADJUST_LATENCY
+            flags = _STREAM_INTERPOLATE_TIMING | _STREAM_AUTO_TIMING_UPDATE | _STREAM_EARLY_REQUESTS
             if lib.pa_stream_connect_playback(self._s, sink.encode() if sink else None, ctypes.byref(attr),
                                               flags, None, None) < 0:
                 raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
@@ -188,26 +196,61 @@ class PulseOutput:
         self._lib.pa_threaded_mainloop_signal(self._ml, 0)
 
     def _on_underflow(self, stream: int, userdata: int) -> None:
-        self.underflows += 1
+        if not self.stopped:   # ran dry while it had audio to play (not: we stopped writing)
+            self.underflows += 1
 
     def _on_write(self, stream: int, nbytes: int, userdata: int) -> None:
-        lib, s = self._lib, self._s
         try:
             if self._first:
                 self._first = False
                 if self.on_first_write is not None:
                     self.on_first_write()
-            while nbytes >= self.period_bytes:
-                try:
-                    data = self.fill(self.period_frames, self._next_out_ns())
-                except Exception:   # play silence: the server asks again only for what it gets
-                    self.callback_errors += 1
-                    data = bytes(self.period_bytes)
-                if lib.pa_stream_write(s, data, len(data), None, 0, _SEEK_RELATIVE) < 0:
-                    break
-                nbytes -= len(data)
+            self._write(nbytes)
         except Exception:   # never let an exception out into libpulse's thread
             self.callback_errors += 1
+
+    def _write(self, nbytes: int) -> None:
+        """Write whole periods while `nbytes` allow (mainloop lock held) or, with nothing to
+        play, nothing: the stream then plays out what it has and stops, and the server stops
+        asking (no wakeup at all while nothing plays) until kick()."""
+        # `stopped` is set before `idle()` is asked: audio queued after that question sees it
+        # set and kicks, audio queued before it makes the answer False.
+        self.stopped = True
+        if self.idle is not None and self.idle():
+            return
+        self.stopped = False
+        lib, s = self._lib, self._s
+        while nbytes >= self.period_bytes:
+            try:
+                data = self.fill(self.period_frames, self._next_out_ns())
+            except Exception:   # play silence: the server asks again only for what it gets
+                self.callback_errors += 1
+                data = bytes(self.period_bytes)
+            if lib.pa_stream_write(s, data, len(data), None, 0, _SEEK_RELATIVE) < 0:
+                break
+            nbytes -= len(data)
+
+    def kick(self) -> None:
+        """Audio to play after the stream stopped for want of it (any thread; cheap when it is
+        playing). The stream restarts as a PortAudio stream that played silence meanwhile would
+        have played it: its room (tlength) filled with silence but for one period, then the
+        first period of audio; the rest is asked for a period at a time, in real time. Filling
+        the room with audio instead started the turn sooner but took 3 periods at once, ahead of
+        a reply still arriving: the queue ran dry in its first 20 ms."""
+        if not self.stopped:
+            return
+        lib, ml = self._lib, self._ml
+        lib.pa_threaded_mainloop_lock(ml)
+        try:
+            if self.stopped and lib.pa_stream_get_state(self._s) == _STREAM_READY:
+                self.kicks += 1
+                pad = lib.pa_stream_writable_size(self._s) // self.period_bytes - 1
+                if pad > 0:
+                    silence = bytes(pad * self.period_bytes)
+                    lib.pa_stream_write(self._s, silence, len(silence), None, 0, _SEEK_RELATIVE)
+                self._write(self.period_bytes)
+        finally:
+            lib.pa_threaded_mainloop_unlock(ml)
 
     def _next_out_ns(self) -> int:
         """Wall time the next sample written will sound: libpulse's latency for the stream

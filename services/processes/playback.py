@@ -505,7 +505,20 @@ class DeviceSink:
             log.debug("no direct sound server output (%s): using PortAudio", exc)
             return None
         pulse.on_first_write = self._on_first_write
+        pulse.idle = self._idle
         return pulse
+
+    def _idle(self) -> bool:
+        """Nothing to play and nothing sounding (libpulse's thread): the stream may stop."""
+        if self.jb is not None and self.jb.active:
+            return False
+        self._last_callback = 0.0   # the pause that follows is no starved callback
+        return True
+
+    def kick(self) -> None:
+        """Audio was queued (event loop): a stopped stream starts again at once."""
+        if self.pulse is not None:
+            self.pulse.kick()
 
     def _on_first_write(self) -> None:
         self.realtime = make_audio_thread_realtime()
@@ -599,10 +612,10 @@ class DeviceSink:
             pass
 
     def metrics(self) -> dict[str, Any]:
-        underflows, errors = self.underflows, self.callback_errors
-        if self.pulse is not None:
-            underflows, errors = self.pulse.underflows, self.pulse.callback_errors
-        return {"device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
+        underflows, errors, extra = self.underflows, self.callback_errors, {}
+        if self.pulse is not None:   # device_starts: the stream restarted after a silence it stopped for
+            underflows, errors, extra = self.pulse.underflows, self.pulse.callback_errors, {"device_starts": self.pulse.kicks}
+        return {**extra, "device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
                 "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": errors,
                 "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime)),
                 "device_api": self.api}
@@ -735,6 +748,9 @@ class Player:
         """Queue audio; a chunk the buffer drops is counted (heartbeat) and logged once."""
         late, over = self.jb.stats["late_chunks"], self.jb.stats["overflow_chunks"]
         if self.jb.push(key, pcm):
+            kick = getattr(self.sink, "kick", None)
+            if kick is not None:
+                kick()
             return
         inst, turn = self._names.get(key, ("?", key))
         if self.jb.stats["overflow_chunks"] != over:
