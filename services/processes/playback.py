@@ -8,20 +8,23 @@ Design:
 - A turn is known by (publisher instance, turn number): a restarted bridge counts from 1
   again and is a new sequence, never "late". The buffer sees local keys, allocated in order
   of first arrival.
-- The device is a sounddevice OutputStream in callback mode: the PortAudio thread pulls from
-  the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
+- With `--libpulse` (experimental), a sound server's sink is played with libpulse directly
+  (services/lib/pulseout.py): the server's write requests pull a period at a time from the
+  buffer in libpulse's thread, and the stream stops while nothing plays. By default the device
+  is a sounddevice OutputStream in callback mode: the PortAudio thread
+  pulls from the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
   docs on headless audio.) On `control: interrupt` for turn T from instance I we drop the
   turns <= T of I that we hold, ignore chunks of those turns published before the interrupt
   (an interrupt never reaches audio published after it: a forged turn=10**9 cuts nothing new),
-  and abort + restart the stream so what the device already holds is dropped too: silence
-  within one device period.
+  and flush the stream (PortAudio: abort + restart) so what the device already holds is
+  dropped too: silence within one device period.
 - `--file` and `--null` sinks pull from the same buffer on a real-time clock, so a WAV file
   holds exactly what a listener would have heard, silences between turns included.
 - `playback` events say what was really heard: turn_started (wall-clock time of the first
   sample at the device), turn_finished (ms played, interrupted or not, when it went silent),
   underrun.
 
-sounddevice is imported only when a device is used.
+sounddevice is imported only when a device is used (not with --libpulse on a sound server).
 """
 from __future__ import annotations
 
@@ -445,16 +448,16 @@ class JitterBuffer:
 
 # ------------------------------------------------------------------ sinks
 class DeviceSink:
-    """The speaker, pulling from the jitter buffer in its audio thread. A sound server's sink is
-    played with libpulse directly (services/lib/pulseout.py: the server's write requests pull a
-    period at a time in libpulse's thread); any other device, or `portaudio=True`, through a
-    callback-mode sounddevice OutputStream."""
+    """The speaker, pulling from the jitter buffer in its audio thread. With `portaudio=False` a
+    sound server's sink is played with libpulse directly (services/lib/pulseout.py: the server's
+    write requests pull a period at a time in libpulse's thread); any other device, or the
+    default, through a callback-mode sounddevice OutputStream."""
 
     kind = "device"
     has_device_buffer = True
 
     def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
-                 latency_ms: float | None = None, portaudio: bool = False) -> None:
+                 latency_ms: float | None = None, portaudio: bool = True) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
         device, server_dev = select_server_device(device, "output")   # a server sink name -> pulse
         self.underflows = 0
@@ -987,9 +990,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"to what is due now (default {DEFAULT_MAX_LAG_MS:g}; 0 = never skip)")
     p.add_argument("--max-buffer-s", type=float, default=600.0,
                    help="most audio held (default 600 s); beyond it chunks are dropped and counted")
-    p.add_argument("--portaudio", action="store_true",
-                   help="play through PortAudio even to a sound server's sink (default: play to "
-                        "PulseAudio/PipeWire directly with libpulse, cheaper)")
+    p.add_argument("--libpulse", action="store_true",
+                   help="play a sound server's sink (PulseAudio/PipeWire) with libpulse directly instead of "
+                        "PortAudio: about half the CPU, but capture-audio's echo canceller failed with it in "
+                        "tests/test_echo.py (README, Performance); experimental")
     p.add_argument("--no-device-reset", action="store_true",
                    help="on interrupt only clear the queue and let the device buffer play out (a baseline)")
     add_bus_arguments(p)
@@ -1021,7 +1025,7 @@ def main(argv: list[str]) -> int:
             jb = make_buffer(OUT_RATE)
             sink: AudioSink = ClockedSink(jb, args.period_ms, args.file)
         else:
-            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms, args.portaudio)
+            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms, portaudio=not args.libpulse)
             jb = sink.jb = make_buffer(sink.rate)
         sink.start()
     except (DeviceError, AudioFileError) as exc:
