@@ -16,6 +16,7 @@ import pytest
 from livepipe.services.lib.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
+from livepipe.services.lib.pulseout import OutputClock
 from livepipe.services.processes.playback import JitterBuffer
 from tests.conftest import spawn, stop
 from tests.playback_burst import BURST_S, playback_burst, publish_turn, start_playback, wait_event  # noqa: F401
@@ -230,6 +231,25 @@ def pull(jb: JitterBuffer, clock: FakeClock, periods: int) -> np.ndarray:
         out.append(jb.pull(480, clock.wall_ns()))
         clock.t += 0.02
     return np.concatenate(out)
+
+
+def test_libpulse_periods_written_back_to_back_are_dated_back_to_back():
+    """audio.ref dates each period by when it sounds; after the stream ran dry, libpulse's latency
+    was measured up to 40 ms too small for ~100 ms (periods 0.1 ms apart): the echo canceller's
+    reference must stay continuous, jump only at a real gap, and follow a drifting clock slowly."""
+    ms = 1_000_000
+    clock = OutputClock(20 * ms)
+    assert clock.next(1000 * ms) == 1000 * ms
+    # After a stall: libpulse says the next periods sound almost at once; they follow the first.
+    assert [clock.next(e * ms) for e in (1000, 1001, 1015)] == [1020 * ms, 1040 * ms, 1060 * ms]
+    assert clock.held == 3
+    # A gap (the stream ran dry and played silence, or stopped): libpulse's estimate is taken.
+    assert clock.next(1200 * ms) == 1200 * ms
+    # A sound card slower than the system clock: followed by at most 50 us a period.
+    assert clock.next(1221 * ms) == 1220 * ms + 50_000
+    # A flush dropped what was written: the next period is dated afresh, even earlier.
+    clock.restart()
+    assert clock.next(1100 * ms) == 1100 * ms
 
 
 def test_jitter_buffer_waits_for_its_prebuffer_then_plays_everything():

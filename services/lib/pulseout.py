@@ -93,6 +93,47 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
+class OutputClock:
+    """When each period written to a playback stream will sound, on the wall clock.
+
+    libpulse's latency (`pa_stream_get_latency`, interpolated) is right while the stream plays,
+    but after the stream ran dry (libpulse's thread was descheduled longer than the buffer) it
+    is too small for about 100 ms: measured, the periods written at once after a 150 ms stall got
+    times 0.1-15 ms apart instead of 20, up to 40 ms early, and audio.ref then placed them over
+    each other; PortAudio's ALSA plugin reopens the stream after an underrun and never did.
+    Periods written one after another play back to back unless the stream ran dry between them,
+    so each is dated from the end of the one before, following libpulse's estimate (when within
+    GAP_NS of it) by at most SLEW_NS a period (a sound card's clock drifts from the system clock by well under that). It
+    starts again from libpulse's estimate at the first write, after a flush, and when that
+    estimate is more than GAP_NS later than the end of the last period (the stream ran dry and
+    played silence, or stopped). Pure arithmetic: no libpulse call, any thread, any mainloop."""
+
+    SLEW_NS = 50_000        # 2.5 ms a second: follows any real clock drift, never jumps
+    GAP_NS = 5_000_000      # audio.ref's own continuity tolerance (services/lib/echo.py)
+
+    def __init__(self, period_ns: int) -> None:
+        self.period_ns = period_ns
+        self.end_ns: int | None = None   # when the last period dated ends sounding (None: restart)
+        self.held = 0                    # periods dated from the one before, libpulse's estimate being earlier
+
+    def next(self, estimate_ns: int) -> int:
+        """The wall time the period written now starts sounding, given libpulse's `estimate_ns`."""
+        end = self.end_ns
+        if end is None or estimate_ns > end + self.GAP_NS:
+            out = estimate_ns
+        elif estimate_ns < end - self.GAP_NS:   # libpulse's estimate is wrong (see above): it follows
+            self.held += 1
+            out = end
+        else:
+            out = end + max(-self.SLEW_NS, min(self.SLEW_NS, estimate_ns - end))
+        self.end_ns = out + self.period_ns
+        return out
+
+    def restart(self) -> None:
+        """What was written is gone (a flush): the next period is dated afresh."""
+        self.end_ns = None
+
+
 class PulseOutput:
     """One playback stream of s16le samples to `sink` (None: the server's default, which libpulse
     takes from PULSE_SINK when set).
@@ -125,6 +166,7 @@ class PulseOutput:
         self._write_cb = _request_cb(self._on_write)
         self._underflow_cb = _notify_cb(self._on_underflow)
         self._flushed_cb = _success_cb(self._on_flushed)
+        self.clock = OutputClock(period_frames * 1_000_000_000 // rate)
         self._usec = ctypes.c_uint64(0)
         self._neg = ctypes.c_int(0)
         ml = self._ml = lib.pa_threaded_mainloop_new()
@@ -254,12 +296,13 @@ class PulseOutput:
 
     def _next_out_ns(self) -> int:
         """Wall time the next sample written will sound: libpulse's latency for the stream
-        (interpolated locally: the sink's latency plus what is queued), from now."""
+        (interpolated locally: the sink's latency plus what is queued), from now, kept
+        continuous with the period before (OutputClock)."""
         if self._lib.pa_stream_get_latency(self._s, ctypes.byref(self._usec), ctypes.byref(self._neg)) < 0:
             usec = 0   # no timing information yet (just connected or flushed): what is queued is nothing
         else:
             usec = 0 if self._neg.value else self._usec.value
-        return time.time_ns() + usec * 1000
+        return self.clock.next(time.time_ns() + usec * 1000)
 
     # ---------------------------------------------------------- any thread
     @property
@@ -278,6 +321,7 @@ class PulseOutput:
             op = lib.pa_stream_flush(self._s, self._flushed_cb, None)
             if not op:
                 raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
+            self.clock.restart()   # before the wait: the server may ask for audio meanwhile
             while (lib.pa_operation_get_state(op) == _OPERATION_RUNNING
                    and lib.pa_stream_get_state(self._s) == _STREAM_READY):
                 lib.pa_threaded_mainloop_wait(ml)

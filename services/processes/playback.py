@@ -617,7 +617,8 @@ class DeviceSink:
     def metrics(self) -> dict[str, Any]:
         underflows, errors, extra = self.underflows, self.callback_errors, {}
         if self.pulse is not None:   # device_starts: the stream restarted after a silence it stopped for
-            underflows, errors, extra = self.pulse.underflows, self.pulse.callback_errors, {"device_starts": self.pulse.kicks}
+            underflows, errors, extra = self.pulse.underflows, self.pulse.callback_errors, {"device_starts": self.pulse.kicks,
+                                                                            "device_clock_held": self.pulse.clock.held}
         return {**extra, "device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
                 "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": errors,
                 "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime)),
@@ -990,10 +991,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"to what is due now (default {DEFAULT_MAX_LAG_MS:g}; 0 = never skip)")
     p.add_argument("--max-buffer-s", type=float, default=600.0,
                    help="most audio held (default 600 s); beyond it chunks are dropped and counted")
-    p.add_argument("--libpulse", action="store_true",
-                   help="play a sound server's sink (PulseAudio/PipeWire) with libpulse directly instead of "
-                        "PortAudio: about half the CPU, but capture-audio's echo canceller failed with it in "
-                        "tests/test_echo.py (README, Performance); experimental")
+    p.add_argument("--portaudio", action="store_true",
+                   help="play through PortAudio even to a sound server's sink (default: play to "
+                        "PulseAudio/PipeWire directly with libpulse, about half the CPU)")
     p.add_argument("--no-device-reset", action="store_true",
                    help="on interrupt only clear the queue and let the device buffer play out (a baseline)")
     add_bus_arguments(p)
@@ -1025,7 +1025,7 @@ def main(argv: list[str]) -> int:
             jb = make_buffer(OUT_RATE)
             sink: AudioSink = ClockedSink(jb, args.period_ms, args.file)
         else:
-            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms, portaudio=not args.libpulse)
+            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms, portaudio=args.portaudio)
             jb = sink.jb = make_buffer(sink.rate)
         sink.start()
     except (DeviceError, AudioFileError) as exc:
