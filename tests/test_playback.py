@@ -121,9 +121,10 @@ def test_an_interrupt_silences_within_one_device_period(pulse_devices, bus_env, 
 
 
 def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, bus_client):  # noqa: F811
-    # Through libpulse (--libpulse): a sound server's sink played without PortAudio.
+    # Through PortAudio (--portaudio), so its callback stream is exercised too (the other device
+    # tests play a sound server's sink with libpulse, the default).
     rec = record_speaker(pulse_devices)
-    proc = start_playback(["--device-rate", "48000", "--libpulse"], {**bus_env, **pulse_devices.playback_env()},
+    proc = start_playback(["--device-rate", "48000", "--portaudio"], {**bus_env, **pulse_devices.playback_env()},
                           bus_client)
     try:
         publish_turn(bus_client, 1, tone(1000.0, 0.6, OUT_RATE, -12.0))
@@ -133,7 +134,7 @@ def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, b
     finally:
         out, err = stop(proc)
         heard = rec.stop()
-    assert "48000 Hz" in err and "through libpulse" in err, err
+    assert "48000 Hz" in err and "through PortAudio" in err, err
     spans = loud_spans(heard, OUT_RATE)
     assert len(spans) == 1, spans
     got = heard[spans[0][0]:spans[0][1]]
