@@ -7,6 +7,8 @@ was heard, silences included. The JitterBuffer unit tests pin the turn logic.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Iterator
 
@@ -143,6 +145,56 @@ def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, b
     assert dominant_frequency(body, OUT_RATE) == pytest.approx(1000.0, abs=1.0)
     assert rms_dbfs(body) == pytest.approx(-12.0, abs=0.2)
     assert finished["played_ms"] == pytest.approx(600.0, abs=2)
+
+
+def test_audio_ref_says_when_each_block_sounded_even_after_playback_stalled(pulse_devices, bus_env, bus_cfg):  # noqa: F811
+    """The echo canceller's reference (audio.ref) is placed by its out_ts: each block must be dated
+    when the speaker played it, also after playback was descheduled longer than its device buffer
+    (the stream ran dry; through libpulse its next blocks were dated up to 40 ms early)."""
+    rec = record_speaker(pulse_devices)
+    with BusClient("test", bus_cfg, ["playback", "audio.ref"]) as client:
+        client.wait_ready()
+        proc = start_playback([], {**bus_env, **pulse_devices.playback_env()}, client)
+        refs: list = []
+        events: dict = {}
+
+        def until(kind: str) -> dict:   # keeps the audio.ref blocks received meanwhile
+            deadline = time.monotonic() + 5
+            while kind not in events:
+                assert time.monotonic() < deadline, f"no playback {kind}"
+                m = client.recv(0.1)
+                if m is not None and m.topic == "audio.ref" and m.kind == "audio":
+                    refs.append(m)
+                elif m is not None and m.topic == "playback":
+                    events[m.kind] = m
+            return events[kind]
+        try:
+            sent = (np.random.default_rng(7).standard_normal(int(1.2 * OUT_RATE)) * 3000).astype(np.int16)
+            publish_turn(client, 1, sent)
+            client.publish("control", "turn_complete", turn=1)
+            started = until("turn_started")
+            assert rec.wait_frames(rec.index_at(started["first_sample_ts"]) + int(0.4 * OUT_RATE), 5)
+            os.kill(proc.pid, signal.SIGSTOP)   # longer than the device buffer (40-60 ms)
+            time.sleep(0.15)
+            os.kill(proc.pid, signal.SIGCONT)
+            finished = until("turn_finished")
+            assert rec.wait_frames(rec.index_at(finished["silent_ts"]) + 2400, 5)
+        finally:
+            out, err = stop(proc)
+            heard = rec.stop()
+    assert "Traceback" not in err, err
+    t0 = rec.t0_ns()
+    errors_ms = []
+    for m in refs:
+        tail = np.frombuffer(m.payload, "<i2")[m["frames"] // 2:]   # a block's head may straddle the stall
+        near = rec.index_at(m["out_ts"] + m["frames"] // 2 * 1_000_000_000 // OUT_RATE, t0)
+        lo = max(0, near - OUT_RATE // 10)
+        off = lo + align(tail, heard[lo:near + len(tail) + OUT_RATE // 10])
+        if np.array_equal(heard[off:off + len(tail)], tail):
+            errors_ms.append((rec.time_of(off, t0) - m["out_ts"]) / 1e6 - m["frames"] // 2 * 1000 / OUT_RATE)
+    assert len(errors_ms) >= 0.9 * len(sent) / 480, (len(errors_ms), len(refs))
+    # The monitor's own dating is a few ms off the device's (both paths measured -1..-5 ms).
+    assert max(abs(e - float(np.median(errors_ms))) for e in errors_ms) < 8, np.round(errors_ms, 1)
 
 
 def test_no_sound_card_gives_one_clear_line(bus_env):
