@@ -106,7 +106,7 @@ class OutputClock:
     GAP_NS of it) by at most SLEW_NS a period (a sound card's clock drifts from the system clock by well under that). It
     starts again from libpulse's estimate at the first write, after a flush, and when that
     estimate is more than GAP_NS later than the end of the last period (the stream ran dry and
-    played silence, or stopped). Pure arithmetic: no libpulse call, any thread, any mainloop."""
+    played silence). Pure arithmetic: no libpulse call, any thread, any mainloop."""
 
     SLEW_NS = 50_000        # 2.5 ms a second: follows any real clock drift, never jumps
     GAP_NS = 5_000_000      # audio.ref's own continuity tolerance (services/lib/echo.py)
@@ -155,10 +155,6 @@ class PulseOutput:
         self.underflows = 0
         self.callback_errors = 0
         self.on_first_write: Callable[[], None] | None = None   # called once, in libpulse's thread
-        # True = nothing to play: the stream may run dry and stop (underflows then are not counted)
-        self.idle: Callable[[], bool] | None = None
-        self.stopped = False
-        self.kicks = 0
         self._first = True
         self._ml = self._ctx = self._s = None
         # The callbacks must outlive the stream: kept on the object.
@@ -238,8 +234,7 @@ class PulseOutput:
         self._lib.pa_threaded_mainloop_signal(self._ml, 0)
 
     def _on_underflow(self, stream: int, userdata: int) -> None:
-        if not self.stopped:   # ran dry while it had audio to play (not: we stopped writing)
-            self.underflows += 1
+        self.underflows += 1   # the stream never runs dry on purpose: libpulse's thread was late
 
     def _on_write(self, stream: int, nbytes: int, userdata: int) -> None:
         try:
@@ -252,15 +247,11 @@ class PulseOutput:
             self.callback_errors += 1
 
     def _write(self, nbytes: int) -> None:
-        """Write whole periods while `nbytes` allow (mainloop lock held) or, with nothing to
-        play, nothing: the stream then plays out what it has and stops, and the server stops
-        asking (no wakeup at all while nothing plays) until kick()."""
-        # `stopped` is set before `idle()` is asked: audio queued after that question sees it
-        # set and kicks, audio queued before it makes the answer False.
-        self.stopped = True
-        if self.idle is not None and self.idle():
-            return
-        self.stopped = False
+        """Write whole periods while `nbytes` allow (mainloop lock held), silence included: the
+        stream never runs dry on purpose. (Session 5 let it run dry while nothing played and
+        restarted it with audio: measured, each restart was dated 5-37 ms later than the speaker
+        played it, more at each turn, as the server rewinds the silence it rendered meanwhile;
+        the echo canceller's reference then came after its echo.)"""
         lib, s = self._lib, self._s
         while nbytes >= self.period_bytes:
             try:
@@ -271,28 +262,6 @@ class PulseOutput:
             if lib.pa_stream_write(s, data, len(data), None, 0, _SEEK_RELATIVE) < 0:
                 break
             nbytes -= len(data)
-
-    def kick(self) -> None:
-        """Audio to play after the stream stopped for want of it (any thread; cheap when it is
-        playing). The stream restarts as a PortAudio stream that played silence meanwhile would
-        have played it: its room (tlength) filled with silence but for one period, then the
-        first period of audio; the rest is asked for a period at a time, in real time. Filling
-        the room with audio instead started the turn sooner but took 3 periods at once, ahead of
-        a reply still arriving: the queue ran dry in its first 20 ms."""
-        if not self.stopped:
-            return
-        lib, ml = self._lib, self._ml
-        lib.pa_threaded_mainloop_lock(ml)
-        try:
-            if self.stopped and lib.pa_stream_get_state(self._s) == _STREAM_READY:
-                self.kicks += 1
-                pad = lib.pa_stream_writable_size(self._s) // self.period_bytes - 1
-                if pad > 0:
-                    silence = bytes(pad * self.period_bytes)
-                    lib.pa_stream_write(self._s, silence, len(silence), None, 0, _SEEK_RELATIVE)
-                self._write(self.period_bytes)
-        finally:
-            lib.pa_threaded_mainloop_unlock(ml)
 
     def _next_out_ns(self) -> int:
         """Wall time the next sample written will sound: libpulse's latency for the stream

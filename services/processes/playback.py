@@ -8,11 +8,10 @@ Design:
 - A turn is known by (publisher instance, turn number): a restarted bridge counts from 1
   again and is a new sequence, never "late". The buffer sees local keys, allocated in order
   of first arrival.
-- With `--libpulse` (experimental), a sound server's sink is played with libpulse directly
-  (services/lib/pulseout.py): the server's write requests pull a period at a time from the
-  buffer in libpulse's thread, and the stream stops while nothing plays. By default the device
-  is a sounddevice OutputStream in callback mode: the PortAudio thread
-  pulls from the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
+- A sound server's sink is played with libpulse directly (services/lib/pulseout.py): the
+  server's write requests pull a period at a time from the buffer in libpulse's thread. Any
+  other device, or `--portaudio`, is a sounddevice OutputStream in callback mode: the PortAudio
+  thread pulls from the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
   docs on headless audio.) On `control: interrupt` for turn T from instance I we drop the
   turns <= T of I that we hold, ignore chunks of those turns published before the interrupt
   (an interrupt never reaches audio published after it: a forged turn=10**9 cuts nothing new),
@@ -24,7 +23,7 @@ Design:
   sample at the device), turn_finished (ms played, interrupted or not, when it went silent),
   underrun.
 
-sounddevice is imported only when a device is used (not with --libpulse on a sound server).
+sounddevice is imported only when a device is used (not for a sound server's sink, unless --portaudio).
 """
 from __future__ import annotations
 
@@ -448,16 +447,16 @@ class JitterBuffer:
 
 # ------------------------------------------------------------------ sinks
 class DeviceSink:
-    """The speaker, pulling from the jitter buffer in its audio thread. With `portaudio=False` a
-    sound server's sink is played with libpulse directly (services/lib/pulseout.py: the server's
-    write requests pull a period at a time in libpulse's thread); any other device, or the
-    default, through a callback-mode sounddevice OutputStream."""
+    """The speaker, pulling from the jitter buffer in its audio thread. A sound server's sink is
+    played with libpulse directly (services/lib/pulseout.py: the server's write requests pull a
+    period at a time in libpulse's thread); any other device, or `portaudio=True`, through a
+    callback-mode sounddevice OutputStream."""
 
     kind = "device"
     has_device_buffer = True
 
     def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
-                 latency_ms: float | None = None, portaudio: bool = True) -> None:
+                 latency_ms: float | None = None, portaudio: bool = False) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
         device, server_dev = select_server_device(device, "output")   # a server sink name -> pulse
         self.underflows = 0
@@ -508,20 +507,7 @@ class DeviceSink:
             log.debug("no direct sound server output (%s): using PortAudio", exc)
             return None
         pulse.on_first_write = self._on_first_write
-        pulse.idle = self._idle
         return pulse
-
-    def _idle(self) -> bool:
-        """Nothing to play and nothing sounding (libpulse's thread): the stream may stop."""
-        if self.jb is not None and self.jb.active:
-            return False
-        self._last_callback = 0.0   # the pause that follows is no starved callback
-        return True
-
-    def kick(self) -> None:
-        """Audio was queued (event loop): a stopped stream starts again at once."""
-        if self.pulse is not None:
-            self.pulse.kick()
 
     def _on_first_write(self) -> None:
         self.realtime = make_audio_thread_realtime()
@@ -616,9 +602,9 @@ class DeviceSink:
 
     def metrics(self) -> dict[str, Any]:
         underflows, errors, extra = self.underflows, self.callback_errors, {}
-        if self.pulse is not None:   # device_starts: the stream restarted after a silence it stopped for
-            underflows, errors, extra = self.pulse.underflows, self.pulse.callback_errors, {"device_starts": self.pulse.kicks,
-                                                                            "device_clock_held": self.pulse.clock.held}
+        if self.pulse is not None:
+            underflows, errors, extra = (self.pulse.underflows, self.pulse.callback_errors,
+                                         {"device_clock_held": self.pulse.clock.held})
         return {**extra, "device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
                 "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": errors,
                 "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime)),
@@ -752,9 +738,6 @@ class Player:
         """Queue audio; a chunk the buffer drops is counted (heartbeat) and logged once."""
         late, over = self.jb.stats["late_chunks"], self.jb.stats["overflow_chunks"]
         if self.jb.push(key, pcm):
-            kick = getattr(self.sink, "kick", None)
-            if kick is not None:
-                kick()
             return
         inst, turn = self._names.get(key, ("?", key))
         if self.jb.stats["overflow_chunks"] != over:
