@@ -604,7 +604,8 @@ class DeviceSink:
         underflows, errors, extra = self.underflows, self.callback_errors, {}
         if self.pulse is not None:
             underflows, errors, extra = (self.pulse.underflows, self.pulse.callback_errors,
-                                         {"device_clock_held": self.pulse.clock.held})
+                                         {"device_clock_held": self.pulse.clock.held,
+                                          "device_flush_underflows": self.pulse.flush_underflows})
         return {**extra, "device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
                 "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": errors,
                 "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime)),
