@@ -7,6 +7,8 @@ was heard, silences included. The JitterBuffer unit tests pin the turn logic.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Iterator
 
@@ -16,6 +18,7 @@ import pytest
 from livepipe.services.lib.audio import OUT_RATE, WavReader, dominant_frequency, rms_dbfs, tone
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
+from livepipe.services.lib.pulseout import OutputClock
 from livepipe.services.processes.playback import JitterBuffer
 from tests.conftest import spawn, stop
 from tests.playback_burst import BURST_S, playback_burst, publish_turn, start_playback, wait_event  # noqa: F401
@@ -120,8 +123,11 @@ def test_an_interrupt_silences_within_one_device_period(pulse_devices, bus_env, 
 
 
 def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, bus_client):  # noqa: F811
+    # Through PortAudio (--portaudio), so its callback stream is exercised too (the other device
+    # tests play a sound server's sink with libpulse, the default).
     rec = record_speaker(pulse_devices)
-    proc = start_playback(["--device-rate", "48000"], {**bus_env, **pulse_devices.playback_env()}, bus_client)
+    proc = start_playback(["--device-rate", "48000", "--portaudio"], {**bus_env, **pulse_devices.playback_env()},
+                          bus_client)
     try:
         publish_turn(bus_client, 1, tone(1000.0, 0.6, OUT_RATE, -12.0))
         bus_client.publish("control", "turn_complete", turn=1)
@@ -130,7 +136,7 @@ def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, b
     finally:
         out, err = stop(proc)
         heard = rec.stop()
-    assert "48000 Hz" in err, err
+    assert "48000 Hz" in err and "through PortAudio" in err, err
     spans = loud_spans(heard, OUT_RATE)
     assert len(spans) == 1, spans
     got = heard[spans[0][0]:spans[0][1]]
@@ -139,6 +145,56 @@ def test_a_device_at_another_rate_gets_resampled_audio(pulse_devices, bus_env, b
     assert dominant_frequency(body, OUT_RATE) == pytest.approx(1000.0, abs=1.0)
     assert rms_dbfs(body) == pytest.approx(-12.0, abs=0.2)
     assert finished["played_ms"] == pytest.approx(600.0, abs=2)
+
+
+def test_audio_ref_says_when_each_block_sounded_even_after_playback_stalled(pulse_devices, bus_env, bus_cfg):  # noqa: F811
+    """The echo canceller's reference (audio.ref) is placed by its out_ts: each block must be dated
+    when the speaker played it, also after playback was descheduled longer than its device buffer
+    (the stream ran dry; through libpulse its next blocks were dated up to 40 ms early)."""
+    rec = record_speaker(pulse_devices)
+    with BusClient("test", bus_cfg, ["playback", "audio.ref"]) as client:
+        client.wait_ready()
+        proc = start_playback([], {**bus_env, **pulse_devices.playback_env()}, client)
+        refs: list = []
+        events: dict = {}
+
+        def until(kind: str) -> dict:   # keeps the audio.ref blocks received meanwhile
+            deadline = time.monotonic() + 5
+            while kind not in events:
+                assert time.monotonic() < deadline, f"no playback {kind}"
+                m = client.recv(0.1)
+                if m is not None and m.topic == "audio.ref" and m.kind == "audio":
+                    refs.append(m)
+                elif m is not None and m.topic == "playback":
+                    events[m.kind] = m
+            return events[kind]
+        try:
+            sent = (np.random.default_rng(7).standard_normal(int(1.2 * OUT_RATE)) * 3000).astype(np.int16)
+            publish_turn(client, 1, sent)
+            client.publish("control", "turn_complete", turn=1)
+            started = until("turn_started")
+            assert rec.wait_frames(rec.index_at(started["first_sample_ts"]) + int(0.4 * OUT_RATE), 5)
+            os.kill(proc.pid, signal.SIGSTOP)   # longer than the device buffer (40-60 ms)
+            time.sleep(0.15)
+            os.kill(proc.pid, signal.SIGCONT)
+            finished = until("turn_finished")
+            assert rec.wait_frames(rec.index_at(finished["silent_ts"]) + 2400, 5)
+        finally:
+            out, err = stop(proc)
+            heard = rec.stop()
+    assert "Traceback" not in err, err
+    t0 = rec.t0_ns()
+    errors_ms = []
+    for m in refs:
+        tail = np.frombuffer(m.payload, "<i2")[m["frames"] // 2:]   # a block's head may straddle the stall
+        near = rec.index_at(m["out_ts"] + m["frames"] // 2 * 1_000_000_000 // OUT_RATE, t0)
+        lo = max(0, near - OUT_RATE // 10)
+        off = lo + align(tail, heard[lo:near + len(tail) + OUT_RATE // 10])
+        if np.array_equal(heard[off:off + len(tail)], tail):
+            errors_ms.append((rec.time_of(off, t0) - m["out_ts"]) / 1e6 - m["frames"] // 2 * 1000 / OUT_RATE)
+    assert len(errors_ms) >= 0.9 * len(sent) / 480, (len(errors_ms), len(refs))
+    # The monitor's own dating is a few ms off the device's (both paths measured -1..-5 ms).
+    assert max(abs(e - float(np.median(errors_ms))) for e in errors_ms) < 8, np.round(errors_ms, 1)
 
 
 def test_no_sound_card_gives_one_clear_line(bus_env):
@@ -228,6 +284,25 @@ def pull(jb: JitterBuffer, clock: FakeClock, periods: int) -> np.ndarray:
         out.append(jb.pull(480, clock.wall_ns()))
         clock.t += 0.02
     return np.concatenate(out)
+
+
+def test_libpulse_periods_written_back_to_back_are_dated_back_to_back():
+    """audio.ref dates each period by when it sounds; after the stream ran dry, libpulse's latency
+    was measured up to 40 ms too small for ~100 ms (periods 0.1 ms apart): the echo canceller's
+    reference must stay continuous, jump only at a real gap, and follow a drifting clock slowly."""
+    ms = 1_000_000
+    clock = OutputClock(20 * ms)
+    assert clock.next(1000 * ms) == 1000 * ms
+    # After a stall: libpulse says the next periods sound almost at once; they follow the first.
+    assert [clock.next(e * ms) for e in (1000, 1001, 1015)] == [1020 * ms, 1040 * ms, 1060 * ms]
+    assert clock.held == 3
+    # A gap (the stream ran dry and played silence, or stopped): libpulse's estimate is taken.
+    assert clock.next(1200 * ms) == 1200 * ms
+    # A sound card slower than the system clock: followed by at most 50 us a period.
+    assert clock.next(1221 * ms) == 1220 * ms + 50_000
+    # A flush dropped what was written: the next period is dated afresh, even earlier.
+    clock.restart()
+    assert clock.next(1100 * ms) == 1100 * ms
 
 
 def test_jitter_buffer_waits_for_its_prebuffer_then_plays_everything():

@@ -8,20 +8,22 @@ Design:
 - A turn is known by (publisher instance, turn number): a restarted bridge counts from 1
   again and is a new sequence, never "late". The buffer sees local keys, allocated in order
   of first arrival.
-- The device is a sounddevice OutputStream in callback mode: the PortAudio thread pulls from
-  the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
+- A sound server's sink is played with libpulse directly (services/lib/pulseout.py): the
+  server's write requests pull a period at a time from the buffer in libpulse's thread. Any
+  other device, or `--portaudio`, is a sounddevice OutputStream in callback mode: the PortAudio
+  thread pulls from the buffer under a lock. (A blocking write racing an abort crashes PortAudio, see
   docs on headless audio.) On `control: interrupt` for turn T from instance I we drop the
   turns <= T of I that we hold, ignore chunks of those turns published before the interrupt
   (an interrupt never reaches audio published after it: a forged turn=10**9 cuts nothing new),
-  and abort + restart the stream so what the device already holds is dropped too: silence
-  within one device period.
+  and flush the stream (PortAudio: abort + restart) so what the device already holds is
+  dropped too: silence within one device period.
 - `--file` and `--null` sinks pull from the same buffer on a real-time clock, so a WAV file
   holds exactly what a listener would have heard, silences between turns included.
 - `playback` events say what was really heard: turn_started (wall-clock time of the first
   sample at the device), turn_finished (ms played, interrupted or not, when it went silent),
   underrun.
 
-sounddevice is imported only when a device is used.
+sounddevice is imported only when a device is used (not for a sound server's sink, unless --portaudio).
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, 
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSink
+from livepipe.services.lib.pulsein import PulseUnavailable
+from livepipe.services.lib.pulseout import PulseOutput
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
 
@@ -443,15 +447,39 @@ class JitterBuffer:
 
 # ------------------------------------------------------------------ sinks
 class DeviceSink:
-    """A callback-mode sounddevice OutputStream pulling from the jitter buffer."""
+    """The speaker, pulling from the jitter buffer in its audio thread. A sound server's sink is
+    played with libpulse directly (services/lib/pulseout.py: the server's write requests pull a
+    period at a time in libpulse's thread); any other device, or `portaudio=True`, through a
+    callback-mode sounddevice OutputStream."""
 
     kind = "device"
     has_device_buffer = True
 
     def __init__(self, device: str | None, period_ms: float, device_rate: int | None,
-                 latency_ms: float | None = None) -> None:
+                 latency_ms: float | None = None, portaudio: bool = False) -> None:
         self.jb: JitterBuffer | None = None   # set before start()
         device, server_dev = select_server_device(device, "output")   # a server sink name -> pulse
+        self.underflows = 0
+        self.callback_errors = 0
+        self._last_callback = 0.0
+        self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
+        self.realtime: bool | None = None   # decided in the callback thread itself
+        # Echo reference (audio.ref): called from the audio thread with every block and the wall
+        # time its first sample sounds (it publishes the blocks with sound). Set by the Player.
+        self.on_block: Callable[[np.ndarray, int], None] | None = None
+        self.pulse: PulseOutput | None = None
+        self._latency_ms = latency_ms or 0.0
+        if not portaudio and device in (None, "pulse", "default"):
+            self.pulse = self._open_pulse(server_dev, period_ms, device_rate)
+        self.api = "pulse" if self.pulse is not None else "portaudio"
+        if self.pulse is not None:
+            self.sd = None
+            self.device_index = -1
+            self.device_name = device_in_use("pulse", "output", server_dev)
+            self.rate, self.channels = self.pulse.rate, self.pulse.channels
+            self.period_frames = self.pulse.period_frames
+            self.latency_s = self.pulse.latency_s
+            return
         self.sd = import_sounddevice("output")
         info = resolve_device(self.sd, parse_device(device), "output")
         self.device_index = int(info["index"])
@@ -462,16 +490,44 @@ class DeviceSink:
         # A deep device buffer costs nothing on interrupt (abort drops it) and rides out a busy
         # CPU; it only delays the start of a turn by as much.
         self.requested_latency: float | str = latency_ms / 1000 if latency_ms else "low"
-        self.underflows = 0
-        self.callback_errors = 0
-        self._last_callback = 0.0
-        self.callback_gap_max_ms = 0.0   # longest wait between callbacks: a starved audio thread
-        self.realtime: bool | None = None   # decided in the callback thread itself
-        # Echo reference (audio.ref): called from the audio thread with every block and the wall
-        # time its first sample sounds (it publishes the blocks with sound). Set by the Player.
-        self.on_block: Callable[[np.ndarray, int], None] | None = None
         self.stream = self._open()
         self.latency_s = float(self.stream.latency)
+
+    def _open_pulse(self, server_dev: Any, period_ms: float, device_rate: int | None) -> PulseOutput | None:
+        """The sound server's sink (the chosen one, else its default) played directly, or None
+        (no libpulse, no server: PortAudio is tried, and says what is missing)."""
+        rate = device_rate or OUT_RATE
+        period = max(16, int(round(rate * period_ms / 1000)))
+        # "low" (0) on PortAudio was two periods; so is the smallest buffer here.
+        latency_ms = self._latency_ms or 2 * period * 1000 / rate
+        try:
+            pulse = PulseOutput(server_dev.name if server_dev else None, rate, 1, period, latency_ms,
+                                "livepipe playback", self._fill)
+        except PulseUnavailable as exc:
+            log.debug("no direct sound server output (%s): using PortAudio", exc)
+            return None
+        pulse.on_first_write = self._on_first_write
+        return pulse
+
+    def _on_first_write(self) -> None:
+        self.realtime = make_audio_thread_realtime()
+
+    def _block(self, frames: int, out_ns: int) -> np.ndarray:
+        """The next block for the device (audio thread): `out_ns` = when its first sample sounds."""
+        now = time.monotonic()
+        if self._last_callback:
+            self.callback_gap_max_ms = max(self.callback_gap_max_ms, (now - self._last_callback) * 1000)
+        self._last_callback = now
+        block = self.jb.pull(frames, out_ns)
+        if self.on_block is not None:
+            self.on_block(block, out_ns)
+        return block
+
+    def _fill(self, frames: int, out_ns: int) -> bytes:
+        """libpulse's thread (PulseOutput counts an exception and plays silence for it)."""
+        if self.jb is None:   # the server asks at once, before the Player is set up
+            return bytes(frames * 2)
+        return self._block(frames, out_ns).tobytes()
 
     def _open(self) -> Any:
         try:
@@ -486,17 +542,10 @@ class DeviceSink:
         try:
             if self.realtime is None:
                 self.realtime = make_audio_thread_realtime()
-            now = time.monotonic()
-            if self._last_callback:
-                self.callback_gap_max_ms = max(self.callback_gap_max_ms, (now - self._last_callback) * 1000)
-            self._last_callback = now
             if status.output_underflow:
                 self.underflows += 1
             delay = stream_delay_s(time_info.outputBufferDacTime - time_info.currentTime, self.latency_s)
-            out_ns = time.time_ns() + int(delay * 1e9)
-            block = self.jb.pull(frames, out_ns)
-            if self.on_block is not None:
-                self.on_block(block, out_ns)
+            block = self._block(frames, time.time_ns() + int(delay * 1e9))
             if self.channels > 1:
                 block = np.repeat(block, self.channels)
             outdata[:] = block.tobytes()
@@ -505,14 +554,23 @@ class DeviceSink:
             outdata[:] = bytes(len(outdata))
 
     def start(self) -> None:
+        if self.pulse is not None:
+            return   # the server has been asking for audio since the stream opened
         try:
             self.stream.start()
         except Exception as exc:
             raise DeviceError(f"cannot start output device {self.device_name!r}: {exc}") from None
 
     def reset(self) -> None:
-        """Drop what the device holds: abort (discards its buffer) and start again."""
+        """Drop what the device holds: flush the server's stream, or abort (discards its
+        buffer) and start again."""
         self._last_callback = 0.0   # the restart pause is not a starved callback
+        if self.pulse is not None:
+            try:
+                self.pulse.flush()
+            except PulseUnavailable as exc:   # the server went away: `alive` says so to the loop
+                log.warning("output stream flush failed: %s", exc)
+            return
         try:
             self.stream.abort()
             self.stream.start()
@@ -527,9 +585,14 @@ class DeviceSink:
 
     @property
     def alive(self) -> bool:
+        if self.pulse is not None:
+            return self.pulse.alive
         return bool(self.stream.active)
 
     def close(self) -> None:
+        if self.pulse is not None:
+            self.pulse.close()
+            return
         try:
             if not self.stream.closed:
                 self.stream.abort()
@@ -538,9 +601,15 @@ class DeviceSink:
             pass
 
     def metrics(self) -> dict[str, Any]:
-        return {"device": self.device_name, "device_rate": self.rate, "device_underflows": self.underflows,
-                "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": self.callback_errors,
-                "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime))}
+        underflows, errors, extra = self.underflows, self.callback_errors, {}
+        if self.pulse is not None:
+            underflows, errors, extra = (self.pulse.underflows, self.pulse.callback_errors,
+                                         {"device_clock_held": self.pulse.clock.held,
+                                          "device_flush_underflows": self.pulse.flush_underflows})
+        return {**extra, "device": self.device_name, "device_rate": self.rate, "device_underflows": underflows,
+                "device_latency_ms": round(self.latency_s * 1000, 1), "callback_errors": errors,
+                "callback_gap_max_ms": round(self.callback_gap_max_ms, 1), "audio_thread_realtime": int(bool(self.realtime)),
+                "device_api": self.api}
 
 
 class ClockedSink:
@@ -817,7 +886,8 @@ class Player:
     def _describe(self) -> str:
         if isinstance(self.sink, DeviceSink):
             return (f"device {self.sink.device_name!r} at {self.sink.rate} Hz, period "
-                    f"{self.sink.period_frames * 1000 / self.sink.rate:.0f} ms, latency {self.sink.latency_s * 1000:.0f} ms")
+                    f"{self.sink.period_frames * 1000 / self.sink.rate:.0f} ms, latency {self.sink.latency_s * 1000:.0f} ms"
+                    + (" through libpulse" if self.sink.api == "pulse" else " through PortAudio"))
         return f"file {self.sink.path}" if self.sink.kind == "file" else "nowhere (--null)"
 
     def _update_metrics(self) -> None:
@@ -905,6 +975,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"to what is due now (default {DEFAULT_MAX_LAG_MS:g}; 0 = never skip)")
     p.add_argument("--max-buffer-s", type=float, default=600.0,
                    help="most audio held (default 600 s); beyond it chunks are dropped and counted")
+    p.add_argument("--portaudio", action="store_true",
+                   help="play through PortAudio even to a sound server's sink (default: play to "
+                        "PulseAudio/PipeWire directly with libpulse, about half the CPU)")
     p.add_argument("--no-device-reset", action="store_true",
                    help="on interrupt only clear the queue and let the device buffer play out (a baseline)")
     add_bus_arguments(p)
@@ -936,7 +1009,7 @@ def main(argv: list[str]) -> int:
             jb = make_buffer(OUT_RATE)
             sink: AudioSink = ClockedSink(jb, args.period_ms, args.file)
         else:
-            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms)
+            sink = DeviceSink(args.device, args.period_ms, args.device_rate, args.latency_ms, portaudio=args.portaudio)
             jb = sink.jb = make_buffer(sink.rate)
         sink.start()
     except (DeviceError, AudioFileError) as exc:
