@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from livepipe.bus import Service, setup_logging
+from livepipe.bus import Service, run_event_loop, setup_logging
 from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
                        mean_square,
                        float_to_int16,
@@ -662,6 +662,6 @@ def _serve(svc: Service, capture: Capture, source: AudioSource) -> int:
             source.close()   # while the loop that libpulse's events are on still runs
 
     try:
-        return asyncio.run(run())
+        return run_event_loop(run())
     except KeyboardInterrupt:
         return 130
