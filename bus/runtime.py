@@ -222,9 +222,11 @@ class Service:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
+        stop_signals = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._loop.add_signal_handler(sig, self.stop)
+                stop_signals.append(sig)
             except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
                 pass
         ctx = zmq.asyncio.Context()
@@ -277,6 +279,12 @@ class Service:
             ctx.term()
             self._lanes.clear()
             self._subs = {}
+            # Closing the loop would put the default actions back: a second SIGTERM or SIGINT during
+            # the rest of the exit (a supervisor or a user repeating themselves) would turn a clean
+            # exit into rc -15 or a traceback. The exit is underway and bounded: ignore them.
+            for sig in stop_signals:
+                self._loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
         return self.exit_code
 
     async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
