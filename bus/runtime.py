@@ -29,7 +29,7 @@ import sys
 import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
-from typing import Any, Awaitable, Callable, Union
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar, Union
 
 import zmq
 import zmq.asyncio
@@ -39,11 +39,27 @@ from livepipe.bus.config import BusConfig, ConfigError
 from livepipe.bus.message import MAX_FRAME_BYTES, Message, decode, make_header, pack_header as _pack, wire_topic
 from livepipe.bus.topics import LANES, TOPICS, SchemaError, validate
 
+T = TypeVar("T")
 Handler = Callable[[Message], Union[None, Awaitable[None]]]
 Main = Callable[["Service"], Awaitable[Union[int, None]]]   # an int return ends the service with that code
 
 HEARTBEAT_S = 1.0
 COUNTER_NAMES = ("sent", "received", "gaps", "rejected", "dropped", "stale_dropped", "handler_errors")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(main), on uvloop where it is installed (LIVEPIPE_EVENT_LOOP=asyncio: the standard
+    loop). A conversation wakes each process's loop hundreds of times a second (a microphone
+    fragment every 5-10 ms, each bus message): on the 2-core VM an idle asyncio loop's wakeup cost
+    ~80 us of CPU against ~40 us for uvloop's (README, Performance)."""
+    if os.environ.get("LIVEPIPE_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:   # not on Windows; a minimal install
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
 
 
 class RateLimitedLog:
@@ -96,6 +112,8 @@ class Service:
         self._wire_topics: dict[str, bytes] = {}
         self._fd_readers: list[int] = []           # socket FDs watched by the lanes
         self._lanes: list[_Lane] = []
+        self._polled: set[str] = set()             # topics whose messages wait for poll(topic)
+        self._polled_lanes: dict[str, _Lane] = {}  # lanes of polled topics only: not watched by the loop
         self._subs: dict[str, zmq.Socket] = {}     # lane -> its SUB socket, while running
         self._muted: set[str] = set()              # topics with handlers, not subscribed for now (listen)
         self._handshake: sockets.HandshakeWatch | None = None   # tells a refused CURVE key from no broker
@@ -103,11 +121,24 @@ class Service:
         self.started_ns = time.time_ns()
 
     # ------------------------------------------------------------------ API
-    def on(self, topic: str, handler: Handler) -> None:
-        """Call `handler(msg)` for every valid message on `topic` (register before run)."""
+    def on(self, topic: str, handler: Handler, polled: bool = False) -> None:
+        """Call `handler(msg)` for every valid message on `topic` (register before run).
+
+        polled: the messages wait in the socket until `poll(topic)` dispatches them, at the
+        process's own pace, instead of each waking the loop as it arrives (capture-audio takes its
+        echo reference at each microphone chunk: a wakeup costs more than the message). A lane
+        that also carries topics not polled is served as they arrive; poll() is then a no-op."""
         if topic not in TOPICS:
             raise KeyError(f"unknown topic {topic!r}")
         self._handlers[topic].append(handler)
+        if polled:
+            self._polled.add(topic)
+
+    def poll(self, topic: str) -> None:
+        """Dispatch now the messages of a polled topic (see `on`) that have arrived."""
+        lane = self._polled_lanes.get(TOPICS[topic].lane)
+        if lane is not None:
+            lane.serve_all()
 
     def listen(self, topic: str, on: bool) -> None:
         """Subscribe to a topic that has handlers (the default), or stop receiving it for now: a
@@ -197,7 +228,7 @@ class Service:
         """Run until SIGINT/SIGTERM, `stop(code)` or a main returning an int; returns the exit code
         (for sys.exit). A main returning None leaves the service serving its handlers."""
         try:
-            return asyncio.run(self.run(*mains))
+            return run_event_loop(self.run(*mains))
         except KeyboardInterrupt:
             return 130
 
@@ -206,9 +237,11 @@ class Service:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._ready = asyncio.Event()
+        stop_signals = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._loop.add_signal_handler(sig, self.stop)
+                stop_signals.append(sig)
             except (NotImplementedError, RuntimeError):  # Windows, or not the main thread
                 pass
         ctx = zmq.asyncio.Context()
@@ -260,7 +293,14 @@ class Service:
                 s.close(linger=sockets.LINGER_MS)
             ctx.term()
             self._lanes.clear()
+            self._polled_lanes.clear()
             self._subs = {}
+            # Closing the loop would put the default actions back: a second SIGTERM or SIGINT during
+            # the rest of the exit (a supervisor or a user repeating themselves) would turn a clean
+            # exit into rc -15 or a traceback. The exit is underway and bounded: ignore them.
+            for sig in stop_signals:
+                self._loop.remove_signal_handler(sig)
+                signal.signal(sig, signal.SIG_IGN)
         return self.exit_code
 
     async def _cancel_tasks(self, tasks: list[asyncio.Task]) -> None:
@@ -356,10 +396,16 @@ class Service:
 
     def _start_lane(self, lane: str, sock: zmq.asyncio.Socket) -> asyncio.Task | None:
         """Serve one lane: from the socket's FD callback (_Lane), or, where the loop cannot watch
-        an FD (Windows' proactor), from a task polling through zmq.asyncio."""
+        an FD (Windows' proactor), from a task polling through zmq.asyncio; a lane of polled
+        topics only, from poll()."""
         sync = zmq.Socket.shadow(sock.underlying)
-        fd = sync.getsockopt(zmq.FD)
         lane_obj = _Lane(self, lane, sync)
+        topics = {t for t in self._handlers if TOPICS[t].lane == lane}
+        if topics and topics <= self._polled:
+            self._polled_lanes[lane] = lane_obj
+            self._lanes.append(lane_obj)
+            return None
+        fd = sync.getsockopt(zmq.FD)
         try:
             self._loop.add_reader(fd, lane_obj.on_fd)
         except NotImplementedError:
@@ -518,6 +564,18 @@ class _Lane:
             self.svc.counters["stale_dropped"] += len(batch) - 1
             batch = batch[-1:]
         return batch
+
+    def serve_all(self) -> None:
+        """Dispatch every message queued now (a polled lane), unless a task holds the lane."""
+        while self.task is None and not self.closing and not self.sync.closed:
+            batch = self.take()
+            for i, frames in enumerate(batch):
+                pending = self.svc._dispatch_now(frames)
+                if pending is not None:
+                    self.task = asyncio.get_running_loop().create_task(self._hold(pending, batch[i + 1:]))
+                    return
+            if len(batch) < BATCH:
+                return
 
     def _serve(self) -> None:
         batch = self.take()

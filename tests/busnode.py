@@ -26,6 +26,7 @@ def main() -> int:
     p.add_argument("--sub", nargs="*", default=[], help="topics to print")
     p.add_argument("--slow-ms", type=float, default=0.0, help="audio handlers take this long per message")
     p.add_argument("--publish-text", default=None, help="publish one text.in at start, then exit")
+    p.add_argument("--polled", nargs="*", default=[], help="topics to print only when a text.in 'poll' asks")
     p.add_argument("--heartbeats", action="store_true", help="print the counters of our own heartbeats")
     p.add_argument("--swallow-cancel", action="store_true", help="the main ignores the first cancellation, as "
                    "asyncio.wait_for before Python 3.12 does when its awaitable completes at that moment")
@@ -43,6 +44,21 @@ def main() -> int:
 
     for t in args.sub:
         svc.on(t, on_msg)
+
+    def on_polled(msg) -> None:
+        emit(event="msg", topic=msg.topic, kind=msg.kind, seq=msg["seq"], src=msg["src"])
+
+    def on_text(msg) -> None:
+        if msg["text"] == "poll":
+            emit(event="poll_start")
+            for t in args.polled:
+                svc.poll(t)
+            emit(event="polled")
+
+    for t in args.polled:
+        svc.on(t, on_polled, polled=True)
+    if args.polled:
+        svc.on("text.in", on_text)
 
     async def run(s: Service) -> int | None:
         emit(event="ready", inst=s.inst, t_ns=time.time_ns())

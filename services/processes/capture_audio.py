@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 import numpy as np
 
-from livepipe.bus import Service, setup_logging
+from livepipe.bus import Service, run_event_loop, setup_logging
 from livepipe.services.lib.audio import (IN_RATE, AudioFileError, Chunker, DeviceError, SampleClock, StreamResampler, WavReader,
                        mean_square,
                        float_to_int16,
@@ -523,12 +523,15 @@ class Capture:
         if self.echo is None:
             self.pub.offer(chunk, ts, arrival)
             return
+        self.svc.poll("audio.ref")   # the references that arrived since the last chunk
         for out, out_ts in self.echo.process(chunk, ts):   # none while held, several on release
             self.pub.offer(out, out_ts, arrival)
 
     async def _metrics_loop(self) -> None:
         while True:
             self.pub.drain()   # also sends the backlog when a subscriber appears during silence/mute
+            if self.echo is not None:
+                self.svc.poll("audio.ref")   # also while no chunk comes (a stalled device)
             self._update_metrics()
             await asyncio.sleep(0.25)
 
@@ -642,7 +645,9 @@ def main(argv: list[str]) -> int:
     capture = Capture(svc, source, Publisher(svc, args.backlog_s), args.chunk_ms, echo)
     svc.on("control", capture.on_control)
     if echo is not None:
-        svc.on("audio.ref", echo.on_ref)
+        # Polled: a reference is needed only when the next microphone chunk is processed, so it
+        # waits in the socket until then instead of waking the loop 50 times a second.
+        svc.on("audio.ref", echo.on_ref, polled=True)
         svc.on("status", echo.on_status)
     try:
         return _serve(svc, capture, source)
@@ -662,6 +667,6 @@ def _serve(svc: Service, capture: Capture, source: AudioSource) -> int:
             source.close()   # while the loop that libpulse's events are on still runs
 
     try:
-        return asyncio.run(run())
+        return run_event_loop(run())
     except KeyboardInterrupt:
         return 130

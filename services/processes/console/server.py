@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 from aiohttp import WSCloseCode, web
 
-from livepipe.bus import Service, setup_logging
+from livepipe.bus import Service, run_event_loop, setup_logging
 from livepipe.bus.config import BusConfig, ConfigError, add_bus_arguments
 from livepipe.bus.message import Message
 from livepipe.services.lib.verb import VerbParser
@@ -710,6 +710,6 @@ def main(argv: list[str]) -> int:
     svc = Service("console", cfg, log)
     console.attach(svc)
     try:
-        return asyncio.run(console.serve(svc))
+        return run_event_loop(console.serve(svc))
     except KeyboardInterrupt:
         return 130
