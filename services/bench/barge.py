@@ -259,7 +259,8 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
         return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)] if lengths else None,
                 "barge_in_interrupt_after_onset_ms": delays, "echo_erle_db": m.get("echo_erle_db"),
                 "echo_delay_ms": m.get("echo_delay_ms"), "guard": {k: v for k, v in m.items() if k.startswith("barge_in")},
-                "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late")},
+                "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late",
+                                                     "echo_ref_missed", "echo_ref_missed_ms_max", "echo_ref_lead_ms_min")},
                 "cpu_pct_core": cpu}
     finally:
         if rig is not None:

@@ -458,6 +458,11 @@ class EchoStage:
         self.ref_late = 0           # ... whose reference did arrive afterwards (echo passed uncancelled)
         self._gave_up_at: int | None = None      # reference end when a wait last timed out
         self._timed_out: deque[int] = deque(maxlen=64)   # reference index those chunks needed
+        # Grid index up to which processed chunks were judged against the reference (their
+        # samples less the estimated delay): a block that starts before it came too late for them.
+        self._judged_to: int | None = None
+        self.ref_missed = 0          # reference blocks that came after chunks needing them were published
+        self.ref_missed_ms_max = 0.0
 
     def add_silence(self) -> None:
         """Playback plays silence after its newest block: no reference is late meanwhile."""
@@ -465,6 +470,10 @@ class EchoStage:
         self._timed_out.clear()   # what they needed was silence, not late
 
     def add_reference(self, pcm: np.ndarray, rate: int, first_ns: int) -> None:
+        start = first_ns * IN_RATE // NS
+        if self._judged_to is not None and start < self._judged_to:
+            self.ref_missed += 1
+            self.ref_missed_ms_max = max(self.ref_missed_ms_max, (self._judged_to - start) * 1000 / IN_RATE)
         self.ref.add(pcm, rate, first_ns)
         end = self.ref.end_index
         while self._timed_out and end is not None and self._timed_out[0] <= end:
@@ -527,6 +536,8 @@ class EchoStage:
             out[i:i + FRAME] = self._frame(chunk[i:i + FRAME], start + i)
             heard = heard or self._active
         self.heard = heard
+        if self.estimator.delay is not None:
+            self._judged_to = start + len(chunk) - self.delay_samples
         return out
 
     def _audible(self, index: int, delay: int, tail_ms: int) -> bool:
@@ -606,7 +617,8 @@ class EchoStage:
                 "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
                 "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1),
                 "echo_ref_waits": self.ref_waits, "echo_ref_wait_ms_max": round(self.ref_wait_ms_max, 1),
-                "echo_ref_timeouts": self.ref_timeouts, "echo_ref_late": self.ref_late}
+                "echo_ref_timeouts": self.ref_timeouts, "echo_ref_late": self.ref_late,
+                "echo_ref_missed": self.ref_missed, "echo_ref_missed_ms_max": round(self.ref_missed_ms_max, 1)}
 
 
 class BargeInGuard:
@@ -711,6 +723,7 @@ class EchoLink:
         self.stage: EchoStage | None = None
         self.ignored_refs = 0                         # audio.ref from a playback on another machine
         self.bad_refs = 0
+        self.ref_lead_ms_min = math.inf
         self._said_none = False
         self._started = self.clock()
 
@@ -734,6 +747,9 @@ class EchoLink:
             return
         stage = self._stage()
         if stage is not None:
+            # how long before its first sample sounds the block is here (< 0: after)
+            lead_ms = (msg["out_ts"] - time.time_ns()) / 1e6
+            self.ref_lead_ms_min = min(self.ref_lead_ms_min, lead_ms)
             stage.add_reference(np.frombuffer(msg.payload, dtype="<i2"), msg["rate"], msg["out_ts"])
 
     # ---------------------------------------------------------------- audio
@@ -802,7 +818,8 @@ class EchoLink:
 
     def metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = {"echo": self.requested, "echo_reference": "local" if self.local else "none",
-                             "echo_ignored_refs": self.ignored_refs, "echo_bad_refs": self.bad_refs}
+                             "echo_ignored_refs": self.ignored_refs, "echo_bad_refs": self.bad_refs,
+                             "echo_ref_lead_ms_min": None if math.isinf(self.ref_lead_ms_min) else round(self.ref_lead_ms_min, 1)}
         m["barge_in_min_ms"] = self.barge_in_ms
         if self.guard is not None:
             m.update(self.guard.metrics())
