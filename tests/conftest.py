@@ -86,3 +86,21 @@ def client(bus_cfg: BusConfig) -> Iterator[BusClient]:
     c = BusClient("test", bus_cfg)
     yield c
     c.close()
+
+
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) runs the suite on two workers. What it
+# hands out is a group of tests, run on one worker in file order:
+# - every test that uses sound devices (PulseAudio null sinks, real-time playback and capture) is in
+#   one group, "devices": they run one after the other, never two at once, as without xdist;
+# - every other test is grouped with its file, so a module-scoped fixture (the emulators, the
+#   browser, the wheel's demo run) is still set up once.
+DEVICE_FILES = {"test_capture_audio.py", "test_playback.py", "test_echo.py", "test_devices.py", "test_demo_devices.py"}
+DEVICE_TESTS = {"test_bench_pipeline_runs_end_to_end"}   # its bench makes null sinks of its own
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        devices = (item.path.name in DEVICE_FILES or getattr(item, "originalname", item.name) in DEVICE_TESTS
+                   or "pulse" in getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("devices" if devices else item.path.stem))
