@@ -1,6 +1,7 @@
 """Shared fixtures: a real broker subprocess on free ports, and helpers to start livepipe verbs."""
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -104,3 +105,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         devices = (item.path.name in DEVICE_FILES or getattr(item, "originalname", item.name) in DEVICE_TESTS
                    or "pulse" in getattr(item, "fixturenames", ()))
         item.add_marker(pytest.mark.xdist_group("devices" if devices else item.path.stem))
+
+
+# Tests marked `solo` (timing that another worker's load would disturb: frames dated against the
+# clock, echo cancellation measured in dB) run while no other test runs: a reader-writer lock over
+# whole tests, module fixtures included. Every test holds it shared, a solo test exclusive; a solo
+# test waiting for it holds the turnstile, so the other worker starts nothing new meanwhile.
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "solo: under pytest-xdist, run while no other test runs")
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)   # outermost: around pytest-timeout and reruns too
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    run_dir = item.config._tmp_path_factory.getbasetemp().parent   # shared by this run's workers
+    with open(run_dir / "solo-turnstile.lock", "a") as turnstile, open(run_dir / "solo.lock", "a") as lock:
+        if item.get_closest_marker("solo"):
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        else:
+            fcntl.flock(turnstile, fcntl.LOCK_EX)
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        yield

@@ -27,6 +27,10 @@ from livepipe.bus.config import BusConfig
 from livepipe.bus.message import Message
 from tests.conftest import free_port, spawn, stop
 
+# solo (tests/conftest.py): frames are dated against the clock and paced in real time; another
+# worker's test beside them made frames late (the file's frame lag, the pattern's moving bar).
+pytestmark = pytest.mark.solo
+
 BITS = 16
 
 
