@@ -24,6 +24,12 @@ from livepipe.services.lib.net import free_port  # noqa: F401  (imported by test
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# An xdist worker has COLUMNS=80 and LINES=24 in its environment (a plain run has neither); the
+# processes the tests start inherit it, and `livepipe top` sized its table to 80 columns (no PID).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
+
 
 def livepipe_cmd(*args: str) -> list[str]:
     return harness.livepipe_cmd(*args)
