@@ -71,11 +71,9 @@ def playback_burst(pulse: PulseDaemon) -> Iterator[dict]:  # noqa: F811
     client.wait_ready()
     rec = record_speaker(devices)   # first: it also keeps the null sink on a short clock
     # A deeper device buffer than the default 40 ms: the minute plays while other tests run on the
-    # same 2 cores (the other audio tests, and the second xdist worker's tests), and a stall of the
-    # audio callback longer than the buffer (80 ms beside the audio tests; 123 ms once with another
-    # worker's test beside them) is a gap at the sink that says nothing about what this checks (a
-    # burst queued whole, played in order without a drop).
-    proc = start_playback(["--latency-ms", "200"], {**env, **devices.playback_env()}, client)
+    # same 2 cores, and an 80 ms stall of the audio callback then is a gap at the sink that says
+    # nothing about what this checks (a burst queued whole, played in order without a drop).
+    proc = start_playback(["--latency-ms", "120"], {**env, **devices.playback_env()}, client)
     # One continuous tone: a dropped, repeated or late block shows as a gap or a sample mismatch.
     signal = tone(330.0, BURST_S, OUT_RATE, -14.0)
     t0 = time.monotonic()
