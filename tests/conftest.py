@@ -1,6 +1,7 @@
 """Shared fixtures: a real broker subprocess on free ports, and helpers to start livepipe verbs."""
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from pathlib import Path
@@ -22,6 +23,12 @@ from livepipe.bus.config import BusConfig
 from livepipe.services.lib.net import free_port  # noqa: F401  (imported by test files)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# An xdist worker has COLUMNS=80 and LINES=24 in its environment (a plain run has neither); the
+# processes the tests start inherit it, and `livepipe top` sized its table to 80 columns (no PID).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    for _name in ("COLUMNS", "LINES"):
+        os.environ.pop(_name, None)
 
 
 def livepipe_cmd(*args: str) -> list[str]:
@@ -86,3 +93,68 @@ def client(bus_cfg: BusConfig) -> Iterator[BusClient]:
     c = BusClient("test", bus_cfg)
     yield c
     c.close()
+
+
+# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) runs the suite on two workers. What it
+# hands out is a group of tests, run on one worker in file order:
+# - every test that uses sound devices (PulseAudio null sinks, real-time playback and capture) is in
+#   one group, "devices", and solo (below): they run one after the other with nothing beside them, as
+#   without xdist (beside another worker's test, audio played through a device had gaps);
+# - every other test is grouped with its file, so a module-scoped fixture (the emulators, the
+#   browser, the wheel's demo run) is still set up once.
+DEVICE_FILES = {"test_capture_audio.py", "test_playback.py", "test_echo.py", "test_devices.py", "test_demo_devices.py"}
+DEVICE_TESTS = {"test_bench_pipeline_runs_end_to_end"}   # its bench makes null sinks of its own
+
+
+@pytest.hookimpl(tryfirst=True)   # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        devices = (item.path.name in DEVICE_FILES or getattr(item, "originalname", item.name) in DEVICE_TESTS
+                   or "pulse" in getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("devices" if devices else item.path.stem))
+        if devices:
+            item.add_marker(pytest.mark.solo)
+
+
+# Tests marked `solo` (timing that another worker's load would disturb: every test that uses sound
+# devices, frames dated against the clock) run while no other test runs: a reader-writer lock over
+# whole tests, module fixtures included. Every other test holds it shared; a solo test holds it
+# exclusive, and keeps it when the next test of its worker is solo too (the device tests run as one
+# block instead of taking turns with the other worker's tests); while it waits for the lock it holds
+# the turnstile, so the other worker starts nothing new meanwhile.
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "solo: under pytest-xdist, run while no other test runs")
+
+
+_exclusive: list = []   # the open lock files while this worker holds the lock exclusive
+
+
+def _release_exclusive() -> None:
+    for f in _exclusive:
+        f.close()   # closing releases its flock
+    _exclusive.clear()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)   # outermost: around pytest-timeout and reruns too
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    run_dir = item.config._tmp_path_factory.getbasetemp().parent   # shared by this run's workers
+    if item.get_closest_marker("solo"):
+        if not _exclusive:
+            _exclusive.extend([open(run_dir / "solo-turnstile.lock", "a"), open(run_dir / "solo.lock", "a")])
+            fcntl.flock(_exclusive[0], fcntl.LOCK_EX)
+            fcntl.flock(_exclusive[1], fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if nextitem is None or not nextitem.get_closest_marker("solo"):
+                _release_exclusive()
+        return
+    _release_exclusive()
+    with open(run_dir / "solo-turnstile.lock", "a") as turnstile, open(run_dir / "solo.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield

@@ -20,7 +20,7 @@ from tests.demo_audio import OUT_RATE, ROOT, USER_WAV, check_replies
 from tests.pulse_support import play_into_mic, pulse, pulse_devices, record_speaker  # noqa: F401
 from tests.test_demo import clean_env
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.solo]   # solo (tests/conftest.py): a whole conversation heard
 
 
 def test_demo_on_real_devices_is_heard_on_the_speaker(tmp_path: Path, pulse_devices) -> None:

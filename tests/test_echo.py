@@ -23,7 +23,7 @@ from tests.conftest import spawn, stop
 from livepipe.services.dev.pulse import MonitorRecorder
 from tests.pulse_support import align, play_into_mic, pulse, pulse_devices, record_source, record_speaker  # noqa: F401
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.solo]   # solo: ERLE is measured in real time
 
 pytest.importorskip("livekit.rtc", reason="the echo canceller is the `aec` extra (pip install 'livepipe[aec]')")
 

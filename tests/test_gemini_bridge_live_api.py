@@ -178,8 +178,10 @@ def test_context_update_live_gives_the_model_new_tools(live_factory, bus_env, tm
     assert len([s for s in rig.rec.select("control", "session") if s["state"] == "connected"]) == 1
 
 
-# One rerun: it failed once in about ten runs on a loaded machine, cause not yet found (an open item).
+# One rerun: it failed once in about ten runs on a loaded machine, cause not yet found (an open item);
+# solo (tests/conftest.py): no other worker's test beside it.
 @pytest.mark.flaky(reruns=1)
+@pytest.mark.solo
 def test_context_update_by_reconnecting_resumes_with_the_handle(live_factory, bus_env, tmp_path):
     tools = tmp_path / "tools.json"
     tools.write_text(json.dumps([{"name": "look_up", "description": "search"}]))
