@@ -14,8 +14,8 @@ lock: nothing taken before an interrupt survives it.
 libpulse itself is loaded, with its signatures, by services/lib/pulseloop.py (one table for the
 microphone's and this stream's calls). Why libpulse's threaded mainloop here and not the event
 loop (PulseLoop, as the microphone): tried in session 7 (branch playloop-async), a turn's first
-12-90 samples went missing at the speaker's monitor in 4 of 8 runs (the sink rewound), against
-none in 5 runs of this thread, and no time was left to find why (README, Performance).
+12-90 samples went missing at the speaker's monitor in 6 of 10 runs (1 of 5 with the loop thread
+not real-time), against 0 of 4 with this thread in the same hour; not understood (README, Performance).
 
 Standard library only; `PulseUnavailable` when libpulse is missing or no server answers, and
 the caller uses PortAudio instead.
