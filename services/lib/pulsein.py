@@ -9,8 +9,7 @@ threads besides the event loop's. Here the record stream runs on the process's a
 iteration its arrival wakes, and handed to `on_data` there.
 
 Standard library only; `PulseUnavailable` when libpulse is missing or no server answers, and
-the caller uses PortAudio instead. The structures and constants below are also used by
-services/lib/pulseout.py.
+the caller uses PortAudio instead.
 """
 from __future__ import annotations
 
@@ -19,27 +18,14 @@ import logging
 import time
 from typing import Callable
 
-from livepipe.services.lib.pulseloop import (OPERATION_RUNNING, STREAM_ADJUST_LATENCY, STREAM_FAILED,
-                                             STREAM_INTERPOLATE_TIMING, STREAM_READY, STREAM_TERMINATED,
-                                             PulseContext, PulseLoop, PulseUnavailable, notify_cb, request_cb,
-                                             success_cb)
+from livepipe.services.lib.pulseloop import (NO_VALUE, OPERATION_RUNNING, SAMPLE_S16LE, STREAM_ADJUST_LATENCY,
+                                             STREAM_CREATING, STREAM_FAILED, STREAM_INTERPOLATE_TIMING, STREAM_READY,
+                                             STREAM_TERMINATED, BufferAttr, PulseContext, PulseLoop, PulseUnavailable,
+                                             SampleSpec, notify_cb, request_cb, success_cb)
 
-__all__ = ["PulseRecord", "PulseUnavailable", "PA_SAMPLE_S16LE"]
+__all__ = ["PulseRecord", "PulseUnavailable"]
 
 log = logging.getLogger("pulsein")
-
-PA_STREAM_RECORD = 2
-PA_SAMPLE_S16LE = 3
-_NO_VALUE = 0xFFFFFFFF   # (uint32_t) -1: "the server's default" in pa_buffer_attr
-
-
-class _SampleSpec(ctypes.Structure):
-    _fields_ = [("format", ctypes.c_int), ("rate", ctypes.c_uint32), ("channels", ctypes.c_uint8)]
-
-
-class _BufferAttr(ctypes.Structure):
-    _fields_ = [("maxlength", ctypes.c_uint32), ("tlength", ctypes.c_uint32), ("prebuf", ctypes.c_uint32),
-                ("minreq", ctypes.c_uint32), ("fragsize", ctypes.c_uint32)]
 
 
 class PulseRecord:
@@ -71,7 +57,7 @@ class PulseRecord:
         self.ctx = PulseContext(ml, app, timeout)
         lib = self.lib = self.ctx.lib
         try:
-            spec = _SampleSpec(PA_SAMPLE_S16LE, rate, channels)
+            spec = SampleSpec(SAMPLE_S16LE, rate, channels)
             self.stream = lib.pa_stream_new(self.ctx.ctx, b"microphone", ctypes.byref(spec), None)
             if not self.stream:
                 raise PulseUnavailable(self.ctx.error())
@@ -79,11 +65,11 @@ class PulseRecord:
             # fragsize: the server sends a block as soon as one is captured (as ALSA's pulse plugin
             # asks for its period); the flags are pa_simple's, without its timing updates (a timer
             # that polls the server's latency, up to every 10 ms): the latency is read once, below.
-            attr = _BufferAttr(_NO_VALUE, _NO_VALUE, _NO_VALUE, _NO_VALUE, block_frames * channels * 2)
+            attr = BufferAttr(NO_VALUE, NO_VALUE, NO_VALUE, NO_VALUE, block_frames * channels * 2)
             if lib.pa_stream_connect_record(self.stream, source.encode() if source else None, ctypes.byref(attr),
                                             STREAM_INTERPOLATE_TIMING | STREAM_ADJUST_LATENCY) < 0:
                 raise PulseUnavailable(self.ctx.error())
-            if not ml.run_until(lambda: self._state() != 1, timeout):   # 1: PA_STREAM_CREATING
+            if not ml.run_until(lambda: self._state() != STREAM_CREATING, timeout):
                 raise PulseUnavailable(f"the sound server did not open the stream within {timeout:.0f} s")
             if self._state() != STREAM_READY:
                 raise PulseUnavailable(self.ctx.error())

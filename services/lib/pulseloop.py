@@ -404,11 +404,27 @@ class PulseLoop:
 
 
 # ------------------------------------------------------------------ libpulse itself
-# Enum values from pulse/def.h (stable ABI).
+# The one loader and signature table for libpulse: services/lib/pulsein.py (record, on a
+# PulseLoop) and services/lib/pulseout.py (playback, on libpulse's threaded mainloop).
+# Enum values from pulse/def.h and pulse/sample.h (stable ABI).
 CONTEXT_READY, CONTEXT_FAILED, CONTEXT_TERMINATED = 4, 5, 6
-STREAM_READY, STREAM_FAILED, STREAM_TERMINATED = 2, 3, 4
-STREAM_INTERPOLATE_TIMING, STREAM_ADJUST_LATENCY = 0x2, 0x2000
+STREAM_CREATING, STREAM_READY, STREAM_FAILED, STREAM_TERMINATED = 1, 2, 3, 4
+STREAM_INTERPOLATE_TIMING, STREAM_AUTO_TIMING_UPDATE = 0x2, 0x8
+STREAM_ADJUST_LATENCY, STREAM_EARLY_REQUESTS = 0x2000, 0x4000
 OPERATION_RUNNING = 0
+SEEK_RELATIVE = 0
+SAMPLE_S16LE = 3
+NO_VALUE = 0xFFFFFFFF   # (uint32_t) -1: "the server's default" in pa_buffer_attr
+
+
+class SampleSpec(ctypes.Structure):
+    _fields_ = [("format", ctypes.c_int), ("rate", ctypes.c_uint32), ("channels", ctypes.c_uint8)]
+
+
+class BufferAttr(ctypes.Structure):
+    _fields_ = [("maxlength", ctypes.c_uint32), ("tlength", ctypes.c_uint32), ("prebuf", ctypes.c_uint32),
+                ("minreq", ctypes.c_uint32), ("fragsize", ctypes.c_uint32)]
+
 
 notify_cb = ctypes.CFUNCTYPE(None, _P, _P)                       # (object, userdata)
 request_cb = ctypes.CFUNCTYPE(None, _P, ctypes.c_size_t, _P)     # (stream, nbytes, userdata)
@@ -429,6 +445,15 @@ def libpulse() -> ctypes.CDLL:
         raise PulseUnavailable(f"libpulse not found ({exc})") from None
     I, S, U64 = ctypes.c_int, ctypes.c_size_t, ctypes.c_uint64
     sigs: dict[str, tuple[Any, list]] = {
+        "pa_threaded_mainloop_new": (_P, []),
+        "pa_threaded_mainloop_get_api": (_api_p, [_P]),
+        "pa_threaded_mainloop_start": (I, [_P]),
+        "pa_threaded_mainloop_stop": (None, [_P]),
+        "pa_threaded_mainloop_free": (None, [_P]),
+        "pa_threaded_mainloop_lock": (None, [_P]),
+        "pa_threaded_mainloop_unlock": (None, [_P]),
+        "pa_threaded_mainloop_wait": (None, [_P]),
+        "pa_threaded_mainloop_signal": (None, [_P, I]),
         "pa_context_new": (_P, [_api_p, ctypes.c_char_p]),
         "pa_context_set_state_callback": (None, [_P, notify_cb, _P]),
         "pa_context_connect": (I, [_P, ctypes.c_char_p, I, _P]),
@@ -439,10 +464,17 @@ def libpulse() -> ctypes.CDLL:
         "pa_stream_new": (_P, [_P, ctypes.c_char_p, _P, _P]),
         "pa_stream_set_state_callback": (None, [_P, notify_cb, _P]),
         "pa_stream_set_read_callback": (None, [_P, request_cb, _P]),
+        "pa_stream_set_write_callback": (None, [_P, request_cb, _P]),
+        "pa_stream_set_underflow_callback": (None, [_P, notify_cb, _P]),
         "pa_stream_connect_record": (I, [_P, ctypes.c_char_p, _P, I]),
+        "pa_stream_connect_playback": (I, [_P, ctypes.c_char_p, _P, I, _P, _P]),
         "pa_stream_get_state": (I, [_P]),
         "pa_stream_peek": (I, [_P, ctypes.POINTER(_P), ctypes.POINTER(S)]),
         "pa_stream_drop": (I, [_P]),
+        "pa_stream_write": (I, [_P, _P, S, _P, ctypes.c_int64, I]),
+        "pa_stream_writable_size": (S, [_P]),
+        "pa_stream_flush": (_P, [_P, success_cb, _P]),
+        "pa_stream_get_buffer_attr": (ctypes.POINTER(BufferAttr), [_P]),
         "pa_stream_update_timing_info": (_P, [_P, success_cb, _P]),
         "pa_stream_get_latency": (I, [_P, ctypes.POINTER(U64), ctypes.POINTER(I)]),
         "pa_stream_disconnect": (I, [_P]),

@@ -11,86 +11,29 @@ interrupt that flushes the stream meanwhile would then still hear that block. He
 taken only when the server asks for it, under the mainloop lock, and `flush()` takes the same
 lock: nothing taken before an interrupt survives it.
 
+libpulse itself is loaded, with its signatures, by services/lib/pulseloop.py (one table for the
+microphone's and this stream's calls). Why libpulse's threaded mainloop here and not the event
+loop (PulseLoop, as the microphone): tried in session 7 (branch playloop-async), a turn's first
+12-90 samples went missing at the speaker's monitor in 6 of 10 runs (1 of 5 with the loop thread
+not real-time), against 0 of 4 with this thread in the same hour; not understood (README, Performance).
+
 Standard library only; `PulseUnavailable` when libpulse is missing or no server answers, and
 the caller uses PortAudio instead.
 """
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import time
 from typing import Callable
 
-from livepipe.services.lib.pulsein import _NO_VALUE, PA_SAMPLE_S16LE, PulseUnavailable, _BufferAttr, _SampleSpec
+from livepipe.services.lib.pulseloop import (CONTEXT_FAILED, CONTEXT_READY, CONTEXT_TERMINATED, NO_VALUE,
+                                             OPERATION_RUNNING, SAMPLE_S16LE, SEEK_RELATIVE, STREAM_AUTO_TIMING_UPDATE,
+                                             STREAM_EARLY_REQUESTS, STREAM_FAILED, STREAM_INTERPOLATE_TIMING,
+                                             STREAM_READY, STREAM_TERMINATED, BufferAttr, PulseUnavailable, SampleSpec,
+                                             libpulse, notify_cb, request_cb, success_cb)
 
 log = logging.getLogger("pulseout")
-
-# Enum values from pulse/def.h (stable ABI).
-_CONTEXT_READY, _CONTEXT_FAILED, _CONTEXT_TERMINATED = 4, 5, 6
-_STREAM_READY, _STREAM_FAILED, _STREAM_TERMINATED = 2, 3, 4
-_OPERATION_RUNNING = 0
-_STREAM_INTERPOLATE_TIMING, _STREAM_AUTO_TIMING_UPDATE, _STREAM_EARLY_REQUESTS = 0x2, 0x8, 0x4000
-_SEEK_RELATIVE = 0
-_ERR_NODATA = 8
-
-_notify_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)                     # (obj, userdata)
-_request_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)   # (stream, nbytes, ud)
-_success_cb = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)      # (stream, ok, ud)
-
-_lib: ctypes.CDLL | None = None
-
-
-def _load() -> ctypes.CDLL:
-    global _lib
-    if _lib is not None:
-        return _lib
-    name = ctypes.util.find_library("pulse") or "libpulse.so.0"
-    try:
-        lib = ctypes.CDLL(name)
-    except OSError as exc:
-        raise PulseUnavailable(f"libpulse not found ({exc})") from None
-    P, I, U, S = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_size_t
-    sigs: dict[str, tuple[object, list]] = {
-        "pa_threaded_mainloop_new": (P, []),
-        "pa_threaded_mainloop_get_api": (P, [P]),
-        "pa_threaded_mainloop_start": (I, [P]),
-        "pa_threaded_mainloop_stop": (None, [P]),
-        "pa_threaded_mainloop_free": (None, [P]),
-        "pa_threaded_mainloop_lock": (None, [P]),
-        "pa_threaded_mainloop_unlock": (None, [P]),
-        "pa_threaded_mainloop_wait": (None, [P]),
-        "pa_threaded_mainloop_signal": (None, [P, I]),
-        "pa_context_new": (P, [P, ctypes.c_char_p]),
-        "pa_context_set_state_callback": (None, [P, _notify_cb, P]),
-        "pa_context_connect": (I, [P, ctypes.c_char_p, I, P]),
-        "pa_context_get_state": (I, [P]),
-        "pa_context_errno": (I, [P]),
-        "pa_context_disconnect": (None, [P]),
-        "pa_context_unref": (None, [P]),
-        "pa_stream_new": (P, [P, ctypes.c_char_p, ctypes.POINTER(_SampleSpec), P]),
-        "pa_stream_set_state_callback": (None, [P, _notify_cb, P]),
-        "pa_stream_set_write_callback": (None, [P, _request_cb, P]),
-        "pa_stream_set_underflow_callback": (None, [P, _notify_cb, P]),
-        "pa_stream_connect_playback": (I, [P, ctypes.c_char_p, ctypes.POINTER(_BufferAttr), I, P, P]),
-        "pa_stream_get_state": (I, [P]),
-        "pa_stream_write": (I, [P, P, S, P, ctypes.c_int64, I]),
-        "pa_stream_writable_size": (S, [P]),
-        "pa_stream_flush": (P, [P, _success_cb, P]),
-        "pa_stream_get_latency": (I, [P, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(I)]),
-        "pa_stream_get_buffer_attr": (ctypes.POINTER(_BufferAttr), [P]),
-        "pa_stream_disconnect": (I, [P]),
-        "pa_stream_unref": (None, [P]),
-        "pa_operation_get_state": (I, [P]),
-        "pa_operation_unref": (None, [P]),
-        "pa_strerror": (ctypes.c_char_p, [I]),
-    }
-    for fn, (restype, argtypes) in sigs.items():
-        f = getattr(lib, fn)
-        f.restype, f.argtypes = restype, argtypes
-    del U
-    _lib = lib
-    return lib
 
 
 class OutputClock:
@@ -148,7 +91,7 @@ class PulseOutput:
 
     def __init__(self, sink: str | None, rate: int, channels: int, period_frames: int, latency_ms: float,
                  app: str, fill: Callable[[int, int], bytes]) -> None:
-        lib = _load()
+        lib = libpulse()
         self._lib = lib
         self.rate, self.channels, self.period_frames = rate, channels, period_frames
         self.frame_bytes = 2 * channels
@@ -162,10 +105,10 @@ class PulseOutput:
         self._flushed_at = -1e9   # time.monotonic() of the last flush
         self._ml = self._ctx = self._s = None
         # The callbacks must outlive the stream: kept on the object.
-        self._state_cb = _notify_cb(self._on_state)
-        self._write_cb = _request_cb(self._on_write)
-        self._underflow_cb = _notify_cb(self._on_underflow)
-        self._flushed_cb = _success_cb(self._on_flushed)
+        self._state_cb = notify_cb(self._on_state)
+        self._write_cb = request_cb(self._on_write)
+        self._underflow_cb = notify_cb(self._on_underflow)
+        self._flushed_cb = success_cb(self._on_flushed)
         self.clock = OutputClock(period_frames * 1_000_000_000 // rate)
         self._usec = ctypes.c_uint64(0)
         self._neg = ctypes.c_int(0)
@@ -190,11 +133,11 @@ class PulseOutput:
         try:
             if lib.pa_threaded_mainloop_start(ml) < 0:
                 raise PulseUnavailable("pa_threaded_mainloop_start failed")
-            while (state := lib.pa_context_get_state(self._ctx)) != _CONTEXT_READY:
-                if state in (_CONTEXT_FAILED, _CONTEXT_TERMINATED):
+            while (state := lib.pa_context_get_state(self._ctx)) != CONTEXT_READY:
+                if state in (CONTEXT_FAILED, CONTEXT_TERMINATED):
                     raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
                 lib.pa_threaded_mainloop_wait(ml)
-            spec = _SampleSpec(PA_SAMPLE_S16LE, self.rate, self.channels)
+            spec = SampleSpec(SAMPLE_S16LE, self.rate, self.channels)
             self._s = lib.pa_stream_new(self._ctx, b"playback", ctypes.byref(spec), None)
             if not self._s:
                 raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
@@ -211,13 +154,13 @@ class PulseOutput:
             # are written, and the server may round tlength: with its default prebuf (= tlength)
             # the stream could wait for a few bytes that never come.
             tlength = max(2 * self.period_bytes, int(self.rate * latency_ms / 1000) * self.frame_bytes)
-            attr = _BufferAttr(_NO_VALUE, tlength, self.period_bytes, self.period_bytes, _NO_VALUE)
-            flags = _STREAM_INTERPOLATE_TIMING | _STREAM_AUTO_TIMING_UPDATE | _STREAM_EARLY_REQUESTS
+            attr = BufferAttr(NO_VALUE, tlength, self.period_bytes, self.period_bytes, NO_VALUE)
+            flags = STREAM_INTERPOLATE_TIMING | STREAM_AUTO_TIMING_UPDATE | STREAM_EARLY_REQUESTS
             if lib.pa_stream_connect_playback(self._s, sink.encode() if sink else None, ctypes.byref(attr),
                                               flags, None, None) < 0:
                 raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
-            while (state := lib.pa_stream_get_state(self._s)) != _STREAM_READY:
-                if state in (_STREAM_FAILED, _STREAM_TERMINATED):
+            while (state := lib.pa_stream_get_state(self._s)) != STREAM_READY:
+                if state in (STREAM_FAILED, STREAM_TERMINATED):
                     raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
                 lib.pa_threaded_mainloop_wait(ml)
             got = lib.pa_stream_get_buffer_attr(self._s).contents
@@ -269,7 +212,7 @@ class PulseOutput:
             except Exception:   # play silence: the server asks again only for what it gets
                 self.callback_errors += 1
                 data = bytes(self.period_bytes)
-            if lib.pa_stream_write(s, data, len(data), None, 0, _SEEK_RELATIVE) < 0:
+            if lib.pa_stream_write(s, data, len(data), None, 0, SEEK_RELATIVE) < 0:
                 break
             nbytes -= len(data)
 
@@ -295,15 +238,15 @@ class PulseOutput:
         lib, ml = self._lib, self._ml
         lib.pa_threaded_mainloop_lock(ml)
         try:
-            if lib.pa_stream_get_state(self._s) != _STREAM_READY:
+            if lib.pa_stream_get_state(self._s) != STREAM_READY:
                 raise PulseUnavailable("the playback stream is not running")
             op = lib.pa_stream_flush(self._s, self._flushed_cb, None)
             if not op:
                 raise PulseUnavailable(self._error(lib.pa_context_errno(self._ctx)))
             self.clock.restart()   # before the wait: the server may ask for audio meanwhile
             self._flushed_at = time.monotonic()
-            while (lib.pa_operation_get_state(op) == _OPERATION_RUNNING
-                   and lib.pa_stream_get_state(self._s) == _STREAM_READY):
+            while (lib.pa_operation_get_state(op) == OPERATION_RUNNING
+                   and lib.pa_stream_get_state(self._s) == STREAM_READY):
                 lib.pa_threaded_mainloop_wait(ml)
             lib.pa_operation_unref(op)
         finally:
@@ -311,7 +254,7 @@ class PulseOutput:
 
     @property
     def alive(self) -> bool:
-        return bool(self._s) and self._lib.pa_stream_get_state(self._s) == _STREAM_READY
+        return bool(self._s) and self._lib.pa_stream_get_state(self._s) == STREAM_READY
 
     def close(self) -> None:
         """Stop the stream and libpulse's thread (no fill() runs after this returns)."""
@@ -320,7 +263,7 @@ class PulseOutput:
             return
         lib.pa_threaded_mainloop_lock(ml)
         if self._s:
-            lib.pa_stream_set_write_callback(self._s, _request_cb(), None)
+            lib.pa_stream_set_write_callback(self._s, request_cb(), None)
             lib.pa_stream_disconnect(self._s)
         if self._ctx:
             lib.pa_context_disconnect(self._ctx)

@@ -45,7 +45,7 @@ from livepipe.services.lib.audio import (OUT_RATE, AudioFileError, DeviceError, 
 from livepipe.bus.config import BusConfig, add_bus_arguments
 from livepipe.services.lib.devices import device_in_use, select_server_device
 from livepipe.services.lib.media import AudioSink
-from livepipe.services.lib.pulsein import PulseUnavailable
+from livepipe.services.lib.pulseloop import PulseUnavailable
 from livepipe.services.lib.pulseout import PulseOutput
 from livepipe.services.lib.verb import UsageError, VerbParser, fail, verb
 from livepipe.bus.message import Message
