@@ -95,7 +95,7 @@ def client(bus_cfg: BusConfig) -> Iterator[BusClient]:
     c.close()
 
 
-# pytest-xdist (pyproject's addopts: -n 2 --dist loadgroup) runs the suite on two workers. What it
+# pytest-xdist (`python3 -m pytest -n 2 --dist loadgroup`, not the default) runs the suite on two workers. What it
 # hands out is a group of tests, run on one worker in file order:
 # - every test that uses sound devices (PulseAudio null sinks, real-time playback and capture) is in
 #   one group, "devices", and solo (below): they run one after the other with nothing beside them, as
