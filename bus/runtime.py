@@ -569,25 +569,23 @@ class _Lane:
     def serve_all(self) -> None:
         """Dispatch every message queued now (a polled lane), unless a task holds the lane."""
         while self.task is None and not self.closing and not self.sync.closed:
-            batch = self.take()
-            for i, frames in enumerate(batch):
-                pending = self.svc._dispatch_now(frames)
-                if pending is not None:
-                    self.task = asyncio.get_running_loop().create_task(self._hold(pending, batch[i + 1:]))
-                    return
-            if len(batch) < BATCH:
+            if self._dispatch(self.take()) < BATCH:
                 return
 
     def _serve(self) -> None:
-        batch = self.take()
+        if self._dispatch(self.take()) == BATCH:   # more queued: let the other lanes and tasks run first
+            asyncio.get_running_loop().call_soon(self.on_fd)
+
+    def _dispatch(self, batch: list[list[bytes]]) -> int:
+        """Hand `batch` to the handlers in order; returns its length, or 0 once an async handler
+        holds the lane (its task dispatches the rest)."""
         dispatch = self.svc._dispatch_now
         for i, frames in enumerate(batch):
             pending = dispatch(frames)
             if pending is not None:
                 self.task = asyncio.get_running_loop().create_task(self._hold(pending, batch[i + 1:]))
-                return
-        if len(batch) == BATCH:   # more queued: let the other lanes and tasks run first
-            asyncio.get_running_loop().call_soon(self.on_fd)
+                return 0
+        return len(batch)
 
     async def _hold(self, pending: Awaitable[None], rest: list[list[bytes]]) -> None:
         try:
