@@ -366,7 +366,7 @@ def test_tools_never_import_genai_sounddevice_or_opencv():
 def test_bench_bus_runs_end_to_end():
     """The benchmark's plumbing (real broker, four processes, JSON out); figures are not asserted."""
     proc = subprocess.run([sys.executable, "-m", "livepipe.services", "bench", "bus", "--json", "--audio-count", "40",
-                           "--jpeg-count", "8", "--warmup", "5", "--rounds", "1"],
+                           "--jpeg-count", "8", "--warmup", "5", "--rounds", "1", "--cadence-count", "10"],
                           cwd=ROOT, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -374,6 +374,9 @@ def test_bench_bus_runs_end_to_end():
                 "raw_jpeg_p99_us", "lost"):
         assert isinstance(result[key], (int, float)), key
     assert result["lost"] == 0 and result["raw_lost"] == 0
+    # CPU per message at the 20 ms cadence: each process of the hop ran for it
+    for key in ("audio_cpu_us_per_msg", "raw_audio_cpu_us_per_msg"):
+        assert set(result[key]) == {"publisher", "broker", "subscriber", "total"} and result[key]["total"] > 0, result[key]
 
 
 def test_bench_pipeline_runs_end_to_end(tmp_path):

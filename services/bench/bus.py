@@ -19,6 +19,14 @@ excluded. raw and livepipe take turns in --rounds blocks per stream, so both mee
 background load. `lost` counts livepipe messages that never reached the handler, whatever
 the reason, including video frames the video lane's newest-frame-only policy replaced
 (`video_stale_dropped` says how many of those; they need a > 20 ms stall of the subscriber).
+
+CPU per message at the real cadence (`--cadence-count`, default 500 per system): audio.in messages
+every 20 ms, as capture-audio sends them, raw and livepipe in alternating blocks; the CPU time (user +
+system, from /proc) of the publisher, the broker and the subscriber over each block, divided by the
+messages sent. At 10x real time the processes never fall asleep between messages; at 50 a second
+each message wakes all three, which is what a conversation costs (`audio_cpu_us_per_msg`,
+`audio_hop_cpu_pct_of_core`: one 50-a-second stream across one hop, in % of one core). These
+messages are left out of the latency figures.
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import sys
 import time
 from typing import Any
 
+from livepipe.services.bench.report import cpu_seconds
 from livepipe.services.dev.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
 from livepipe.services.lib.stats import percentile
 from livepipe.services.lib.verb import VerbParser, fail, verb
@@ -39,6 +48,7 @@ from livepipe.services.lib.verb import VerbParser, fail, verb
 AUDIO_BYTES = 640          # 20 ms of 16 kHz mono s16le
 JPEG_BYTES = 100_000
 RAW_PREFIX = struct.Struct("<QQ")   # (seq, send time ns) at the start of a raw payload
+CADENCE_S = 0.020                  # capture-audio's chunk: the pace of the CPU-per-message phase
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -51,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--jpeg-interval-ms", type=float, default=20.0, help="JPEG pacing (default 20 ms)")
     p.add_argument("--warmup", type=int, default=200,
                    help="audio messages excluded at the start (default 200; JPEG: a quarter of it)")
+    p.add_argument("--cadence-count", type=int, default=500,
+                   help="audio messages per system sent every 20 ms to measure CPU per message (default 500; 0: skip)")
     p.add_argument("--rounds", type=int, default=10,
                    help="raw and livepipe alternate in this many blocks per stream (default 10)")
     p.add_argument("--role", choices=["lp-pub", "lp-sub", "raw-pub", "raw-sub"], help=argparse.SUPPRESS)
@@ -80,7 +92,8 @@ def lp_pub(args: argparse.Namespace) -> int:
     setup_logging("bench-pub", "WARNING")
     svc = Service("bench-pub", BusConfig.from_env(pub_endpoint=args.pub, sub_endpoint=args.sub))
     audio, jpeg = bytes(AUDIO_BYTES), jpeg_like(JPEG_BYTES)
-    intervals = {"audio": args.audio_interval_ms / 1000, "jpeg": args.jpeg_interval_ms / 1000}
+    intervals = {"audio": args.audio_interval_ms / 1000, "jpeg": args.jpeg_interval_ms / 1000,
+                 "cadence": CADENCE_S}
 
     async def run(svc: Service) -> int:
         for topic in ("audio.in", "video.in"):
@@ -98,7 +111,7 @@ def lp_pub(args: argparse.Namespace) -> int:
                 delay = t0 + i * intervals[stream] - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                if stream == "audio":
+                if stream != "jpeg":
                     svc.publish("audio.in", "audio", audio, rate=16000, channels=1, sample_width=2, frames=320)
                 else:
                     svc.publish("video.in", "image", jpeg, image_width=768, image_height=768, mime="image/jpeg")
@@ -154,7 +167,8 @@ def raw_pub(args: argparse.Namespace) -> int:
         print(f"raw publisher: no subscriber for {wanted}", file=sys.stderr)
         return 1
     bodies = {"audio": bytearray(AUDIO_BYTES), "jpeg": bytearray(jpeg_like(JPEG_BYTES))}
-    intervals = {"audio": args.audio_interval_ms / 1000, "jpeg": args.jpeg_interval_ms / 1000}
+    intervals = {"audio": args.audio_interval_ms / 1000, "jpeg": args.jpeg_interval_ms / 1000,
+                 "cadence": CADENCE_S}
     seqs = {"audio": 0, "jpeg": 0}
     print("READY", flush=True)
     for line in sys.stdin:
@@ -162,15 +176,16 @@ def raw_pub(args: argparse.Namespace) -> int:
         if not order or order[0] == "quit":
             break
         stream, count = order[0], int(order[1])
-        topic, body = RAW_TOPICS[stream], bodies[stream]
+        kind = "audio" if stream == "cadence" else stream   # cadence: audio at the real 20 ms pace
+        topic, body = RAW_TOPICS[kind], bodies[kind]
         t0 = time.monotonic()
         for i in range(count):
             delay = t0 + i * intervals[stream] - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            RAW_PREFIX.pack_into(body, 0, seqs[stream], time.time_ns())
+            RAW_PREFIX.pack_into(body, 0, seqs[kind], time.time_ns())
             pub.send_multipart([topic, body])
-            seqs[stream] += 1
+            seqs[kind] += 1
         time.sleep(0.05)
         print(json.dumps({"done": stream, "dropped": 0}), flush=True)
     pub.close()
@@ -213,6 +228,24 @@ def spawn(args: list[str], stdin: int | None = None) -> subprocess.Popen:
     return spawn_livepipe(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def run_seconds(proc: subprocess.Popen) -> float:
+    """CPU seconds a process's threads have run so far: the scheduler's nanosecond count summed over
+    /proc/PID/task/*/schedstat (psutil's user + system time counts 10 ms ticks, too coarse for a few
+    seconds of ~1 % load); psutil's figure where schedstat is missing."""
+    total, found = 0, False
+    try:
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+                    found = True
+            except (OSError, ValueError, IndexError):
+                pass   # a thread that just ended
+    except OSError:
+        pass
+    return total / 1e9 if found else cpu_seconds({"p": proc})["p"]
+
+
 class Pair:
     """A subscriber and a publisher process of one kind (raw or lp), driven block by block."""
 
@@ -238,7 +271,15 @@ class Pair:
         if not line:
             raise RuntimeError(f"{self.kind} publisher died: {self.pub.communicate()[1].strip()}")
         self.dropped = json.loads(line)["dropped"]
-        self.sent[stream] += count
+        self.sent["jpeg" if stream == "jpeg" else "audio"] += count
+
+    def send_measured(self, count: int, broker: subprocess.Popen) -> dict[str, float]:
+        """`count` audio messages at the real cadence: CPU seconds each process spent meanwhile."""
+        procs = {"publisher": self.pub, "broker": broker, "subscriber": self.sub}
+        before = {name: run_seconds(proc) for name, proc in procs.items()}
+        self.send("cadence", count)
+        return {name: run_seconds(proc) - before[name] for name, proc in procs.items()}
+
 
     def finish(self) -> dict[str, Any]:
         self.pub.stdin.write("quit\n")
@@ -285,6 +326,15 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
                 count = total // args.rounds + (1 if r < total % args.rounds else 0)
                 for kind in order:
                     pairs[kind].send(stream, count)
+        # CPU per message at the real cadence, after the latency rounds (so excluded from them by
+        # sequence number): two blocks per system, alternating.
+        cpu: dict[str, dict[str, float]] = {kind: {} for kind in pairs}
+        blocks = 2 if args.cadence_count >= 2 else args.cadence_count
+        for b in range(blocks):
+            for kind in (("raw", "lp") if b % 2 == 0 else ("lp", "raw")):
+                n = args.cadence_count // blocks + (1 if b < args.cadence_count % blocks else 0)
+                for name, secs in pairs[kind].send_measured(n, broker).items():
+                    cpu[kind][name] = cpu[kind].get(name, 0.0) + secs
         results = {kind: pair.finish() for kind, pair in pairs.items()}
     finally:
         for pair in pairs.values():
@@ -296,13 +346,22 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
         res = results[kind]
         missing = 0
         for stream in ("audio", "jpeg"):
-            measured = [lat for seq, lat in res["samples"][stream] if seq >= warmup[stream]]
+            end = warmup[stream] + (args.audio_count if stream == "audio" else args.jpeg_count)
+            measured = [lat for seq, lat in res["samples"][stream] if warmup[stream] <= seq < end]
             out[f"{prefix}{stream}_p50_us"] = pct_us(measured, 50)
             out[f"{prefix}{stream}_p99_us"] = pct_us(measured, 99)
             out[f"{prefix}{stream}_max_us"] = pct_us(measured, 100)
             received = {seq for seq, _ in res["samples"][stream]}
             missing += pairs[kind].sent[stream] - len(received)
         lost[kind] = missing
+    if args.cadence_count:
+        for kind, prefix in (("lp", ""), ("raw", "raw_")):
+            per = {name: round(secs / args.cadence_count * 1e6, 1) for name, secs in cpu[kind].items()}
+            per["total"] = round(sum(per.values()), 1)
+            out[f"{prefix}audio_cpu_us_per_msg"] = per
+            out[f"{prefix}audio_hop_cpu_pct_of_core"] = round(per["total"] / (CADENCE_S * 1e6) * 100, 2)
+        if out["raw_audio_cpu_us_per_msg"]["total"]:
+            out["audio_cpu_ratio"] = round(out["audio_cpu_us_per_msg"]["total"] / out["raw_audio_cpu_us_per_msg"]["total"], 2)
     out["lost"] = lost["lp"]
     out["raw_lost"] = lost["raw"]
     for stream in ("audio", "jpeg"):
@@ -312,7 +371,8 @@ def orchestrate(args: argparse.Namespace) -> dict[str, Any]:
     out.update({
         "audio_samples": args.audio_count, "audio_interval_ms": args.audio_interval_ms,
         "jpeg_samples": args.jpeg_count, "jpeg_interval_ms": args.jpeg_interval_ms, "warmup": warmup,
-        "rounds": args.rounds, "publisher_dropped": pairs["lp"].dropped,
+        "rounds": args.rounds, "cadence_count": args.cadence_count, "cadence_ms": CADENCE_S * 1000,
+        "publisher_dropped": pairs["lp"].dropped,
         "video_stale_dropped": results["lp"].get("counters", {}).get("stale_dropped", 0),
         "subscriber_counters": {k: v for k, v in results["lp"].get("counters", {}).items() if v},
         "transport": "tcp loopback via livepipe broker", "cpus": os.cpu_count(),
@@ -337,5 +397,10 @@ def main(argv: list[str]) -> int:
             print(f"{stream:<6} livepipe p50 {result[f'{stream}_p50_us']} us  p99 {result[f'{stream}_p99_us']} us   "
                   f"raw pyzmq p50 {result[f'raw_{stream}_p50_us']} us  p99 {result[f'raw_{stream}_p99_us']} us   "
                   f"p99 ratio {result.get(f'{stream}_p99_ratio')}")
+        if result.get("audio_cpu_us_per_msg"):
+            print(f"CPU per audio message every {result['cadence_ms']:g} ms (publisher, broker, subscriber): livepipe "
+                  f"{result['audio_cpu_us_per_msg']}, raw pyzmq {result['raw_audio_cpu_us_per_msg']} us; "
+                  f"one 50/s stream across one hop: {result['audio_hop_cpu_pct_of_core']} % of a core "
+                  f"(raw {result['raw_audio_hop_cpu_pct_of_core']} %)")
         print(f"lost {result['lost']} (raw {result['raw_lost']}), {result['seconds']} s")
     return 0
