@@ -150,7 +150,7 @@ def test_goaway_while_a_tool_call_is_pending(live_factory, tmp_path, bus_env):
     # ...and then switches: connected again after the goAway.
     rig.rec.until(lambda ms: [m.get("state") for m in ms if m.topic == "control" and m.kind in ("go_away", "session")]
                   [-2:] == ["resuming", "connected"], 10, "the switchover")
-    reply = reply_audio(rig.rec, 1)
+    reply = rig.reply(1)
     corr, _ = best_correlation(reply, upsample(said))
     assert corr >= 0.95 and len(reply) > 0.7 * len(upsample(said))
     events = [(e["event"], e["conn"]) for e in rig.emu.timeline()]
