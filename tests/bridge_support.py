@@ -147,7 +147,7 @@ def audio_before(done: Message, rec: Recorder, emu: "Emulator | None" = None) ->
     `done` (its heartbeat comes every second) proves the chunks before it are in. Sooner, when
     the emulator's timeline says how much it sent for that turn, and that much is in."""
     inst = done["inst"]
-    if any(m["inst"] == inst and m["ts"] >= done["ts"] and getattr(TOPICS.get(m.topic), "lane", "control") != "control"
+    if any(m["inst"] == inst and m["ts"] > done["ts"] and getattr(TOPICS.get(m.topic), "lane", "control") != "control"
            for m in rec.messages):
         return True
     if emu is None or done.kind != "turn_complete":
