@@ -18,6 +18,7 @@ import soxr
 from livepipe.bus.client import BusClient
 from livepipe.bus.config import BusConfig
 from livepipe.bus.message import Message
+from livepipe.bus.topics import TOPICS
 from tests.conftest import spawn, stop
 
 CHUNK = 320   # 20 ms at 16 kHz
@@ -138,6 +139,24 @@ def turn_completed(turn: int) -> Callable[[list[Message]], bool]:
     return lambda msgs: any(m.topic == "control" and m.kind == "turn_complete" and m["turn"] == turn for m in msgs)
 
 
+def audio_before(done: Message, rec: Recorder, emu: "Emulator | None" = None) -> bool:
+    """Whether every audio.out chunk its publisher sent before `done` (its control message, e.g.
+    turn_complete) is in `rec`. The control lane overtakes the others (a burst of reply chunks
+    sent at once can still be on its way behind the turn_complete that followed it), but a
+    process publishes all its other messages on one socket, in order: one of them sent after
+    `done` (its heartbeat comes every second) proves the chunks before it are in. Sooner, when
+    the emulator's timeline says how much it sent for that turn, and that much is in."""
+    inst = done["inst"]
+    if any(m["inst"] == inst and m["ts"] > done["ts"] and getattr(TOPICS.get(m.topic), "lane", "control") != "control"
+           for m in rec.messages):
+        return True
+    if emu is None or done.kind != "turn_complete":
+        return False
+    sent = [e["sent_seconds"] for e in emu.events("turn_complete") if e.get("turn") == done["turn"]]
+    got = sum(m["frames"] for m in rec.select("audio.out", "audio", turn=done["turn"]) if m["inst"] == inst)
+    return bool(sent) and abs(got - sent[-1] * 24000) <= 12   # a chunk is >= 10 ms: 240 samples
+
+
 class Emulator:
     """`livepipe emulator` on a free port. With wait=False the constructor returns at once, so a
     bridge can start beside it (it waits for emulator.json by itself); call wait_ready() after."""
@@ -244,7 +263,10 @@ class Live:
         return publish_audio(self.pub, pcm, pace=pace, **kw)
 
     def reply(self, turn: int, timeout: float = 15) -> np.ndarray:
-        self.rec.until(turn_completed(turn), timeout, f"turn_complete {turn}")
+        """The audio of `turn`, once it is complete: its turn_complete and every chunk sent before it."""
+        done = self.rec.until(lambda ms: [m for m in ms if m.topic == "control" and m.kind == "turn_complete"
+                                          and m["turn"] == turn], timeout, f"turn_complete {turn}")[0]
+        self.rec.until(lambda ms: audio_before(done, self.rec, self.emu), 5, f"the audio of turn {turn}")
         return reply_audio(self.rec, turn)
 
     def metrics(self) -> dict:

@@ -95,8 +95,8 @@ def client(bus_cfg: BusConfig) -> Iterator[BusClient]:
     c.close()
 
 
-# pytest-xdist (`python3 -m pytest -n 2 --dist loadgroup`, not the default) runs the suite on two workers. What it
-# hands out is a group of tests, run on one worker in file order:
+# pytest-xdist (`-n 2 --dist loadgroup`, pyproject's default; -n 0 runs without it) runs the suite on two
+# workers. What it hands out is a group of tests, run on one worker in file order:
 # - every test that uses sound devices (PulseAudio null sinks, real-time playback and capture) is in
 #   one group, "devices", and solo (below): they run one after the other with nothing beside them, as
 #   without xdist (beside another worker's test, audio played through a device had gaps);

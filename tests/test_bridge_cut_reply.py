@@ -24,8 +24,7 @@ def test_a_reply_cut_by_a_dropped_connection_is_published_once(live_factory):  #
         chunks = [m.payload for m in sorted(rig.rec.select("audio.out", "audio"), key=lambda m: m["turn"])]
         return np.frombuffer(b"".join(chunks), "<i2")
     # The resumed session's answer completes (turn 1 is the cut one, closed at the drop).
-    rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "turn_complete" and m["turn"] >= 2
-                                 for m in ms), 15, "the resumed reply to complete")
+    rig.reply(2)
     # Everything published, in turn order, is the reply once: no part of it twice.
     assert len(heard()) <= len(ref) * 1.05, (len(heard()), len(ref))
     assert len(heard()) >= 0.7 * len(ref) and best_correlation(heard(), ref)[0] >= 0.95
@@ -52,8 +51,7 @@ def test_typed_words_whose_reply_a_dropped_connection_cut_are_answered_once(live
     rig.pub.publish("text.in", "text", text=text)
     rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "session" and m["state"] == "resuming"
                                  for m in ms), 10, "the drop and the resumption")
-    rig.rec.until(lambda ms: any(m.topic == "control" and m.kind == "turn_complete" and m["turn"] >= 2
-                                 for m in ms), 10, "the resumed session's answer to the typed words")
+    rig.reply(2, 10)   # the resumed session's answer to the typed words, all its audio in
     ref = synthetic_reply(text)
     heard = np.frombuffer(b"".join(m.payload for m in sorted(rig.rec.select("audio.out", "audio"),
                                                              key=lambda m: m["turn"])), "<i2")

@@ -9,16 +9,12 @@ import re
 import subprocess
 
 import numpy as np
-import pytest
 
 from tests.bridge_support import Live, assert_reply_is, silence, speech
 from tests.conftest import ROOT
 from tests.test_emulator_sdk_compat import OLD_SDK, old_sdk_python  # noqa: F401  (fixture: the floor's venv)
 
 
-# solo (tests/conftest.py): beside another worker's test its first reply once came back 160 ms long
-# (a fresh-clone CI run, session 7; 1 of 6 runs beside a bridge test file, 0 of 26 otherwise; cause not found)
-@pytest.mark.solo
 def test_bridge_under_the_oldest_supported_sdk_answers_and_calls_a_tool(old_sdk_python, bus_env, bus_cfg, tmp_path):
     # The venv sees the system's livepipe install, which may be another checkout: put this one first.
     shim = tmp_path / "shim"
