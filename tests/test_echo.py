@@ -225,16 +225,23 @@ def test_canceller_removes_a_delayed_echo_and_leaves_the_user_alone() -> None:
     from livepipe.services.lib.echo import ApmCanceller, EchoStage
     far, mic, user_at = _scene(delay_ms=90)
     stage = EchoStage("cancel", ApmCanceller)
-    t0 = 1_800_000_000 * 1_000_000_000
-    stage.add_reference(far, 16000, t0)    # what playback handed the device, sounding from t0
-    out = np.concatenate([stage.process(mic[i:i + 320], t0 + i * 62_500) for i in range(0, len(mic) - 319, 320)])
-    m = stage.metrics()
-    assert m["echo_delay_ms"] is not None and abs(m["echo_delay_ms"] - 90) < 5, m
-    assert m["echo_erle_db"] > 25, m
-    # The user, alone after the model: published unchanged (only the canceller's latency later).
     lat = stage.latency
-    user_out = out[user_at + lat:]
-    assert np.array_equal(user_out, mic[user_at:user_at + len(user_out)])
+    # Two turns: the model speaks, then the user alone, twice. Between them the model is silent
+    # long enough that the canceller is not run (echo_idle_frames): the second reply's echo shows
+    # it resumes where it was.
+    for turn in range(2):
+        t0 = 1_800_000_000 * 1_000_000_000 + turn * len(mic) * 62_500
+        idle_before = stage.idle_frames
+        stage.add_reference(far, 16000, t0)    # what playback handed the device, sounding from t0
+        out = np.concatenate([stage.process(mic[i:i + 320], t0 + i * 62_500) for i in range(0, len(mic) - 319, 320)])
+        m = stage.metrics()
+        assert m["echo_delay_ms"] is not None and abs(m["echo_delay_ms"] - 90) < 5, (turn, m)
+        assert m["echo_erle_db"] > 25, (turn, m)
+        # The user, alone after the model: published unchanged (only the canceller's latency later).
+        user_out = out[user_at + lat:]
+        assert np.array_equal(user_out, mic[user_at:user_at + len(user_out)]), turn
+        # ... and from 0.84 s after the model's last sound (its echo can be 0.5 s late) not even run.
+        assert stage.idle_frames - idle_before >= (len(mic) - user_at - 4800) // 160, (turn, m)
 
 
 def test_gate_silences_the_microphone_while_the_model_is_heard() -> None:

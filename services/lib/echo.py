@@ -451,6 +451,9 @@ class EchoStage:
         self.echo_frames = 0        # frames in which the model was audible
         self.gated_frames = 0
         self.cancelled_frames = 0   # frames published from the canceller's output
+        self.idle_frames = 0        # frames passed through untouched: the model silent for long (see _idle)
+        self._idle_lookback = (self.latency + self.estimator.max_lag + self.ACTIVE_TAIL_MS * IN_RATE // 1000
+                               + self.MARGIN_MS * IN_RATE // 1000 + FRAME)
         self.heard = False          # the model was audible in the last chunk processed
         self.ref_waits = 0          # chunks held for a late reference
         self.ref_wait_ms_max = 0.0
@@ -548,8 +551,23 @@ class EchoStage:
         window = self.ref.read(index - delay - tail, tail + FRAME)
         return bool(len(window)) and int(np.max(np.abs(window.astype(np.int32)))) > 100
 
+    def _idle(self, index: int) -> bool:
+        """The model has been silent longer than anything this frame's processing reads: the
+        canceller's reference, the activity test's tail, the delay estimator's longest lag. The
+        microphone then passes as it is, and the canceller and the estimator are not run: they
+        would only be fed silence (half of a conversation; AEC3 is ~40 % of the echo stage's CPU).
+        They resume with the state they had, on the first frame whose window holds sound."""
+        return not self._active and not self.ref.may_be_loud(index - self._idle_lookback)
+
     def _frame(self, mic: np.ndarray, index: int) -> np.ndarray:
         self.frames += 1
+        if self._idle(index):
+            self.idle_frames += 1
+            if self.mode == "gate":
+                return mic
+            line = np.concatenate([self._raw, mic])   # the bypass keeps the canceller's latency
+            self._raw = line[FRAME:]
+            return line[:FRAME]
         ref_wall = self.ref.read(index, FRAME)
         self.estimator.push(mic, ref_wall)
         self._estimate()
@@ -614,7 +632,7 @@ class EchoStage:
         return {"echo_mode": self.mode, "echo_canceller": getattr(self.canceller, "name", None) if self.mode == "cancel" else None,
                 "echo_erle_db": self.erle_db, "echo_delay_ms": None if d is None else round(d * 1000 / IN_RATE, 1),
                 "echo_delay_corr": round(self.estimator.last_corr, 2), "echo_frames": self.echo_frames,
-                "echo_cancelled_frames": self.cancelled_frames, "echo_gated_frames": self.gated_frames,
+                "echo_cancelled_frames": self.cancelled_frames, "echo_idle_frames": self.idle_frames, "echo_gated_frames": self.gated_frames,
                 "echo_ref_blocks": self.ref.blocks, "echo_realigns": self.realigns, "echo_latency_ms": round(self.latency * 1000 / IN_RATE, 1),
                 "echo_ref_waits": self.ref_waits, "echo_ref_wait_ms_max": round(self.ref_wait_ms_max, 1),
                 "echo_ref_timeouts": self.ref_timeouts, "echo_ref_late": self.ref_late,
