@@ -161,10 +161,16 @@ class Rig:
                                 stderr=subprocess.DEVNULL)
 
     def ask(self, question: Path) -> tuple[int, Any]:
-        """Say the question; return (turn number, playback turn_started of its reply)."""
-        n = len(self.select("playback", "turn_started"))
+        """Say the question; return (turn number, playback turn_started of its reply): the first turn
+        that starts after the question was said. A turn that started while it was being said is the
+        model's answer to what was said before (a barge-in or a cough that got through: the emulator
+        answers it, sometimes more than settle()'s 1.5 s after the interrupted turn), cut off by the
+        question; taking it for the reply played the barge-in before the reply and the bench timed
+        out waiting for it to interrupt."""
         self.play(question).wait(60)
-        started = self.until(lambda: self.select("playback", "turn_started")[n:], 20, "the reply")[0]
+        said = time.time_ns()
+        started = self.until(lambda: [m for m in self.select("playback", "turn_started") if m["ts"] > said],
+                             20, "the reply")[0]
         return int(started["turn"]), started
 
     def finished(self, turn: int, timeout: float = 40) -> Any:
