@@ -469,6 +469,8 @@ class EchoStage:
         self.near_end_db = math.inf  # the last chunk's power over the echo expected in it (dB; inf: none expected)
         self._gain: deque[float] = deque(maxlen=300)   # room power gain, reference -> microphone, last 3 s of loud frames
         self._gain_median: float | None = None
+        self._gain_new = 0          # gains learnt since the median was taken (every 0.5 s of loud frames)
+        self._ref_powers: deque[float] = deque(maxlen=self.ECHO_BACK_MS * IN_RATE // 1000 // FRAME + 2)
         self._echo_env = 0.0        # echo power expected at the microphone (room tail included)
         self._chunk_mic = self._chunk_echo = 0.0
         self._decay = 10 ** (-self.ECHO_DECAY_DB / 10)
@@ -633,14 +635,15 @@ class EchoStage:
     def _expect_echo(self, at: int, mic_power: float) -> None:
         """The echo power expected in the microphone frame whose aligned reference starts at grid
         index `at`, added to the chunk's sums with the frame's power (see ECHO_BACK_MS)."""
-        back = self.ECHO_BACK_MS * IN_RATE // 1000
-        ref_power = 0.0
-        if self.ref.may_be_loud(at - back):
-            w = self.ref.read(at - back, back + 2 * FRAME).astype(np.float64).reshape(-1, FRAME)
-            ref_power = float(np.max(np.einsum("ij,ij->i", w, w))) / FRAME
+        # one 10 ms read per frame: the frame after this one's, kept for the next ECHO_BACK_MS
+        ahead = at + FRAME
+        self._ref_powers.append(mean_square(self.ref.read(ahead, FRAME)) if self.ref.may_be_loud(ahead) else 0.0)
+        ref_power = max(self._ref_powers)
         if ref_power > 1e4 and mic_power > 1e3:   # the model loud, the room above its noise: learn the gain
             self._gain.append(mic_power / ref_power)
-            if len(self._gain) >= 20 and (self._gain_median is None or len(self._gain) % 10 == 0):
+            self._gain_new += 1
+            if len(self._gain) >= 20 and (self._gain_median is None or self._gain_new >= 50):
+                self._gain_new = 0
                 self._gain_median = float(np.median(self._gain))
         gain = self._gain_median or 0.0
         self._echo_env = max(gain * ref_power, self._echo_env * self._decay)
