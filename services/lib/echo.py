@@ -617,7 +617,7 @@ class EchoStage:
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
         em = mean_square(mic)
-        self._expect_echo(index - delay, em)
+        self._expect_echo(index, em)
         if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
             self.echo_frames += 1
             if em > 1e3:   # the echo is above the noise floor: there is something to cancel
@@ -632,12 +632,17 @@ class EchoStage:
         w = self._fade if active else self._fade[::-1]   # weight of the canceller's output
         return (out * w + raw * (1.0 - w)).astype(np.int16)
 
-    def _expect_echo(self, at: int, mic_power: float) -> None:
-        """The echo power expected in the microphone frame whose aligned reference starts at grid
-        index `at`, added to the chunk's sums with the frame's power (see ECHO_BACK_MS)."""
-        # one 10 ms read per frame: the frame after this one's, kept for the next ECHO_BACK_MS
-        ahead = at + FRAME
-        self._ref_powers.append(mean_square(self.ref.read(ahead, FRAME)) if self.ref.may_be_loud(ahead) else 0.0)
+    def _expect_echo(self, index: int, mic_power: float) -> None:
+        """The echo power expected in the microphone frame at grid index `index`, added to the
+        chunk's sums with the frame's power (see ECHO_BACK_MS)."""
+        # One 10 ms read per frame (the frame after this one's, kept for the next ECHO_BACK_MS), at
+        # the delay estimate and, when it differs, at the delay the canceller is aligned by: the
+        # estimate can be off for a while (seen: 132 ms for a room of 73-83 ms, in bench barge).
+        ahead = index + FRAME
+        p = self._ref_power(ahead - self.delay_samples)
+        if abs(self.applied_delay - self.delay_samples) >= FRAME:
+            p = max(p, self._ref_power(ahead - self.applied_delay))
+        self._ref_powers.append(p)
         ref_power = max(self._ref_powers)
         if ref_power > 1e4 and mic_power > 1e3:   # the model loud, the room above its noise: learn the gain
             self._gain.append(mic_power / ref_power)
@@ -649,6 +654,9 @@ class EchoStage:
         self._echo_env = max(gain * ref_power, self._echo_env * self._decay)
         self._chunk_mic += mic_power
         self._chunk_echo += self._echo_env
+
+    def _ref_power(self, start: int) -> float:
+        return mean_square(self.ref.read(start, FRAME)) if self.ref.may_be_loud(start) else 0.0
 
     def _estimate(self) -> None:
         self._since_estimate += 1
