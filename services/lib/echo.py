@@ -769,9 +769,10 @@ class BargeInGuard:
             near_end_db = math.inf
         self._far_ms = 0.0 if near_end_db >= self.NEAR_END_DB else self._far_ms + chunk_ms
         counts = self._far_ms <= self.NEAR_HANG_MS
-        vowel_ms = voiced_ms = 0
+        vowel_ms = voiced_ms = heard_ms = 0
         for f in self._vad.cut(chunk):
             if self._vad.is_voiced(f):
+                heard_ms += 20
                 if not counts:
                     self.echo_voiced_ms += 20
                     continue
@@ -781,7 +782,9 @@ class BargeInGuard:
                     vowel_ms += 20
         self._quiet_ms = 0.0 if voiced_ms else self._quiet_ms + chunk_ms
         if self.state == "idle":
-            if not (model_heard and voiced_ms):
+            # any voice starts a burst, the echo's too: it is held (and goes out as silence) rather
+            # than passed to the service
+            if not (model_heard and heard_ms):
                 return [(chunk, ts)]
             self.state, self._held, self._held_ms, self._voiced_ms, self._vowel_ms = "hold", [], 0.0, 0, 0
             self.held_bursts += 1
