@@ -83,6 +83,7 @@ class Rig:
         self.broker, self.env = start_broker(env, log=workdir / f"{name}-broker.log")
         self.procs: dict[str, subprocess.Popen] = {}
         self.msgs: list[Any] = []
+        self.notes: list[tuple[int, str]] = []       # (wall ns, what the bench did)
         self.client: BusClient | None = None
         try:   # a process that fails to start or connect: stop the others, never leave them running
             self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
@@ -167,8 +168,10 @@ class Rig:
         answers it, sometimes more than settle()'s 1.5 s after the interrupted turn), cut off by the
         question; taking it for the reply played the barge-in before the reply and the bench timed
         out waiting for it to interrupt."""
+        self.note("question starts")
         self.play(question).wait(60)
         said = time.time_ns()
+        self.note("question said")
         started = self.until(lambda: [m for m in self.select("playback", "turn_started") if m["ts"] > said],
                              20, "the reply")[0]
         return int(started["turn"]), started
@@ -177,8 +180,26 @@ class Rig:
         return self.until(lambda: [m for m in self.select("playback", "turn_finished") if m["turn"] == turn],
                           timeout, f"turn {turn} to finish")[0]
 
+    def note(self, what: str) -> None:
+        self.notes.append((time.time_ns(), what))
+
+    def write_timeline(self) -> None:
+        """What the bench did and the turns it saw, in seconds, to NAME-turns.txt in the workdir
+        (a run that times out explains itself)."""
+        ev = list(self.notes)
+        for m in self.msgs:
+            if m.topic == "playback" and m.kind == "turn_started":
+                ev.append((m["ts"], f"turn {m['turn']} started (first sample at +{(m['first_sample_ts'] - m['ts']) / 1e6:.0f} ms)"))
+            elif m.topic == "playback" and m.kind == "turn_finished":
+                ev.append((m["ts"], f"turn {m['turn']} finished{' (interrupted)' if m['interrupted'] else ''}"))
+            elif m.topic == "control" and m.kind == "interrupt":
+                ev.append((m["ts"], f"interrupt turn {m['turn']}"))
+        t0 = min((t for t, _ in ev), default=0)
+        (self.workdir / f"{self.name}-turns.txt").write_text("".join(f"{(t - t0) / 1e9:8.2f}  {w}\n" for t, w in sorted(ev)))
+
     def close(self) -> None:
         if self.client is not None:
+            self.write_timeline()
             self.client.close()
         for p in reversed(list(self.procs.values())):
             stop_process(p)
@@ -236,6 +257,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 write_wav_int16(cpath, track, RATE)
                 rig.wait((started["first_sample_ts"] + 500_000_000 - time.time_ns()) / 1e9)
                 t_play = time.time_ns()
+                rig.note(f"{k} coughs start over turn {turn}")
                 proc = rig.play(cpath)
                 done = rig.finished(turn)
                 proc.kill()   # the rest of the coughs would fall after the reply
@@ -253,12 +275,22 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 rig.wait((started["first_sample_ts"] + 800_000_000 - time.time_ns()) / 1e9)
                 t_play = time.time_ns()
                 n_int = len(rig.select("control", "interrupt"))
+                rig.note(f"barge-in starts over turn {turn}")
                 rig.play(bpath).wait(30)
+                rig.note("barge-in said")
                 ints = rig.until(lambda: rig.select("control", "interrupt")[n_int:], 10, "the barge-in to interrupt")
                 rig.finished(turn)
                 time.sleep(0.3)
                 onset = onset_in_mic(mic, b, t_play)
                 delays.append(round((ints[0]["ts"] - onset) / 1e6))
+                # The model answers the barge-in: let that answer play out before the next question,
+                # which would otherwise cut it off (settle() alone may end before it starts)
+                try:
+                    answer = rig.until(lambda: [m for m in rig.select("playback", "turn_started") if m["turn"] > turn],
+                                       10, "the answer to the barge-in")[0]
+                    rig.finished(int(answer["turn"]))
+                except BenchError:
+                    pass
                 rig.settle()
             m = rig.capture_metrics()
             cpu = rig.cpu_pct()
