@@ -270,9 +270,18 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 cut += int(bool(done["interrupted"]))
                 rig.settle()
             delays = []
+            cut_early = 0
             for _ in range(barge_ins):
-                turn, started = rig.ask(qpath)
-                rig.wait((started["first_sample_ts"] + 800_000_000 - time.time_ns()) / 1e9)
+                for _attempt in range(3):
+                    turn, started = rig.ask(qpath)
+                    rig.wait((started["first_sample_ts"] + 800_000_000 - time.time_ns()) / 1e9)
+                    if not [m for m in rig.select("playback", "turn_finished") if m["turn"] == turn]:
+                        break
+                    # The reply was cut off before the barge-in (the model's own echo, or the end of
+                    # the question taken for more speech): counted, and asked again
+                    cut_early += 1
+                    rig.note(f"turn {turn} was over before the barge-in: asked again")
+                    rig.settle()
                 t_play = time.time_ns()
                 n_int = len(rig.select("control", "interrupt"))
                 rig.note(f"barge-in starts over turn {turn}")
@@ -295,7 +304,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
             m = rig.capture_metrics()
             cpu = rig.cpu_pct()
         return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)] if lengths else None,
-                "barge_in_interrupt_after_onset_ms": delays, "echo_erle_db": m.get("echo_erle_db"),
+                "barge_in_interrupt_after_onset_ms": delays, "replies_cut_before_the_barge_in": cut_early, "echo_erle_db": m.get("echo_erle_db"),
                 "echo_delay_ms": m.get("echo_delay_ms"), "guard": {k: v for k, v in m.items() if k.startswith("barge_in")},
                 "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late",
                                                      "echo_ref_missed", "echo_ref_missed_ms_max", "echo_ref_lead_ms_min")},
