@@ -593,6 +593,8 @@ class EchoStage:
         self.frames += 1
         if self._idle(index):
             self.idle_frames += 1
+            self._echo_env = 0.0            # nothing of the model is left in the room (see _expect_echo)
+            self._ref_powers.clear()
             if self.mode == "gate":
                 return mic
             line = np.concatenate([self._raw, mic])   # the bypass keeps the canceller's latency
