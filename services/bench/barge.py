@@ -83,6 +83,7 @@ class Rig:
         self.broker, self.env = start_broker(env, log=workdir / f"{name}-broker.log")
         self.procs: dict[str, subprocess.Popen] = {}
         self.msgs: list[Any] = []
+        self.notes: list[tuple[int, str]] = []       # (wall ns, what the bench did)
         self.client: BusClient | None = None
         try:   # a process that fails to start or connect: stop the others, never leave them running
             self.client = BusClient("bench-barge", BusConfig.from_env(self.env), ["control", "playback", "status"])
@@ -161,18 +162,44 @@ class Rig:
                                 stderr=subprocess.DEVNULL)
 
     def ask(self, question: Path) -> tuple[int, Any]:
-        """Say the question; return (turn number, playback turn_started of its reply)."""
-        n = len(self.select("playback", "turn_started"))
+        """Say the question; return (turn number, playback turn_started of its reply): the first turn
+        that starts after the question was said. A turn that started while it was being said is the
+        model's answer to what was said before (a barge-in or a cough that got through: the emulator
+        answers it, sometimes more than settle()'s 1.5 s after the interrupted turn), cut off by the
+        question; taking it for the reply played the barge-in before the reply and the bench timed
+        out waiting for it to interrupt."""
+        self.note("question starts")
         self.play(question).wait(60)
-        started = self.until(lambda: self.select("playback", "turn_started")[n:], 20, "the reply")[0]
+        said = time.time_ns()
+        self.note("question said")
+        started = self.until(lambda: [m for m in self.select("playback", "turn_started") if m["ts"] > said],
+                             20, "the reply")[0]
         return int(started["turn"]), started
 
     def finished(self, turn: int, timeout: float = 40) -> Any:
         return self.until(lambda: [m for m in self.select("playback", "turn_finished") if m["turn"] == turn],
                           timeout, f"turn {turn} to finish")[0]
 
+    def note(self, what: str) -> None:
+        self.notes.append((time.time_ns(), what))
+
+    def write_timeline(self) -> None:
+        """What the bench did and the turns it saw, in seconds, to NAME-turns.txt in the workdir
+        (a run that times out explains itself)."""
+        ev = list(self.notes)
+        for m in self.msgs:
+            if m.topic == "playback" and m.kind == "turn_started":
+                ev.append((m["ts"], f"turn {m['turn']} started (first sample at +{(m['first_sample_ts'] - m['ts']) / 1e6:.0f} ms)"))
+            elif m.topic == "playback" and m.kind == "turn_finished":
+                ev.append((m["ts"], f"turn {m['turn']} finished{' (interrupted)' if m['interrupted'] else ''}"))
+            elif m.topic == "control" and m.kind == "interrupt":
+                ev.append((m["ts"], f"interrupt turn {m['turn']}"))
+        t0 = min((t for t, _ in ev), default=0)
+        (self.workdir / f"{self.name}-turns.txt").write_text("".join(f"{(t - t0) / 1e9:8.2f}  {w}\n" for t, w in sorted(ev)))
+
     def close(self) -> None:
         if self.client is not None:
+            self.write_timeline()
             self.client.close()
         for p in reversed(list(self.procs.values())):
             stop_process(p)
@@ -230,6 +257,7 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 write_wav_int16(cpath, track, RATE)
                 rig.wait((started["first_sample_ts"] + 500_000_000 - time.time_ns()) / 1e9)
                 t_play = time.time_ns()
+                rig.note(f"{k} coughs start over turn {turn}")
                 proc = rig.play(cpath)
                 done = rig.finished(turn)
                 proc.kill()   # the rest of the coughs would fall after the reply
@@ -242,22 +270,41 @@ def run_config(name: str, capture_args: list[str], bridge_args: list[str], env: 
                 cut += int(bool(done["interrupted"]))
                 rig.settle()
             delays = []
+            cut_early = 0
             for _ in range(barge_ins):
-                turn, started = rig.ask(qpath)
-                rig.wait((started["first_sample_ts"] + 800_000_000 - time.time_ns()) / 1e9)
+                for _attempt in range(3):
+                    turn, started = rig.ask(qpath)
+                    rig.wait((started["first_sample_ts"] + 800_000_000 - time.time_ns()) / 1e9)
+                    if not [m for m in rig.select("playback", "turn_finished") if m["turn"] == turn]:
+                        break
+                    # The reply was cut off before the barge-in (the model's own echo, or the end of
+                    # the question taken for more speech): counted, and asked again
+                    cut_early += 1
+                    rig.note(f"turn {turn} was over before the barge-in: asked again")
+                    rig.settle()
                 t_play = time.time_ns()
                 n_int = len(rig.select("control", "interrupt"))
+                rig.note(f"barge-in starts over turn {turn}")
                 rig.play(bpath).wait(30)
+                rig.note("barge-in said")
                 ints = rig.until(lambda: rig.select("control", "interrupt")[n_int:], 10, "the barge-in to interrupt")
                 rig.finished(turn)
                 time.sleep(0.3)
                 onset = onset_in_mic(mic, b, t_play)
                 delays.append(round((ints[0]["ts"] - onset) / 1e6))
+                # The model answers the barge-in: let that answer play out before the next question,
+                # which would otherwise cut it off (settle() alone may end before it starts)
+                try:
+                    answer = rig.until(lambda: [m for m in rig.select("playback", "turn_started") if m["turn"] > turn],
+                                       10, "the answer to the barge-in")[0]
+                    rig.finished(int(answer["turn"]))
+                except BenchError:
+                    pass
                 rig.settle()
             m = rig.capture_metrics()
             cpu = rig.cpu_pct()
         return {"coughs_over_model": over, "coughs_that_cut_the_model_off": cut, "cough_ms": [min(lengths), max(lengths)] if lengths else None,
-                "barge_in_interrupt_after_onset_ms": delays, "echo_erle_db": m.get("echo_erle_db"),
+                "barge_in_interrupt_after_onset_ms": delays, "replies_cut_before_the_barge_in": cut_early, "echo_erle_db": m.get("echo_erle_db"),
                 "echo_delay_ms": m.get("echo_delay_ms"), "guard": {k: v for k, v in m.items() if k.startswith("barge_in")},
                 "ref_wait": {k: m.get(k) for k in ("echo_ref_waits", "echo_ref_wait_ms_max", "echo_ref_timeouts", "echo_ref_late",
                                                      "echo_ref_missed", "echo_ref_missed_ms_max", "echo_ref_lead_ms_min")},

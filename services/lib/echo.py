@@ -427,6 +427,15 @@ class EchoStage:
     LOUD_RMS = 100.0        # about -50 dBFS
     IDLE_MS = 300           # a reference that ended this long before a chunk's time: no turn is playing
 
+    # How far above the model's echo is the microphone (`near_end_db`, for the barge-in guard)? The
+    # echo expected at the microphone is the aligned reference's power (the loudest 10 ms from
+    # ECHO_BACK_MS before the delay estimate to 10 ms after it: the estimate can run ~20 ms short of
+    # the room's delay) times the room's power gain (the median over the last loud frames), held with
+    # a room tail that falls ECHO_DECAY_DB per 10 ms. What the canceller leaves of the echo (3-10 dB
+    # under it in double talk) adds nothing at the microphone; the user, or a cough, does.
+    ECHO_BACK_MS = 40
+    ECHO_DECAY_DB = 1.5
+
     def __init__(self, mode: str, make_canceller: Callable[[], Canceller] | None = None,
                  max_ref_wait_ms: int | None = None) -> None:
         assert mode in MODES, mode
@@ -457,6 +466,14 @@ class EchoStage:
         self._idle_lookback = (self.latency + self.estimator.max_lag + self.ACTIVE_TAIL_MS * IN_RATE // 1000
                                + self.MARGIN_MS * IN_RATE // 1000 + FRAME)
         self.heard = False          # the model was audible in the last chunk processed
+        self.near_end_db = math.inf  # the last chunk's power over the echo expected in it (dB; inf: none expected)
+        self._gain: deque[float] = deque(maxlen=300)   # room power gain, reference -> microphone, last 3 s of loud frames
+        self._gain_median: float | None = None
+        self._gain_new = 0          # gains learnt since the median was taken (every 0.5 s of loud frames)
+        self._ref_powers: deque[float] = deque(maxlen=self.ECHO_BACK_MS * IN_RATE // 1000 // FRAME + 2)
+        self._echo_env = 0.0        # echo power expected at the microphone (room tail included)
+        self._chunk_mic = self._chunk_echo = 0.0
+        self._decay = 10 ** (-self.ECHO_DECAY_DB / 10)
         self.ref_waits = 0          # chunks held for a late reference
         self.ref_wait_ms_max = 0.0
         self.ref_timeouts = 0       # chunks that waited the full bound, then went on without it
@@ -537,10 +554,13 @@ class EchoStage:
         start = capture_ns * IN_RATE // NS
         out = chunk.copy()
         heard = False
+        self._chunk_mic = self._chunk_echo = 0.0
         for i in range(0, len(chunk) - FRAME + 1, FRAME):
             out[i:i + FRAME] = self._frame(chunk[i:i + FRAME], start + i)
             heard = heard or self._active
         self.heard = heard
+        self.near_end_db = (10 * math.log10(max(self._chunk_mic, 1.0) / self._chunk_echo)
+                            if self._chunk_echo > 0 else math.inf)
         if self.estimator.delay is not None:
             self._judged_to = start + len(chunk) - self.delay_samples
         return out
@@ -573,6 +593,8 @@ class EchoStage:
         self.frames += 1
         if self._idle(index):
             self.idle_frames += 1
+            self._echo_env = 0.0            # nothing of the model is left in the room (see _expect_echo)
+            self._ref_powers.clear()
             if self.mode == "gate":
                 return mic
             line = np.concatenate([self._raw, mic])   # the bypass keeps the canceller's latency
@@ -596,9 +618,10 @@ class EchoStage:
         self._canceller_frames += 1
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
+        em = mean_square(mic)
+        self._expect_echo(index, em)
         if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
             self.echo_frames += 1
-            em = mean_square(mic)
             if em > 1e3:   # the echo is above the noise floor: there is something to cancel
                 self._erle.append(10 * np.log10(em / max(mean_square(out), 1.0)))
         # the output lags by `latency`: judge activity at the time of the samples it holds
@@ -610,6 +633,32 @@ class EchoStage:
             return out if active else raw
         w = self._fade if active else self._fade[::-1]   # weight of the canceller's output
         return (out * w + raw * (1.0 - w)).astype(np.int16)
+
+    def _expect_echo(self, index: int, mic_power: float) -> None:
+        """The echo power expected in the microphone frame at grid index `index`, added to the
+        chunk's sums with the frame's power (see ECHO_BACK_MS)."""
+        # One 10 ms read per frame (the frame after this one's, kept for the next ECHO_BACK_MS), at
+        # the delay estimate and, when it differs, at the delay the canceller is aligned by: the
+        # estimate can be off for a while (seen: 132 ms for a room of 73-83 ms, in bench barge).
+        ahead = index + FRAME
+        p = self._ref_power(ahead - self.delay_samples)
+        if abs(self.applied_delay - self.delay_samples) >= FRAME:
+            p = max(p, self._ref_power(ahead - self.applied_delay))
+        self._ref_powers.append(p)
+        ref_power = max(self._ref_powers)
+        if ref_power > 1e4 and mic_power > 1e3:   # the model loud, the room above its noise: learn the gain
+            self._gain.append(mic_power / ref_power)
+            self._gain_new += 1
+            if len(self._gain) >= 20 and (self._gain_median is None or self._gain_new >= 50):
+                self._gain_new = 0
+                self._gain_median = float(np.median(self._gain))
+        gain = self._gain_median or 0.0
+        self._echo_env = max(gain * ref_power, self._echo_env * self._decay)
+        self._chunk_mic += mic_power
+        self._chunk_echo += self._echo_env
+
+    def _ref_power(self, start: int) -> float:
+        return mean_square(self.ref.read(start, FRAME)) if self.ref.may_be_loud(start) else 0.0
 
     def _estimate(self) -> None:
         self._since_estimate += 1
@@ -653,10 +702,19 @@ class EchoStage:
 
 class BargeInGuard:
     """While the model is heard, a new sound burst reaches audio.in only once it has been speech
-    for `min_ms` (webrtcvad 20 ms frames, as the service's start of speech): then all of it is
-    released at once, onset included, and the stream runs live again. A burst that falls silent
-    for END_MS before that (a cough, a click, a burst of residual echo) goes out as silence of the
-    same length, counted: the service never takes it for the user barging in.
+    for `min_ms` (webrtcvad 20 ms frames, as the service's start of speech) with a vowel in it: then
+    all of it is released at once, onset included, and the stream runs live again. A burst that falls
+    silent for END_MS before that (a cough, a click, a burst of residual echo) goes out as silence of
+    the same length, counted: the service never takes it for the user barging in.
+
+    What separates a cough from words over the model (measured through the room of tests/test_echo.py,
+    `livepipe bench barge`): not its length (a 250 ms cough is 260 ms of speech to webrtcvad, "Stop."
+    220 ms) but its spectrum: a cough is noise (spectral flatness -6 to -20 dB in every 20 ms frame),
+    a vowel is harmonics under formants (-23 to -40 dB). The canceller passes the model's echo through
+    during a cough (double talk), and that echo has vowels: so a vowel counts only in a frame where the
+    microphone is VOWEL_NEAR_DB above the echo expected there (EchoStage.near_end_db), and voice counts
+    at all only within NEAR_HANG_MS of a frame NEAR_END_DB above it (what is left of the echo after a
+    cough is not the user going on).
 
     Bursts that start while the model is silent are never held. Timestamps are kept, so audio.in
     stays continuous; only the moment a held burst is sent moves (by up to MAX_HOLD_MS)."""
@@ -668,6 +726,11 @@ class BargeInGuard:
     # speech nor 400 ms quiet): under gemini-bridge's 1 s pause that ends the audio stream, which a
     # longer hold would trigger with audio still to come.
     MAX_HOLD_MS = 800
+    NEAR_END_DB = 3.0       # the microphone this far over the model's echo: a sound of the room's own
+    NEAR_HANG_MS = 100      # ... and voice still counts this long after the last such chunk
+    VOWEL_NEAR_DB = 6.0     # a vowel counts only this far over the echo (the echo has vowels)
+    VOWEL_FLATNESS_DB = -22.0   # spectral flatness (150 Hz - 8 kHz) under this: harmonics, a vowel
+    VOWEL_MS = 40           # vowel needed in a burst before it is released
 
     def __init__(self, min_ms: int) -> None:
         from livepipe.services.lib.vad import VoiceFramer   # webrtcvad: the `aec` extra
@@ -677,27 +740,55 @@ class BargeInGuard:
         self._held: list[tuple[np.ndarray, int]] = []
         self._held_ms = 0.0
         self._voiced_ms = 0
+        self._vowel_ms = 0
         self._quiet_ms = 0.0
+        self._far_ms = 0.0               # how long the microphone has been no more than the model's echo
+        self._window = np.hanning(self._vad.frame)
         self.held_bursts = 0
         self.released_bursts = 0
         self.silenced_bursts = 0
         self.silenced_ms = 0.0
         self.release_delay_ms_max = 0.0
         self.release_delay_ms_last = 0.0
+        self.echo_voiced_ms = 0          # voice not counted: the microphone held no more than the echo
+        self.vowelless_bursts = 0        # bursts of 'speech' long enough, without a vowel (coughs), silenced
 
-    def push(self, chunk: np.ndarray, ts: int, model_heard: bool) -> list[tuple[np.ndarray, int]]:
+    def flatness_db(self, frame: np.ndarray) -> float:
+        """Spectral flatness of a 20 ms frame over 150 Hz - 8 kHz, in dB (0: white noise)."""
+        p = np.abs(np.fft.rfft(frame * self._window)[3:]) ** 2 + 1e-3
+        return float(10 * (np.mean(np.log10(p)) - np.log10(np.mean(p))))
+
+    def push(self, chunk: np.ndarray, ts: int, model_heard: bool, near_end_db: float = math.inf) -> list[tuple[np.ndarray, int]]:
+        """`near_end_db`: how far the microphone was above the model's echo expected in this chunk
+        (EchoStage.near_end_db; inf: no echo expected, or not known)."""
         if (self.state == "idle" and not model_heard and not len(self._vad.pending)
                 and not len(chunk) % self._vad.frame):
             # Nothing can be held: the detector is not asked (its frames stay aligned; the quiet
             # count restarts at the first voiced frame anyway)
             return [(chunk, ts)]
-        voiced_ms = 20 * sum(self._vad.is_voiced(f) for f in self._vad.cut(chunk))
         chunk_ms = len(chunk) * 1000 / IN_RATE
+        if not model_heard:
+            near_end_db = math.inf
+        self._far_ms = 0.0 if near_end_db >= self.NEAR_END_DB else self._far_ms + chunk_ms
+        counts = self._far_ms <= self.NEAR_HANG_MS
+        vowel_ms = voiced_ms = heard_ms = 0
+        for f in self._vad.cut(chunk):
+            if self._vad.is_voiced(f):
+                heard_ms += 20
+                if not counts:
+                    self.echo_voiced_ms += 20
+                    continue
+                voiced_ms += 20
+                if (self.state != "open" and near_end_db >= self.VOWEL_NEAR_DB
+                        and self.flatness_db(f) < self.VOWEL_FLATNESS_DB):
+                    vowel_ms += 20
         self._quiet_ms = 0.0 if voiced_ms else self._quiet_ms + chunk_ms
         if self.state == "idle":
-            if not (model_heard and voiced_ms):
+            # any voice starts a burst, the echo's too: it is held (and goes out as silence) rather
+            # than passed to the service
+            if not (model_heard and heard_ms):
                 return [(chunk, ts)]
-            self.state, self._held, self._held_ms, self._voiced_ms = "hold", [], 0.0, 0
+            self.state, self._held, self._held_ms, self._voiced_ms, self._vowel_ms = "hold", [], 0.0, 0, 0
             self.held_bursts += 1
         if self.state == "open":
             if self._quiet_ms >= self.OPEN_END_MS:
@@ -706,7 +797,8 @@ class BargeInGuard:
         self._held.append((chunk, ts))
         self._held_ms += chunk_ms
         self._voiced_ms += voiced_ms
-        if self._voiced_ms >= self.min_ms or self._held_ms >= self.MAX_HOLD_MS:
+        self._vowel_ms += vowel_ms
+        if (self._voiced_ms >= self.min_ms and self._vowel_ms >= self.VOWEL_MS) or self._held_ms >= self.MAX_HOLD_MS:
             out, self._held = self._held, []
             self.state = "open"
             self.released_bursts += 1
@@ -720,6 +812,7 @@ class BargeInGuard:
             self.state = "idle"
             self.silenced_bursts += 1
             self.silenced_ms += self._held_ms
+            self.vowelless_bursts += self._voiced_ms >= self.min_ms
             return out
         return []
 
@@ -727,7 +820,8 @@ class BargeInGuard:
         return {"barge_in_min_ms": self.min_ms, "barge_in_held": self.held_bursts,
                 "barge_in_released": self.released_bursts, "barge_in_silenced": self.silenced_bursts,
                 "barge_in_silenced_ms": round(self.silenced_ms), "barge_in_delay_ms_last": round(self.release_delay_ms_last),
-                "barge_in_delay_ms_max": round(self.release_delay_ms_max)}
+                "barge_in_delay_ms_max": round(self.release_delay_ms_max), "barge_in_echo_voiced_ms": self.echo_voiced_ms,
+                "barge_in_vowelless": self.vowelless_bursts}
 
 
 class EchoLink:
@@ -835,7 +929,7 @@ class EchoLink:
             if self.barge_in_ms and stage.mode == "cancel":
                 if self.guard is None:
                     self.guard = BargeInGuard(self.barge_in_ms)
-                out.extend(self.guard.push(processed, ts, stage.heard))
+                out.extend(self.guard.push(processed, ts, stage.heard, stage.near_end_db))
             else:
                 out.append((processed, ts))
         return out

@@ -576,8 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "env LIVEPIPE_ECHO) = cancel when playback runs on this machine, else off")
     p.add_argument("--barge-in-ms", type=int, metavar="MS",
                    help="with echo cancellation: while the model is heard, a sound reaches the model only once it "
-                        f"has been speech this long (then all of it); shorter bursts (a cough, a click) are sent as "
-                        f"silence. 0 = off (env LIVEPIPE_BARGE_IN_MS, default {DEFAULT_BARGE_IN_MS})")
+                        f"has been speech this long, with a vowel in it (then all of it); shorter bursts, and bursts of "
+                        f"noise however long (a cough, a click), are sent as silence. 0 = off (env LIVEPIPE_BARGE_IN_MS, default {DEFAULT_BARGE_IN_MS})")
     p.add_argument("--echo-ref-wait-ms", type=int, default=40, metavar="MS",
                    help="with echo cancellation: longest a loud microphone chunk waits for its late echo reference "
                         "(default 40; 0 = never wait)")
