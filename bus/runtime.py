@@ -52,7 +52,7 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     with it as the default, two bridge conversation tests failed once each in fresh-clone CI runs,
     cause not found). A conversation wakes each process's loop hundreds of times a second (a microphone
     fragment every 5-10 ms, each bus message): on the 2-core VM an idle asyncio loop's wakeup cost
-    ~80 us of CPU against ~40 us for uvloop's (README, Performance)."""
+    130-140 us of CPU against 40-80 us for uvloop's (README, Performance)."""
     if os.environ.get("LIVEPIPE_EVENT_LOOP", "asyncio") == "uvloop":
         try:
             import uvloop
@@ -567,8 +567,10 @@ class _Lane:
         return batch
 
     def serve_all(self) -> None:
-        """Dispatch every message queued now (a polled lane), unless a task holds the lane."""
-        while self.task is None and not self.closing and not self.sync.closed:
+        """Dispatch every message queued now (a polled lane), unless a task holds the lane. Asked at
+        every microphone chunk, mostly of an empty queue: ZMQ_EVENTS says so without a failed recv."""
+        while (self.task is None and not self.closing and not self.sync.closed
+               and self.sync.get(_EVENTS) & _POLLIN):
             if self._dispatch(self.take()) < BATCH:
                 return
 

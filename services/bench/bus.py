@@ -21,9 +21,9 @@ the reason, including video frames the video lane's newest-frame-only policy rep
 (`video_stale_dropped` says how many of those; they need a > 20 ms stall of the subscriber).
 
 CPU per message at the real cadence (`--cadence-count`, default 500 per system): audio.in messages
-every 20 ms, as capture-audio sends them, raw and livepipe in alternating blocks; the CPU time (user +
-system, from /proc) of the publisher, the broker and the subscriber over each block, divided by the
-messages sent. At 10x real time the processes never fall asleep between messages; at 50 a second
+every 20 ms, as capture-audio sends them, raw and livepipe in alternating blocks; the CPU time of the
+publisher, the broker and the subscriber over each block (the scheduler's ns counts: report.run_seconds),
+divided by the messages sent. At 10x real time the processes never fall asleep between messages; at 50 a second
 each message wakes all three, which is what a conversation costs (`audio_cpu_us_per_msg`,
 `audio_hop_cpu_pct_of_core`: one 50-a-second stream across one hop, in % of one core). These
 messages are left out of the latency figures.
@@ -40,7 +40,7 @@ import sys
 import time
 from typing import Any
 
-from livepipe.services.bench.report import cpu_seconds
+from livepipe.services.bench.report import run_seconds
 from livepipe.services.dev.harness import PortTimeout, spawn_livepipe, start_broker, stop_process
 from livepipe.services.lib.stats import percentile
 from livepipe.services.lib.verb import VerbParser, fail, verb
@@ -226,24 +226,6 @@ def raw_sub(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------- orchestrator
 def spawn(args: list[str], stdin: int | None = None) -> subprocess.Popen:
     return spawn_livepipe(args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_seconds(proc: subprocess.Popen) -> float:
-    """CPU seconds a process's threads have run so far: the scheduler's nanosecond count summed over
-    /proc/PID/task/*/schedstat (psutil's user + system time counts 10 ms ticks, too coarse for a few
-    seconds of ~1 % load); psutil's figure where schedstat is missing."""
-    total, found = 0, False
-    try:
-        for tid in os.listdir(f"/proc/{proc.pid}/task"):
-            try:
-                with open(f"/proc/{proc.pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-                    found = True
-            except (OSError, ValueError, IndexError):
-                pass   # a thread that just ended
-    except OSError:
-        pass
-    return total / 1e9 if found else cpu_seconds({"p": proc})["p"]
 
 
 class Pair:

@@ -472,6 +472,7 @@ class EchoStage:
         self._gain_new = 0          # gains learnt since the median was taken (every 0.5 s of loud frames)
         self._ref_powers: deque[float] = deque(maxlen=self.ECHO_BACK_MS * IN_RATE // 1000 // FRAME + 2)
         self._echo_env = 0.0        # echo power expected at the microphone (room tail included)
+        self._ref_power_at: tuple[int | None, float] = (None, 0.0)   # the last 10 ms reference power read
         self._chunk_mic = self._chunk_echo = 0.0
         self._decay = 10 ** (-self.ECHO_DECAY_DB / 10)
         self.ref_waits = 0          # chunks held for a late reference
@@ -497,6 +498,7 @@ class EchoStage:
             self.ref_missed += 1
             self.ref_missed_ms_max = max(self.ref_missed_ms_max, (self._judged_to - start) * 1000 / IN_RATE)
         self.ref.add(pcm, rate, first_ns)
+        self._ref_power_at = (None, 0.0)
         end = self.ref.end_index
         while self._timed_out and end is not None and self._timed_out[0] <= end:
             # a block that starts past what a chunk needed: that stretch was silence, not late
@@ -619,11 +621,11 @@ class EchoStage:
         line = np.concatenate([self._raw, mic])
         raw, self._raw = line[:FRAME], line[FRAME:]
         em = mean_square(mic)
-        self._expect_echo(index, em)
-        if self.ref.may_be_loud(index - delay) and self._loud_frame(index - delay):   # the model is audible
+        if self._ref_power(index - delay) > 1e4:   # the model is audible
             self.echo_frames += 1
             if em > 1e3:   # the echo is above the noise floor: there is something to cancel
                 self._erle.append(10 * np.log10(em / max(mean_square(out), 1.0)))
+        self._expect_echo(index, em)
         # the output lags by `latency`: judge activity at the time of the samples it holds
         active = self._audible(index - self.latency, delay, self.ACTIVE_TAIL_MS)
         was, self._active = self._active, active
@@ -641,9 +643,8 @@ class EchoStage:
         # the delay estimate and, when it differs, at the delay the canceller is aligned by: the
         # estimate can be off for a while (seen: 132 ms for a room of 73-83 ms, in bench barge).
         ahead = index + FRAME
-        p = self._ref_power(ahead - self.delay_samples)
-        if abs(self.applied_delay - self.delay_samples) >= FRAME:
-            p = max(p, self._ref_power(ahead - self.applied_delay))
+        p = self._ref_power(ahead - self.applied_delay) if abs(self.applied_delay - self.delay_samples) >= FRAME else 0.0
+        p = max(p, self._ref_power(ahead - self.delay_samples))   # read last: the next frame's own (_frame)
         self._ref_powers.append(p)
         ref_power = max(self._ref_powers)
         if ref_power > 1e4 and mic_power > 1e3:   # the model loud, the room above its noise: learn the gain
@@ -658,7 +659,12 @@ class EchoStage:
         self._chunk_echo += self._echo_env
 
     def _ref_power(self, start: int) -> float:
-        return mean_square(self.ref.read(start, FRAME)) if self.ref.may_be_loud(start) else 0.0
+        """Mean square of the reference's 10 ms at grid index `start`. The last one read is kept (until
+        a reference block is added): _expect_echo reads the next frame's, which _frame then asks for."""
+        if self._ref_power_at[0] != start:
+            p = mean_square(self.ref.read(start, FRAME)) if self.ref.may_be_loud(start) else 0.0
+            self._ref_power_at = (start, p)
+        return self._ref_power_at[1]
 
     def _estimate(self) -> None:
         self._since_estimate += 1
@@ -676,9 +682,6 @@ class EchoStage:
             self.canceller = self.make_canceller()
             self._canceller_frames = 0
             self.realigns += 1
-
-    def _loud_frame(self, start: int) -> bool:
-        return mean_square(self.ref.read(start, FRAME)) > 1e4
 
     @property
     def erle_db(self) -> float | None:
