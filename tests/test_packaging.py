@@ -82,6 +82,8 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
         assert needed in names
 
 
+@pytest.mark.solo   # tests/conftest.py: beside another worker's test, the interrupted reply in reply.wav was
+                    # 141 ms shorter than the played_ms playback reported (bound 120), once in five fresh-clone runs
 def test_wheel_installed_elsewhere_runs_the_demo(wheel: Path, tmp_path: Path) -> None:
     """A non-editable install in a fresh virtualenv, run from an unrelated directory, passes the demo:
     a conversation with a barge-in, checked as a listener would (tests/test_demo.py check_demo_run).
